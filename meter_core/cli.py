@@ -1,0 +1,160 @@
+"""The ``meter`` command (also ``python -m meter_core``).
+
+Subcommands:
+
+- ``devserver``: run the local metering backend (customer lookup + REST Proxy v2).
+- ``retry``: resend the events of a SQLite spool, with their original event ids.
+- ``spool``: show a spool's events by status and reason.
+- ``demo``: a short end-to-end tour of meter_core against an in-process local backend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from meter_core.client import MeterClient
+from meter_core.config import options_from_env
+from meter_core.errors import ConfigurationError, MeterError
+from meter_core.redeliver import RedeliveryReport, redeliver
+from meter_core.spool import SQLiteSpool
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meter", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("devserver", help="run the local metering backend")
+    dev.add_argument("--host", default="127.0.0.1")
+    dev.add_argument("--port", type=int, default=8787)
+    dev.add_argument("--topic", default="usage-events")
+    dev.add_argument("--quiet", action="store_true", help="do not print each record")
+
+    retry = sub.add_parser("retry", help="resend the events stored in a spool")
+    retry.add_argument("--spool", required=True, help="path of the SQLite spool")
+    retry.add_argument("--limit", type=int, default=None, help="resend at most N events")
+    retry.add_argument("--batch-size", type=int, default=500)
+    retry.add_argument("--max-attempts", type=int, default=None,
+                       help="skip events already tried N times")
+    retry.add_argument("--dry-run", action="store_true", help="count, send nothing")
+    retry.add_argument("--kafka-url", help="REST Proxy URL (default: METER_KAFKA_URL)")
+    retry.add_argument("--portal-url", help="portal URL (default: METER_PORTAL_URL)")
+    retry.add_argument("--internal-url", help="internal lookup URL (default: METER_INTERNAL_URL)")
+    retry.add_argument("--topic", help="topic (default: METER_TOPIC or usage-events)")
+    retry.add_argument("--timeout", type=float, help="seconds per request")
+
+    spool = sub.add_parser("spool", help="show a spool's events by status and reason")
+    spool.add_argument("--spool", required=True, help="path of the SQLite spool")
+    spool.add_argument("--json", action="store_true", help="print JSON")
+
+    sub.add_parser("demo", help="a short tour of meter_core against a local backend")
+    return parser  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    args = _parser().parse_args(argv)
+    # An entry point may choose where the library's log lines go; the library never does.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    meter_logger = logging.getLogger("meter")
+    meter_logger.addHandler(handler)
+    meter_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        if args.command == "devserver":
+            return _devserver(args)
+        if args.command == "retry":
+            return _retry(args)
+        if args.command == "spool":
+            return _spool(args)
+        if args.command == "demo":
+            from meter_core.demo import run_demo
+
+            return run_demo()
+    except ConfigurationError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except MeterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _devserver(args: argparse.Namespace) -> int:
+    from meter_core.devserver import serve
+
+    def show(record: dict[str, Any]) -> None:
+        print(json.dumps(record.get("value")), flush=True)
+
+    print(f"local metering backend on http://{args.host}:{args.port} (Ctrl-C stops it)")
+    print(f"  METER_KAFKA_URL=http://{args.host}:{args.port}  "
+          f"METER_INTERNAL_URL=http://{args.host}:{args.port}", flush=True)  # fmt: skip
+    serve(args.host, args.port, topic=args.topic, on_record=None if args.quiet else show)
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    options = options_from_env(os.environ)
+    for flag in ("kafka_url", "portal_url", "internal_url", "topic", "timeout"):
+        value = getattr(args, flag)
+        if value is not None:
+            options[flag] = value
+    for hook in ("durable", "spool_path"):
+        options.pop(hook, None)
+    client = MeterClient(**options)
+    spool = SQLiteSpool(args.spool)
+    total = spool.pending_count()
+    show_progress = total > args.batch_size
+
+    def progress(report: RedeliveryReport) -> None:
+        if show_progress:
+            print(f"\r{report.claimed}/{total} events: {report.delivered} delivered, "
+                  f"{report.failed} failed", end="", file=sys.stderr, flush=True)  # fmt: skip
+
+    report = redeliver(
+        spool,
+        client,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_attempts=args.max_attempts,
+        dry_run=args.dry_run,
+        progress=progress,
+    )
+    if show_progress:
+        print(file=sys.stderr)
+    print(report.summary())
+    remaining = spool.pending_count()
+    print(f"{remaining} events still in the spool")
+    return 0 if report.ok else 1
+
+
+def _spool(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.spool):
+        print(f"no spool at {args.spool}", file=sys.stderr)
+        return 1
+    counts = SQLiteSpool(args.spool).counts()
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return 0
+    print(f"spool {args.spool}")
+    if not counts["by_status"]:
+        print("  empty: nothing is owed to the backend")
+    for status, n in sorted(counts["by_status"].items()):
+        print(f"  {status:<10} {n}")
+    if counts["by_reason"]:
+        print("by reason:")
+        for reason, n in counts["by_reason"].items():
+            print(f"  {n:>8}  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""Drop-in replacements for meter-lib 0.1.0's two functions.
+
+Same signatures, same wire format, same contract: the proxy's JSON on success, ``None``
+on any network error, non-2xx answer, record error or failed customer lookup; never an
+exception for those. What changes is under the hood: calls with the same configuration
+share one client (a pooled HTTP session and the customer cache), the internal lookup URL
+works, the tenant is percent-encoded, each record carries an ``event_id``, and errors go
+to the ``meter.compat`` logger instead of stdout.
+
+One difference is on purpose: arguments that meter-lib would have sent as garbage (a
+meter id not in the catalog, a negative or non-int usage, a timestamp in seconds, no
+session time) raise :class:`~meter_core.InvalidEvent` at once. Metadata values are turned
+into strings as meter-lib did.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from meter_core.client import MeterClient
+from meter_core.config import Secret
+from meter_core.errors import ConfigurationError, DeliveryError, InvalidEvent
+
+__all__ = ["post_ai_meter_usage", "post_meter_usage"]
+
+logger = logging.getLogger("meter.compat")
+
+_TIMEOUT = 10.0
+_clients: dict[tuple[str, str | None, Secret | None], MeterClient] = {}
+_clients_lock = threading.Lock()
+
+
+def _client(kafka_url: str, portal_url: str | None, secret: Secret | None) -> MeterClient:
+    key = (kafka_url, portal_url, secret)
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = MeterClient(
+                    kafka_url, portal_url, secret, timeout=_TIMEOUT
+                )
+    return client
+
+
+def _client_or_none(
+    kafka_url: str, portal_url: str | None, secret: Secret | None
+) -> MeterClient | None:
+    # meter-lib returned None for a malformed URL (requests raised, it printed); so do we,
+    # with an ERROR log line: a missing environment variable must not break a request.
+    try:
+        return _client(kafka_url, portal_url, secret)
+    except ConfigurationError as exc:
+        logger.error("meter usage not posted: %s", exc)
+        return None
+
+
+def _secret(api_key: str | None) -> Secret | None:
+    return Secret(api_key) if api_key else None
+
+
+def _stringify(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, Mapping):
+        raise InvalidEvent("metadata", f"must be a mapping, got {metadata!r}")
+    return {k: str(v) for k, v in metadata.items()}
+
+
+def post_meter_usage(
+    tenant_id: str,
+    device_id: str,
+    meter_id: str,
+    kafka_url: str,
+    total_usage: int,
+    portal_url: str | None = None,
+    api_key: str | None = None,
+    timestamp: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Post one usage event synchronously (meter-lib 0.1.0 compatible).
+
+    Returns the proxy's JSON, or None when the customer lookup fails or finds no
+    account, the network fails, or the backend answers an error. Raises InvalidEvent for
+    invalid arguments; a malformed URL is logged and gives None, as in meter-lib.
+    """
+    secret = _secret(api_key)
+    del api_key
+    client = _client_or_none(kafka_url, portal_url, secret)
+    if client is None:
+        return None
+    event = client.event(
+        tenant_id=tenant_id, device_id=device_id, meter_id=meter_id,
+        total_usage=total_usage, metadata=_stringify(metadata), timestamp=timestamp,
+    )  # fmt: skip
+    try:
+        return client.send_event(event)
+    except DeliveryError as exc:
+        logger.error("meter usage %s for tenant %r not posted: %s", meter_id, tenant_id, exc)
+        return None
+
+
+def post_ai_meter_usage(
+    tenant_id: str,
+    device_id: str,
+    meter_id: str,
+    kafka_url: str,
+    portal_url: str | None = None,
+    api_key: str | None = None,
+    start_time: int | None = None,
+    end_time: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, Any] | None:
+    """Post one AI session start or end event synchronously (meter-lib 0.1.0 compatible).
+
+    Exactly one of ``start_time`` / ``end_time`` must be given (meter-lib ignored a
+    falsy one, as this does). Returns the proxy's JSON or None, as :func:`post_meter_usage`.
+    """
+    secret = _secret(api_key)
+    del api_key
+    client = _client_or_none(kafka_url, portal_url, secret)
+    if client is None:
+        return None
+    event = client.session_event(
+        tenant_id=tenant_id, device_id=device_id, meter_id=meter_id,
+        start_time=start_time or None, end_time=end_time or None,
+        metadata=_stringify(metadata),
+    )  # fmt: skip
+    try:
+        return client.send_event(event)
+    except DeliveryError as exc:
+        logger.error("AI meter event %s for tenant %r not posted: %s", meter_id, tenant_id, exc)
+        return None
+
+
+def _reset_for_tests() -> None:
+    with _clients_lock:
+        _clients.clear()
+

@@ -1,0 +1,251 @@
+"""Client options: one registry of every option, its type, default and environment variable.
+
+``MeterClient``, ``MeterClient.from_env()`` and the framework adapters (Django's ``METER``
+setting and its system checks) all read the same :data:`CLIENT_OPTIONS`, so an option is
+declared once. Values are checked here and a bad one raises
+:class:`~meter_core.ConfigurationError` naming the option and the value (never a secret).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from meter_core.errors import ConfigurationError
+
+__all__ = [
+    "CLIENT_OPTIONS",
+    "DEFAULT_INTERNAL_URL",
+    "ClientOption",
+    "Secret",
+    "coerce_option",
+    "options_from_env",
+    "redact_url",
+    "validate_url",
+]
+
+DEFAULT_INTERNAL_URL = "http://metering.metering.svc.cluster.local:8000"
+_SENSITIVE_QUERY = re.compile(r"key|token|secret|password|passwd|auth|signature", re.I)
+
+
+class Secret:
+    """Holds a secret (the API key) so that it never shows in a repr, str or log line.
+
+    Only :meth:`reveal` returns the value; it is called where the Authorization header is
+    built and nowhere else.
+    """
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Secret cannot be pickled")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user:password and sensitive query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, "***" if _SENSITIVE_QUERY.search(k) else v) for k, v in pairs])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def validate_url(name: str, value: object) -> str:
+    """An http(s) URL with a host, returned without its trailing slash.
+
+    Raises :class:`ConfigurationError` naming ``name`` (the message shows the URL redacted).
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{name}: a URL is required, got {value!r}")
+    url = value.strip()
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError for a malformed port
+    except ValueError:
+        raise ConfigurationError(f"{name}: malformed URL {redact_url(url)!r}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ConfigurationError(
+            f"{name}: URL must start with http:// or https://, got {redact_url(url)!r}"
+        )
+    if not parts.hostname:
+        raise ConfigurationError(f"{name}: URL has no host: {redact_url(url)!r}")
+    del port
+    return url.rstrip("/")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOption:
+    """One option of :class:`~meter_core.MeterClient`.
+
+    ``kind`` is ``"url"``, ``"str"``, ``"secret"``, ``"int"``, ``"float"``, ``"bool"`` or
+    ``"object"`` (not settable from the environment). ``minimum`` bounds numbers.
+    """
+
+    name: str
+    kind: str
+    default: Any
+    env: str | None
+    help: str
+    nullable: bool = False
+    minimum: float | None = None
+
+    @property
+    def setting_name(self) -> str:
+        """The upper-case key used in framework settings (Django's ``METER`` dict)."""
+        return self.name.upper()
+
+
+_OPTIONS: tuple[ClientOption, ...] = (
+    ClientOption("kafka_url", "url", None, "METER_KAFKA_URL",
+                 "Base URL of the Kafka REST Proxy (v2). Required."),
+    ClientOption("portal_url", "url", None, "METER_PORTAL_URL",
+                 "Portal base URL for the external customer lookup (with api_key).",
+                 nullable=True),
+    ClientOption("api_key", "secret", None, "METER_API_KEY",
+                 "Bearer token of the external customer lookup.", nullable=True),
+    ClientOption("internal_url", "url", DEFAULT_INTERNAL_URL, "METER_INTERNAL_URL",
+                 "In-cluster metering service, used when portal_url/api_key are not both set."),
+    ClientOption("topic", "str", "usage-events", "METER_TOPIC", "Kafka topic of usage events."),
+    ClientOption("device_id", "str", None, "METER_DEVICE_ID",
+                 "Default device id for events recorded without one.", nullable=True),
+    ClientOption("timeout", "float", 10.0, "METER_TIMEOUT",
+                 "Seconds to wait for each HTTP request.", minimum=0.001),
+    ClientOption("customer_cache_ttl", "float", 300.0, "METER_CUSTOMER_CACHE_TTL",
+                 "Seconds a customer lookup is cached.", minimum=0),
+    ClientOption("negative_cache_ttl", "float", 30.0, "METER_NEGATIVE_CACHE_TTL",
+                 "Seconds a 'no account for this tenant' answer is cached.", minimum=0),
+    ClientOption("allow_unknown_meters", "bool", False, "METER_ALLOW_UNKNOWN_METERS",
+                 "Accept meter ids that are not in the catalog."),
+    ClientOption("batch_size", "int", 500, "METER_BATCH_SIZE",
+                 "Most records in one produce request.", minimum=1),
+    ClientOption("max_batch_bytes", "int", 1024 * 1024, "METER_MAX_BATCH_BYTES",
+                 "Most bytes in one produce request body.", minimum=1024),
+    ClientOption("flush_interval", "float", 0.5, "METER_FLUSH_INTERVAL",
+                 "Seconds the sender waits to fill a batch.", minimum=0.001),
+    ClientOption("max_queue", "int", 100_000, "METER_MAX_QUEUE",
+                 "Most events held in memory awaiting delivery.", minimum=1),
+    ClientOption("max_retries", "int", 5, "METER_MAX_RETRIES",
+                 "Retries of a retriable failure before the event goes to the store.",
+                 minimum=0),
+    ClientOption("backoff_base", "float", 0.5, "METER_BACKOFF_BASE",
+                 "First retry delay bound in seconds (full jitter).", minimum=0),
+    ClientOption("backoff_cap", "float", 30.0, "METER_BACKOFF_CAP",
+                 "Largest retry delay in seconds.", minimum=0),
+    ClientOption("durable", "bool", False, "METER_DURABLE",
+                 "Write each event to the failure store before record() returns."),
+    ClientOption("spool_path", "str", None, "METER_SPOOL_PATH",
+                 "Path of a SQLite spool used as failure store.", nullable=True),
+    ClientOption("transport", "str", "http", "METER_TRANSPORT",
+                 "'http' (default), 'memory', 'log', or a Transport object."),
+    ClientOption("max_failed_in_memory", "int", 10_000, "METER_MAX_FAILED_IN_MEMORY",
+                 "Failed events kept in memory when no failure store is set.", minimum=0),
+    ClientOption("enabled", "bool", True, "METER_ENABLED",
+                 "False: validate and capture events, send nothing (development, tests)."),
+    ClientOption("failure_store", "object", None, None,
+                 "A FailureStore (e.g. SQLiteSpool) for events that could not be delivered.",
+                 nullable=True),
+    ClientOption("before_send", "object", None, None,
+                 "Callable(event) -> event | None applied to every recorded event.",
+                 nullable=True),
+    ClientOption("on_error", "object", None, None,
+                 "Callable(events, exc) called when events fail for good.", nullable=True),
+)  # fmt: skip
+
+#: Every client option by name. Adapters derive their settings from it.
+CLIENT_OPTIONS: Mapping[str, ClientOption] = {opt.name: opt for opt in _OPTIONS}
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def coerce_option(option: ClientOption, value: Any, *, source: str | None = None) -> Any:
+    """Check ``value`` for ``option`` and return it in its proper type.
+
+    Strings (from the environment) are parsed for numbers and booleans; other values must
+    already have the right type. Raises :class:`ConfigurationError` naming the option.
+    """
+    label = source or option.name
+    if value is None:
+        if option.nullable or option.default is not None or option.kind == "object":
+            return None
+        raise ConfigurationError(f"{label}: is required")
+    kind = option.kind
+    if kind == "url":
+        return validate_url(label, value)
+    if kind == "secret":
+        if isinstance(value, Secret):
+            return value
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{label}: must be a str, got {type(value).__name__}")
+        return Secret(value) if value else None
+    if kind == "str":
+        if option.name == "transport" and not isinstance(value, str):
+            return value  # a Transport object; checked by the client
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{label}: must be a str, got {value!r}")
+        return value
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigurationError(f"{label}: must be a bool, got {value!r}")
+    if kind in ("int", "float"):
+        number: float
+        if isinstance(value, str):
+            try:
+                number = int(value) if kind == "int" else float(value)
+            except ValueError:
+                raise ConfigurationError(f"{label}: must be a number, got {value!r}") from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"{label}: must be a number, got {value!r}")
+        elif kind == "int" and not isinstance(value, int):
+            raise ConfigurationError(f"{label}: must be an int, got {value!r}")
+        else:
+            number = value
+        if isinstance(number, float) and not math.isfinite(number):
+            raise ConfigurationError(f"{label}: must be finite, got {value!r}")
+        if option.minimum is not None and number < option.minimum:
+            raise ConfigurationError(f"{label}: must be >= {option.minimum:g}, got {value!r}")
+        return int(number) if kind == "int" else float(number)
+    return value
+
+
+def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Client keyword arguments from the ``METER_*`` variables set in ``environ``."""
+    options: dict[str, Any] = {}
+    for option in _OPTIONS:
+        if option.env and option.env in environ:
+            options[option.name] = coerce_option(option, environ[option.env], source=option.env)
+    return options

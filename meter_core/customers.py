@@ -1,0 +1,140 @@
+"""The customer-id cache in front of the lookup API.
+
+A tenant's customer account changes rarely, so answers are cached for
+``ttl`` seconds, and "no account" answers for a shorter ``negative_ttl``. When many
+threads ask for the same uncached tenant at once, one lookup is made and the others wait
+for its answer (single flight). Failures other than "no account" are not cached.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from meter_core.errors import CustomerNotFound, DeliveryError
+
+__all__ = ["CustomerCache"]
+
+_MISSING = object()
+
+
+class _Flight:
+    __slots__ = ("customer", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.customer: Any = None
+        self.error: DeliveryError | None = None
+
+
+class CustomerCache:
+    """Thread-safe TTL cache of ``tenant_id -> customer id`` over a lookup function.
+
+    ``lookup(tenant_id)`` returns the customer id or raises CustomerNotFound / another
+    DeliveryError. At most ``max_entries`` tenants are kept (oldest dropped first).
+    """
+
+    def __init__(
+        self,
+        lookup: Callable[[str], Any],
+        *,
+        ttl: float = 300.0,
+        negative_ttl: float = 30.0,
+        max_entries: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        wait_timeout: float = 60.0,
+    ) -> None:
+        self._lookup = lookup
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._max_entries = max_entries
+        self._clock = clock
+        self._wait_timeout = wait_timeout
+        # tenant -> (expires_at, customer id or _MISSING for "no account")
+        self._entries: dict[str, tuple[float, Any]] = {}
+        self._inflight: dict[str, _Flight] = {}
+        self._lock = threading.Lock()
+        self.lookups = 0
+
+    def get(self, tenant_id: str) -> Any:
+        """The customer id of ``tenant_id``, from the cache or one lookup.
+
+        Raises CustomerNotFound (also from the negative cache) or the lookup's
+        DeliveryError. Never holds the cache lock during the lookup.
+        """
+        entry = self._entries.get(tenant_id)
+        if entry is not None and entry[0] > self._clock():
+            return self._answer(tenant_id, entry[1])
+        with self._lock:
+            flight = self._inflight.get(tenant_id)
+            leader = flight is None
+            if flight is None:
+                flight = self._inflight[tenant_id] = _Flight()
+        if leader:
+            return self._lead(tenant_id, flight)
+        if not flight.done.wait(self._wait_timeout):
+            raise DeliveryError(f"customer lookup of {tenant_id!r} did not finish in time")
+        if flight.error is not None:
+            raise _copy_error(flight.error)
+        return flight.customer
+
+    def _lead(self, tenant_id: str, flight: _Flight) -> Any:
+        try:
+            self.lookups += 1
+            customer = self._lookup(tenant_id)
+        except CustomerNotFound as exc:
+            self._put(tenant_id, _MISSING, self._negative_ttl)
+            flight.error = exc
+            raise
+        except DeliveryError as exc:
+            flight.error = exc
+            raise
+        except Exception as exc:  # a broken lookup must not leave waiters hanging
+            flight.error = DeliveryError(f"customer lookup of {tenant_id!r} failed: {exc!r}")
+            raise flight.error from exc
+        else:
+            self._put(tenant_id, customer, self._ttl)
+            flight.customer = customer
+            return customer
+        finally:
+            with self._lock:
+                del self._inflight[tenant_id]
+            flight.done.set()
+
+    def _put(self, tenant_id: str, value: Any, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                now = self._clock()
+                for key in [k for k, (exp, _) in self._entries.items() if exp <= now]:
+                    del self._entries[key]
+                while len(self._entries) >= self._max_entries:
+                    del self._entries[next(iter(self._entries))]
+            self._entries.pop(tenant_id, None)
+            self._entries[tenant_id] = (self._clock() + ttl, value)
+
+    @staticmethod
+    def _answer(tenant_id: str, value: Any) -> Any:
+        if value is _MISSING:
+            raise CustomerNotFound(f"no customer account for tenant {tenant_id!r} (cached)")
+        return value
+
+    def invalidate(self, tenant_id: str | None = None) -> None:
+        """Forget one tenant's answer, or every answer."""
+        with self._lock:
+            if tenant_id is None:
+                self._entries.clear()
+            else:
+                self._entries.pop(tenant_id, None)
+
+
+def _copy_error(error: DeliveryError) -> DeliveryError:
+    """A fresh exception for each waiting thread, so tracebacks do not interleave."""
+    try:
+        return copy.copy(error)
+    except Exception:
+        return error

@@ -1,0 +1,97 @@
+"""One delivery attempt for a group of events: lookups, records, size-bounded batches,
+and the reading of every outcome per event. No retries, no store: the sender and the
+retry command decide what to do with the outcome."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from meter_core.customers import CustomerCache
+from meter_core.errors import BackendUnavailable, DeliveryError
+from meter_core.events import UsageEvent
+from meter_core.transport import Transport
+
+__all__ = ["Outcome", "deliver_once"]
+
+logger = logging.getLogger("meter.delivery")
+
+T = TypeVar("T")
+# Bytes of '{"records": [' + ']}' and of each ', ' separator in a produce body.
+_BODY_OVERHEAD = 16
+_SEPARATOR = 2
+
+
+@dataclass
+class Outcome(Generic[T]):
+    """What happened to each item: ``delivered``, or failed with an error that is
+    ``retriable`` or ``final`` (grouped by error text). ``batches`` counts requests."""
+
+    delivered: list[T] = field(default_factory=list)
+    retriable: list[tuple[DeliveryError, list[T]]] = field(default_factory=list)
+    final: list[tuple[DeliveryError, list[T]]] = field(default_factory=list)
+    batches: int = 0
+
+    def add_failure(self, error: DeliveryError, items: list[T]) -> None:
+        bucket = self.retriable if error.retriable else self.final
+        for known, group in bucket:
+            if known is error or str(known) == str(error):
+                group.extend(items)
+                return
+        bucket.append((error, list(items)))
+
+
+def deliver_once(
+    items: Sequence[T],
+    event_of: Callable[[T], UsageEvent],
+    *,
+    transport: Transport,
+    customers: CustomerCache,
+    max_batch_bytes: int,
+    max_records: int = 500,
+) -> Outcome[T]:
+    """Try each item's event once. Customer ids come through ``customers``; records go
+    in produce requests of at most ``max_records`` records and ``max_batch_bytes`` bytes.
+    A per-record error of a 200 fails that record alone. Never raises DeliveryError."""
+    outcome: Outcome[T] = Outcome()
+    batch: list[tuple[T, dict[str, Any]]] = []
+    size = _BODY_OVERHEAD
+    for item in items:
+        event = event_of(item)
+        try:
+            customer = customers.get(event.tenant_id)
+        except DeliveryError as exc:  # CustomerNotFound is final, a failed lookup retriable
+            outcome.add_failure(exc, [item])
+            continue
+        record = {"key": customer, "value": event.record_value(customer)}
+        record_size = len(json.dumps(record)) + _SEPARATOR
+        if batch and (size + record_size > max_batch_bytes or len(batch) >= max_records):
+            _produce(batch, transport, outcome)
+            batch, size = [], _BODY_OVERHEAD
+        batch.append((item, record))
+        size += record_size
+    if batch:
+        _produce(batch, transport, outcome)
+    return outcome
+
+
+def _produce(batch: list[tuple[T, dict[str, Any]]], transport: Transport, outcome: Outcome[T]) -> None:
+    items = [item for item, _ in batch]
+    outcome.batches += 1
+    try:
+        result = transport.produce([record for _, record in batch])
+    except DeliveryError as exc:
+        outcome.add_failure(exc, items)
+        return
+    except Exception as exc:  # a transport bug: keep the events, try again later
+        logger.exception("transport raised unexpectedly")
+        outcome.add_failure(BackendUnavailable(f"transport error: {exc!r}"), items)
+        return
+    for item, record_result in zip(items, result.records):
+        if record_result.ok:
+            outcome.delivered.append(item)
+        else:
+            outcome.add_failure(record_result.as_error(), [item])

@@ -1,0 +1,247 @@
+"""Usage events: the immutable, validated unit of billing data.
+
+A :class:`UsageEvent` is checked completely when it is built, so anything that reaches a
+queue, a store or the wire is well formed. Its ``event_id`` is made once, at creation,
+and travels with the event through every retry and store: the backend uses it to drop
+duplicates.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import InitVar, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from meter_core.catalog import is_known_meter
+from meter_core.errors import InvalidEvent
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "MAX_METADATA_KEYS",
+    "MAX_METADATA_KEY_LENGTH",
+    "MAX_METADATA_VALUE_LENGTH",
+    "UsageEvent",
+    "now_ms",
+    "validate_identifier",
+]
+
+MAX_ID_LENGTH = 128
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_LENGTH = 64
+MAX_METADATA_VALUE_LENGTH = 1024
+# Plausible epoch-millisecond range (2000-01-01 .. 2100-01-01): rejects seconds and
+# microseconds, the two usual unit mistakes, which fall far outside it.
+MIN_EPOCH_MS = 946_684_800_000
+MAX_EPOCH_MS = 4_102_444_800_000
+
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
+_EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
+
+
+def now_ms() -> int:
+    """The current time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def validate_identifier(name: str, value: object) -> str:
+    """Check an id (tenant, device, meter): a non-empty str of at most 128 characters
+    with no control characters. Returns it; raises :class:`InvalidEvent` naming ``name``."""
+    if type(value) is not str:
+        raise InvalidEvent(name, f"must be a str, got {type(value).__name__}")
+    if not value:
+        raise InvalidEvent(name, "must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidEvent(name, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
+    if _CONTROL_CHARS.search(value):
+        raise InvalidEvent(name, f"must not contain control characters: {value!r}")
+    return value
+
+
+def _validate_epoch_ms(name: str, value: object) -> int:
+    if type(value) is not int:
+        raise InvalidEvent(name, f"must be an int of epoch milliseconds, got {value!r}")
+    if not MIN_EPOCH_MS <= value < MAX_EPOCH_MS:
+        raise InvalidEvent(
+            name,
+            f"must be epoch milliseconds (between years 2000 and 2100), got {value!r}; "
+            "seconds or microseconds are a unit mistake",
+        )
+    return value
+
+
+def _freeze_metadata(metadata: object) -> Mapping[str, str]:
+    if metadata is None:
+        return _EMPTY_METADATA
+    if not isinstance(metadata, Mapping):
+        raise InvalidEvent("metadata", f"must be a mapping of str to str, got {metadata!r}")
+    if not metadata:
+        return _EMPTY_METADATA
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise InvalidEvent(
+            "metadata", f"must have at most {MAX_METADATA_KEYS} keys, got {len(metadata)}"
+        )
+    for key, value in metadata.items():
+        if type(key) is not str:
+            raise InvalidEvent("metadata", f"keys must be str, got {key!r}")
+        if type(value) is not str:
+            raise InvalidEvent("metadata", f"value of {key!r} must be a str, got {value!r}")
+        if len(key) > MAX_METADATA_KEY_LENGTH:
+            raise InvalidEvent(
+                "metadata", f"key {key[:20]!r}... is over {MAX_METADATA_KEY_LENGTH} characters"
+            )
+        if len(value) > MAX_METADATA_VALUE_LENGTH:
+            raise InvalidEvent(
+                "metadata", f"value of {key!r} is over {MAX_METADATA_VALUE_LENGTH} characters"
+            )
+    return MappingProxyType(dict(metadata))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One usage event, validated at construction and immutable afterwards.
+
+    A *volume/performance* event has ``total_usage`` (an int >= 0). An *AI session*
+    boundary event has exactly one of ``start_time`` / ``end_time`` and no usage.
+    ``event_time`` defaults to now and ``event_id`` to a new UUID4; both are fixed for the
+    event's life. ``meter_id`` must be in the catalog unless ``allow_unknown_meter``.
+
+    Raises :class:`~meter_core.InvalidEvent` (a ``ValueError``) naming the bad field.
+    """
+
+    tenant_id: str
+    device_id: str
+    meter_id: str
+    total_usage: int | None = None
+    event_time: int = field(default_factory=now_ms)
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY_METADATA)
+    start_time: int | None = None
+    end_time: int | None = None
+    event_id: str = field(default_factory=_new_event_id)
+    allow_unknown_meter: InitVar[bool] = False
+
+    def __post_init__(self, allow_unknown_meter: bool) -> None:
+        validate_identifier("tenant_id", self.tenant_id)
+        validate_identifier("device_id", self.device_id)
+        validate_identifier("meter_id", self.meter_id)
+        if not allow_unknown_meter and not is_known_meter(self.meter_id):
+            raise InvalidEvent(
+                "meter_id",
+                f"unknown meter {self.meter_id!r}; use a catalog id (meter_core.METERS), "
+                "register it with register_meter(), or allow unknown meters on the client",
+            )
+        _validate_epoch_ms("event_time", self.event_time)
+        if self.start_time is None and self.end_time is None:
+            usage = self.total_usage
+            if type(usage) is not int:  # also rejects bool, a subclass of int
+                raise InvalidEvent("total_usage", f"must be an int, got {usage!r}")
+            if usage < 0:
+                raise InvalidEvent("total_usage", f"must not be negative, got {usage}")
+        else:
+            if self.start_time is not None and self.end_time is not None:
+                raise InvalidEvent(
+                    "start_time", "a session event has exactly one of start_time / end_time"
+                )
+            if self.total_usage is not None:
+                raise InvalidEvent("total_usage", "a session event carries no total_usage")
+            if self.start_time is not None:
+                _validate_epoch_ms("start_time", self.start_time)
+            else:
+                _validate_epoch_ms("end_time", self.end_time)
+        if self.metadata is not _EMPTY_METADATA:
+            object.__setattr__(self, "metadata", _freeze_metadata(self.metadata))
+        event_id = self.event_id
+        if type(event_id) is not str or not _UUID.match(event_id):
+            if isinstance(event_id, uuid.UUID) or (
+                isinstance(event_id, str) and _is_uuid(event_id)
+            ):
+                object.__setattr__(self, "event_id", str(uuid.UUID(str(event_id))))
+            else:
+                raise InvalidEvent("event_id", f"must be a UUID string, got {event_id!r}")
+
+    def __hash__(self) -> int:
+        return hash(self.event_id)
+
+    @property
+    def is_session(self) -> bool:
+        """True for an AI session boundary event (start or end)."""
+        return self.start_time is not None or self.end_time is not None
+
+    def record_value(self, customer_id: str) -> dict[str, Any]:
+        """The Kafka record value, field for field and in meter-lib 0.1.0's order, followed
+        by the fields this suite adds (``event_id``, ``tenant_id``, ``device_id``)."""
+        value: dict[str, Any]
+        if self.start_time is None and self.end_time is None:
+            value = {
+                "meter_id": self.meter_id,
+                "customer_id": customer_id,
+                "total_usage": self.total_usage,
+                "event_time": self.event_time,
+                "metadata": dict(self.metadata),
+            }
+        else:
+            value = {
+                "ai_event": True,
+                "meter_id": self.meter_id,
+                "customer_id": customer_id,
+                "metadata": dict(self.metadata),
+            }
+            if self.start_time is not None:
+                value["start_time"] = self.start_time
+            else:
+                value["end_time"] = self.end_time
+        value["event_id"] = self.event_id
+        value["tenant_id"] = self.tenant_id
+        value["device_id"] = self.device_id
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of every field, for stores; :meth:`from_dict` reverses it."""
+        data: dict[str, Any] = {
+            "event_id": self.event_id,
+            "tenant_id": self.tenant_id,
+            "device_id": self.device_id,
+            "meter_id": self.meter_id,
+            "event_time": self.event_time,
+            "metadata": dict(self.metadata),
+        }
+        if self.total_usage is not None:
+            data["total_usage"] = self.total_usage
+        if self.start_time is not None:
+            data["start_time"] = self.start_time
+        if self.end_time is not None:
+            data["end_time"] = self.end_time
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UsageEvent:
+        """Rebuild a stored event. The meter catalog is not consulted: the event was
+        accepted when it was recorded, and the catalog of this process may differ."""
+        return cls(
+            tenant_id=data["tenant_id"],
+            device_id=data["device_id"],
+            meter_id=data["meter_id"],
+            total_usage=data.get("total_usage"),
+            event_time=data["event_time"],
+            metadata=data.get("metadata") or _EMPTY_METADATA,
+            start_time=data.get("start_time"),
+            end_time=data.get("end_time"),
+            event_id=data["event_id"],
+            allow_unknown_meter=True,
+        )
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

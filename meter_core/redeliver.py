@@ -1,0 +1,130 @@
+"""Resending stored events: the logic behind ``python -m meter_core retry`` and Django's
+``retry_meter_events`` command (both are thin shells around :func:`redeliver`).
+
+Events are claimed from a :class:`~meter_core.FailureStore` batch by batch (so several
+workers can run at once without sending an event twice), sent with their original
+``event_id``, then marked delivered, or marked failed with the reason and a backoff that
+makes them due again later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from meter_core.client import MeterClient
+from meter_core.delivery import deliver_once
+from meter_core.retry import RetryPolicy
+from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
+
+__all__ = ["RedeliveryReport", "redeliver"]
+
+
+@dataclass
+class RedeliveryReport:
+    """What a :func:`redeliver` run did."""
+
+    claimed: int = 0
+    delivered: int = 0
+    failed: int = 0
+    batches: int = 0
+    dry_run: bool = False
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> bool:
+        """True when no event failed in this run."""
+        return self.failed == 0
+
+    def summary(self) -> str:
+        verb = "would resend" if self.dry_run else "resent"
+        text = (
+            f"{verb} {self.claimed} events: {self.delivered} delivered, {self.failed} failed"
+            f" ({self.batches} requests)"
+        )
+        for error, n in self.errors.most_common(5):
+            text += f"\n  {n} x {error}"
+        return text
+
+
+def redeliver(
+    store: FailureStore,
+    client: MeterClient,
+    *,
+    limit: int | None = None,
+    batch_size: int = 500,
+    max_attempts: int | None = None,
+    tenant_id: str | None = None,
+    meter_id: str | None = None,
+    dry_run: bool = False,
+    backoff: RetryPolicy | None = None,
+    lease_seconds: float = DEFAULT_LEASE_SECONDS,
+    progress: Callable[[RedeliveryReport], None] | None = None,
+) -> RedeliveryReport:
+    """Resend due events from ``store`` through ``client``'s transport and lookup cache.
+
+    At most ``limit`` events (all due ones by default), ``batch_size`` per claim and per
+    request. Events with ``max_attempts`` attempts or more are left alone. A failed event
+    gets ``attempts + 1`` and is due again after the ``backoff`` policy's delay, so one run
+    never sends the same event twice. ``dry_run`` claims and counts, sends nothing, and
+    gives every claim back at the end. ``progress`` is called after each batch.
+    """
+    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=3600.0)
+    report = RedeliveryReport(dry_run=dry_run)
+    held: list[str] = []
+    try:
+        while limit is None or report.claimed < limit:
+            want = batch_size if limit is None else min(batch_size, limit - report.claimed)
+            claimed = store.claim(
+                want,
+                lease_seconds=lease_seconds,
+                max_attempts=max_attempts,
+                tenant_id=tenant_id,
+                meter_id=meter_id,
+            )
+            if not claimed:
+                break
+            report.claimed += len(claimed)
+            if dry_run:
+                held.extend(s.event.event_id for s in claimed)
+            else:
+                _resend(claimed, store, client, policy, report, batch_size)
+            if progress is not None:
+                progress(report)
+    finally:
+        if held:
+            store.release(held)
+    return report
+
+
+def _resend(
+    claimed: list[StoredEvent],
+    store: FailureStore,
+    client: MeterClient,
+    policy: RetryPolicy,
+    report: RedeliveryReport,
+    batch_size: int,
+) -> None:
+    outcome = deliver_once(
+        claimed,
+        lambda s: s.event,
+        transport=client.transport,
+        customers=client.customer_cache,
+        max_batch_bytes=client.options["max_batch_bytes"],
+        max_records=batch_size,
+    )
+    report.batches += outcome.batches
+    if outcome.delivered:
+        store.mark_delivered([s.event.event_id for s in outcome.delivered])
+        report.delivered += len(outcome.delivered)
+    for error, group in [*outcome.retriable, *outcome.final]:
+        report.failed += len(group)
+        report.errors[str(error)] += len(group)
+        attempts = max(s.attempts for s in group) + 1
+        store.mark_failed(
+            [s.event.event_id for s in group],
+            error=str(error),
+            next_attempt_at=time.time() + policy.backoff(attempts, rng=lambda: 1.0),
+        )

@@ -1,0 +1,237 @@
+"""Route rules: which requests are metered, with which meters and how much.
+
+Both framework adapters compile their settings here, once, at start-up:
+
+    rules = RouteRules({
+        "POST /documents/{doc_id}/scan": "page.processed.basic",
+        "/reports/{kind}": {"meter": "report.generated.small", "usage": 2},
+        "GET /search": [MeterSpec("report.generated.dataquery", header="X-Meter-Usage")],
+        "documents:export": "report.generated.large",        # a view name (Django)
+    })
+
+A key is an optional method list (``GET`` or ``GET,POST``) and either a route template
+starting with ``/`` or a view name. Templates may be written in Starlette (``{id}``,
+``{id:int}``) or Django (``<int:id>``) syntax; both compile to the same form, so a rule
+matches the template a framework resolved with one dict lookup. For apps without a
+router, :meth:`RouteRules.match_path` matches a concrete path against the templates.
+
+A value is a meter id, a dict ``{"meter", "usage", "header", "metadata", "session"}``,
+a :class:`MeterSpec`, or a list of them (several meters per route).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Union
+
+from meter_core.catalog import is_known_meter
+from meter_core.errors import ConfigurationError, InvalidEvent
+from meter_core.events import validate_identifier
+
+__all__ = ["MeterSpec", "RouteRules", "normalize_template"]
+
+_PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
+_METHOD = re.compile(r"[A-Z]+")
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSpec:
+    """One meter to record for a matched request.
+
+    ``usage`` is a constant int, or a callable the adapter calls after the response with
+    its own arguments (documented by each adapter) returning an int (0 or None: nothing
+    recorded). ``header`` takes the usage from a response header the app sets; the
+    adapter removes that header before the response leaves. ``session`` marks an AI
+    session meter of a websocket route (start event on connect, end event on close).
+    """
+
+    meter_id: str
+    usage: int | Callable[..., Any] = 1
+    header: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    session: bool = False
+
+    def __post_init__(self) -> None:
+        try:
+            validate_identifier("meter_id", self.meter_id)
+        except InvalidEvent as exc:
+            raise ConfigurationError(f"meter rule: {exc}") from None
+        usage = self.usage
+        if not callable(usage) and (type(usage) is not int or usage < 0):
+            raise ConfigurationError(
+                f"meter rule {self.meter_id!r}: usage must be an int >= 0 or a callable, "
+                f"got {usage!r}"
+            )
+        if self.header is not None:
+            if not isinstance(self.header, str) or not self.header.strip():
+                raise ConfigurationError(
+                    f"meter rule {self.meter_id!r}: header must be a header name, "
+                    f"got {self.header!r}"
+                )
+            object.__setattr__(self, "header", self.header.strip().lower())
+        if not isinstance(self.metadata, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
+        ):
+            raise ConfigurationError(
+                f"meter rule {self.meter_id!r}: metadata must map str to str"
+            )
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+
+RuleValue = Union[str, MeterSpec, Mapping[str, Any], Iterable[Union[str, MeterSpec, Mapping[str, Any]]]]
+
+
+def normalize_template(template: str) -> str:
+    """A route template with every parameter written ``{}`` and a leading ``/``:
+    ``/documents/{doc_id}/scan``, ``documents/<int:doc_id>/scan`` -> ``/documents/{}/scan``."""
+    template = template.strip()
+    if not template.startswith("/"):
+        template = "/" + template
+    return _PARAM.sub("{}", template)
+
+
+def _template_regex(normalized: str, original: str) -> re.Pattern[str]:
+    pieces = normalized.split("{}")
+    params = _PARAM.findall(original if original.startswith("/") else "/" + original)
+    out = []
+    for i, piece in enumerate(pieces):
+        out.append(re.escape(piece))
+        if i < len(pieces) - 1:
+            param = params[i] if i < len(params) else ""
+            out.append(".+" if ":path" in param or param.startswith("<path:") else "[^/]+")
+    return re.compile("".join(out) + r"\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    methods: frozenset[str] | None
+    target: str  # normalized template or view name
+    meters: tuple[MeterSpec, ...]
+    regex: re.Pattern[str] | None
+
+
+class RouteRules:
+    """Compiled route rules. Immutable after construction; lookups are read-only and
+    thread-safe. Bad rules raise :class:`~meter_core.ConfigurationError` naming the key."""
+
+    def __init__(self, rules: Mapping[str, RuleValue], *, allow_unknown_meters: bool = False):
+        if not isinstance(rules, Mapping):
+            raise ConfigurationError(f"routes: must be a mapping of rule -> meter, got {rules!r}")
+        self._by_target: dict[str, list[_Rule]] = {}
+        self._path_rules: list[_Rule] = []
+        self.has_header_usage = False
+        self.has_sessions = False
+        for key, value in rules.items():
+            rule = self._compile(key, value, allow_unknown_meters)
+            self._by_target.setdefault(rule.target, []).append(rule)
+            if rule.regex is not None:
+                self._path_rules.append(rule)
+            for spec in rule.meters:
+                self.has_header_usage |= spec.header is not None
+                self.has_sessions |= spec.session
+        self.header_names = frozenset(
+            spec.header
+            for rules_ in self._by_target.values()
+            for rule in rules_
+            for spec in rule.meters
+            if spec.header is not None
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self._by_target)
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self._by_target.values())
+
+    @staticmethod
+    def _compile(key: object, value: RuleValue, allow_unknown: bool) -> _Rule:
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigurationError(f"routes: rule key must be a non-empty str, got {key!r}")
+        parts = key.split(None, 1)
+        methods: frozenset[str] | None = None
+        target = key.strip()
+        if len(parts) == 2 and all(_METHOD.fullmatch(m) for m in parts[0].split(",")):
+            methods = frozenset(parts[0].split(","))
+            target = parts[1].strip()
+        meters = tuple(_specs(key, value))
+        if not meters:
+            raise ConfigurationError(f"routes[{key!r}]: no meter given")
+        for spec in meters:
+            if not allow_unknown and not is_known_meter(spec.meter_id):
+                raise ConfigurationError(
+                    f"routes[{key!r}]: unknown meter {spec.meter_id!r} (register_meter() it, "
+                    "or allow unknown meters)"
+                )
+        if target.startswith("/"):
+            normalized = normalize_template(target)
+            return _Rule(methods, normalized, meters, _template_regex(normalized, target))
+        return _Rule(methods, target, meters, None)
+
+    def match(self, method: str, target: str | None) -> tuple[MeterSpec, ...]:
+        """Meters of the rules for ``target`` (a normalized route template or a view
+        name) and ``method``; empty when none. One dict lookup when nothing matches."""
+        if target is None:
+            return ()
+        rules = self._by_target.get(target)
+        if not rules:
+            return ()
+        return _collect(rules, method)
+
+    def match_route(self, method: str, template: str | None) -> tuple[MeterSpec, ...]:
+        """Meters for a framework's route template in any supported syntax."""
+        if not template:
+            return ()
+        return self.match(method, normalize_template(template))
+
+    def match_path(self, method: str, path: str) -> tuple[MeterSpec, ...]:
+        """Meters for a concrete request path (no router): first the path as a literal
+        template, then each template's pattern in rule order."""
+        found = self.match(method, path)
+        if found:
+            return found
+        matched = [r for r in self._path_rules if r.regex is not None and r.regex.match(path)]
+        return _collect(matched, method) if matched else ()
+
+
+def _collect(rules: list[_Rule], method: str) -> tuple[MeterSpec, ...]:
+    out: list[MeterSpec] = []
+    for rule in rules:
+        if rule.methods is None or method in rule.methods:
+            out.extend(rule.meters)
+    return tuple(out)
+
+
+def _specs(key: str, value: Any) -> Iterable[MeterSpec]:
+    if isinstance(value, (str, MeterSpec, Mapping)):
+        yield _spec(key, value)
+        return
+    if isinstance(value, Iterable):
+        for item in value:
+            yield _spec(key, item)
+        return
+    raise ConfigurationError(f"routes[{key!r}]: expected a meter id, a spec or a list, got {value!r}")
+
+
+def _spec(key: str, value: Any) -> MeterSpec:
+    if isinstance(value, MeterSpec):
+        return value
+    if isinstance(value, str):
+        return MeterSpec(value)
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"meter", "usage", "header", "metadata", "session"}
+        if unknown:
+            raise ConfigurationError(f"routes[{key!r}]: unknown spec keys {sorted(unknown)}")
+        if "meter" not in value:
+            raise ConfigurationError(f"routes[{key!r}]: a spec needs a 'meter'")
+        return MeterSpec(
+            value["meter"],
+            usage=value.get("usage", 1),
+            header=value.get("header"),
+            metadata=value.get("metadata") or _EMPTY,
+            session=bool(value.get("session", False)),
+        )
+    raise ConfigurationError(f"routes[{key!r}]: expected a meter id or a spec, got {value!r}")

@@ -1,0 +1,394 @@
+"""The background sender: batches queued events, delivers them, retries, stores failures.
+
+One :class:`Sender` serves one client in one process (the client makes a new one in a
+forked child, whose inherited queue belongs to the parent). Its thread is the only place
+where the client does network I/O; ``enqueue`` only appends to a deque.
+
+Guarantee: every event handed to :meth:`Sender.enqueue` ends in exactly one of these
+states, each counted in the client's stats: delivered (the proxy gave it an offset),
+written to the failure store, kept in the in-memory failure list, or dropped with an
+ERROR log line (queue full with no store, in-memory failure list full). Retries resend
+the same ``event_id``. An event in flight when ``close()`` gives up waiting is stored
+too, so it may be both delivered and stored: at-least-once, never lost; the backend
+drops the duplicate by ``event_id``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from meter_core.customers import CustomerCache
+from meter_core.delivery import deliver_once
+from meter_core.errors import DeliveryError, RateLimited, StoreError
+from meter_core.events import UsageEvent
+from meter_core.retry import RetryPolicy
+from meter_core.stats import DeliveryStats
+from meter_core.store import FailureStore, MemoryFailureStore
+from meter_core.transport import Transport
+
+__all__ = ["Sender", "SenderConfig"]
+
+logger = logging.getLogger("meter.sender")
+
+
+
+@dataclass(frozen=True, slots=True)
+class SenderConfig:
+    batch_size: int = 500
+    max_batch_bytes: int = 1024 * 1024
+    flush_interval: float = 0.5
+    max_queue: int = 100_000
+    durable: bool = False
+    lease_seconds: float = 60.0
+
+
+class _Item:
+    """An event on its way, with the attempts made so far and where it came from."""
+
+    __slots__ = ("attempts", "event", "from_store")
+
+    def __init__(self, event: UsageEvent, attempts: int = 0, from_store: bool = False) -> None:
+        self.event = event
+        self.attempts = attempts
+        self.from_store = from_store
+
+
+def _event_of(item: _Item) -> UsageEvent:
+    return item.event
+
+
+OnError = Callable[[Sequence[UsageEvent], BaseException], None]
+
+
+class Sender:
+    """Delivers events in the background for one client in one process.
+
+    Thread-safe: ``enqueue`` from any thread; ``flush`` and ``close`` from any thread,
+    any number of times. The thread starts on the first ``enqueue``.
+    """
+
+    def __init__(
+        self,
+        *,
+        transport: Transport,
+        customers: CustomerCache,
+        policy: RetryPolicy,
+        config: SenderConfig,
+        store: FailureStore | None,
+        fallback: MemoryFailureStore,
+        stats: DeliveryStats,
+        on_error: OnError | None = None,
+    ) -> None:
+        self.pid = os.getpid()
+        self._transport = transport
+        self._customers = customers
+        self._policy = policy
+        self._config = config
+        self._store = store
+        self._fallback = fallback
+        self._stats = stats
+        self._on_error = on_error
+        self._queue: deque[UsageEvent] = deque()
+        self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
+        self._seq = itertools.count()
+        self._inflight: list[_Item] = []
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._state_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._spilled = False
+        self._dropping = False
+        self._busy = False
+
+    # -- caller side -------------------------------------------------------------------
+
+    def enqueue(self, event: UsageEvent) -> None:
+        """Accept an event for delivery. Never does network I/O; in durable mode it
+        writes the event to the store first (raises StoreError if that fails)."""
+        if self._closed:
+            self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
+            return
+        if self._config.durable:
+            assert self._store is not None
+            self._store.store([event])
+            self._stats.add(recorded=1)
+            self._start()
+            self._wake.set()
+            return
+        queue = self._queue
+        if len(queue) >= self._config.max_queue:
+            self._overflow(event)
+            return
+        queue.append(event)
+        if self._dropping:
+            self._dropping = False
+        self._stats.add(recorded=1)
+        if self._thread is None:
+            self._start()
+        if len(queue) >= self._config.batch_size:
+            self._wake.set()
+
+    def _overflow(self, event: UsageEvent) -> None:
+        if self._store is not None:
+            try:
+                self._store.store([event])
+            except StoreError:
+                logger.exception("queue full and the failure store failed: event %s dropped",
+                                 event.event_id)
+            else:
+                self._stats.add(recorded=1, stored=1)
+                self._spilled = True
+                self._wake.set()
+                return
+        self._stats.add(dropped=1)
+        if not self._dropping:
+            self._dropping = True
+            logger.error(
+                "meter queue is full (%d events) and no failure store is set: dropping new "
+                "events until it drains (see stats()['dropped'])",
+                self._config.max_queue,
+            )
+
+    def _start(self) -> None:
+        with self._state_lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(
+                    target=self._run, name="meter-sender", daemon=True
+                )
+                self._thread.start()
+
+    def depth(self) -> int:
+        """Events waiting in memory: queued, scheduled for retry, or in flight."""
+        return len(self._queue) + sum(len(b) for _, _, b in self._retries) + len(self._inflight)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Send what is waiting now and wait until nothing is pending in memory (and, in
+        durable mode, nothing due is left in the store). True when that happened within
+        ``timeout`` seconds; events waiting for a retry keep it waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._settled():
+                return True
+            self._wake.set()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            with self._idle:
+                self._idle.wait(0.05 if remaining is None else min(0.05, remaining))
+
+    def _settled(self) -> bool:
+        if self._queue or self._retries or self._inflight or self._busy:
+            return False
+        if self._config.durable and self._store is not None:
+            return not self._store.claim(
+                1, lease_seconds=0, max_attempts=self._policy.max_retries + 1
+            )
+        return True
+
+    def close(self, timeout: float | None = 5.0) -> None:
+        """Deliver what can be delivered within ``timeout`` seconds, then store everything
+        still undelivered (queue, retries, in flight) and stop the thread. Idempotent."""
+        if self._closed:
+            return
+        self.flush_for_close(timeout)
+        with self._state_lock:
+            self._stopping = True
+            self._closed = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(0.5)
+        leftover = [i for i in self._inflight if not i.from_store]
+        leased = [i.event.event_id for i in self._inflight if i.from_store]
+        if leased and self._store is not None:
+            try:  # still queued in the store: another process, or the next start, sends them
+                self._store.release(leased)
+            except StoreError:
+                logger.exception("could not release %d leased events", len(leased))
+        while self._queue:
+            leftover.append(_Item(self._queue.popleft()))
+        for _, _, batch in self._retries:
+            leftover.extend(batch)
+        self._retries.clear()
+        if leftover:
+            self._store_final(leftover, "undelivered at close", count_failed=False)
+
+    def flush_for_close(self, timeout: float | None) -> None:
+        if not self._settled():
+            self.flush(timeout)
+
+    # -- sender thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self._next_wait())
+            self._wake.clear()
+            try:
+                self._busy = True
+                self._cycle()
+            except Exception:  # the thread must survive any bug of ours
+                logger.exception("meter sender cycle failed")
+            finally:
+                self._busy = False
+                with self._idle:
+                    self._idle.notify_all()
+
+    def _next_wait(self) -> float:
+        wait = self._config.flush_interval
+        if self._retries:
+            wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
+        return wait
+
+    def _cycle(self) -> None:
+        """Send everything due now, batch by batch."""
+        while not self._stopping:
+            items = self._take_batch()
+            if not items:
+                return
+            self._deliver(items)
+
+    def _take_batch(self) -> list[_Item]:
+        limit = self._config.batch_size
+        items: list[_Item] = []
+        now = time.monotonic()
+        while self._retries and self._retries[0][0] <= now and len(items) < limit:
+            _, _, batch = heapq.heappop(self._retries)
+            items.extend(batch)
+        queue = self._queue
+        while queue and len(items) < limit:
+            items.append(_Item(queue.popleft()))
+        if len(items) < limit and self._store is not None and (
+            self._config.durable or self._spilled
+        ):
+            items.extend(self._claim_from_store(limit - len(items)))
+        return items
+
+    def _claim_from_store(self, limit: int) -> list[_Item]:
+        assert self._store is not None
+        try:
+            claimed = self._store.claim(
+                limit,
+                lease_seconds=self._config.lease_seconds,
+                # events the sender gave up on are left to the retry command
+                max_attempts=self._policy.max_retries + 1 if self._config.durable else 1,
+            )
+        except StoreError:
+            logger.exception("could not read the failure store")
+            return []
+        if not claimed and not self._config.durable:
+            self._spilled = False
+        return [_Item(s.event, s.attempts, from_store=True) for s in claimed]
+
+    def _deliver(self, items: list[_Item]) -> None:
+        self._inflight = items
+        try:
+            outcome = deliver_once(
+                items,
+                _event_of,
+                transport=self._transport,
+                customers=self._customers,
+                max_batch_bytes=self._config.max_batch_bytes,
+                max_records=self._config.batch_size,
+            )
+            self._stats.add(batches=outcome.batches)
+            self._delivered(outcome.delivered)
+            for error, group in outcome.retriable:
+                self._stats.error(str(error))
+                self._retry_or_fail(group, error)
+            for error, group in outcome.final:
+                self._fail(group, error)
+        finally:
+            self._inflight = []
+
+    def _delivered(self, items: list[_Item]) -> None:
+        if not items:
+            return
+        self._stats.add(sent=len(items))
+        stored_ids = [i.event.event_id for i in items if i.from_store]
+        if stored_ids:
+            assert self._store is not None
+            try:
+                self._store.mark_delivered(stored_ids)
+            except StoreError:
+                # They stay leased, then due again: resent later, deduplicated by event_id.
+                logger.exception("could not mark %d delivered events in the store",
+                                 len(stored_ids))
+
+    def _retry_or_fail(self, items: list[_Item], error: DeliveryError) -> None:
+        retry_after = error.retry_after if isinstance(error, RateLimited) else None
+        retry_now: list[_Item] = []
+        give_up: list[_Item] = []
+        for item in items:
+            item.attempts += 1
+            (retry_now if self._policy.can_retry(item.attempts) and not self._closed
+             else give_up).append(item)  # fmt: skip
+        if give_up:
+            self._fail(give_up, error, attempts_done=True)
+        if not retry_now:
+            return
+        attempt = max(i.attempts for i in retry_now)
+        delay = self._policy.backoff(attempt, retry_after=retry_after)
+        self._stats.add(retried=len(retry_now))
+        in_store = [i for i in retry_now if i.from_store]
+        if in_store:
+            assert self._store is not None
+            try:
+                self._store.mark_failed(
+                    [i.event.event_id for i in in_store],
+                    error=str(error),
+                    next_attempt_at=time.time() + delay,
+                )
+            except StoreError:
+                logger.exception("could not record a failed attempt in the store")
+        in_memory = [i for i in retry_now if not i.from_store]
+        if in_memory:
+            due = time.monotonic() + delay
+            heapq.heappush(self._retries, (due, next(self._seq), in_memory))
+        logger.warning(
+            "delivery of %d events failed (%s); retry %d in %.2fs",
+            len(retry_now), error, attempt, delay,
+        )
+
+    def _fail(self, items: list[_Item], error: DeliveryError, attempts_done: bool = False) -> None:
+        """Events that will not be retried by the sender: to the store, with the reason."""
+        if not attempts_done:
+            for item in items:
+                item.attempts += 1
+        logger.error("%d usage events not delivered: %s", len(items), error)
+        self._stats.error(str(error))
+        self._store_final(items, str(error), count_failed=True)
+        if self._on_error is not None:
+            try:
+                self._on_error([i.event for i in items], error)
+            except Exception:
+                logger.exception("on_error hook raised")
+
+    def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:
+        """Hand events to the failure store (or the in-memory fallback) for the retry
+        command. Sender-side attempts are marked as used up."""
+        if count_failed:
+            self._stats.add(failed=len(items))
+        attempts = max([self._policy.max_retries + 1, *(i.attempts for i in items)])
+        events = [i.event for i in items]
+        if self._store is not None:
+            try:
+                self._store.store(events, error=reason, attempts=attempts)
+            except StoreError:
+                logger.exception("failure store unavailable: keeping %d events in memory",
+                                 len(events))
+            else:
+                self._stats.add(stored=len(events))
+                return
+        before = self._fallback.dropped
+        self._fallback.store(events, error=reason, attempts=attempts)
+        self._stats.add(stored=len(events), dropped=self._fallback.dropped - before)

@@ -1,0 +1,229 @@
+"""SQLiteSpool: a durable failure store in one SQLite file.
+
+Safe for several threads and several processes on one host: the file is in WAL mode (a
+reader never blocks the writer), every write is one short transaction, and a claim runs
+in a ``BEGIN IMMEDIATE`` transaction, which holds SQLite's single write lock from the
+moment it selects rows to the moment it leases them, so two claims can never return the
+same event. ``synchronous=NORMAL`` keeps a committed write through a process crash
+(SIGKILL); only a power loss can take the last transactions.
+
+Delivered events are deleted, so the spool holds only what is still owed; its size is
+the backlog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from meter_core.errors import StoreError
+from meter_core.events import UsageEvent
+from meter_core.store import DEFAULT_LEASE_SECONDS, DISCARDED, FAILED, QUEUED, StoredEvent
+
+__all__ = ["SQLiteSpool"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meter_events (
+    event_id TEXT PRIMARY KEY,
+    payload TEXT NOT NULL,
+    tenant_id TEXT NOT NULL,
+    meter_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    next_attempt_at REAL NOT NULL,
+    claimed_until REAL NOT NULL DEFAULT 0,
+    claim_token TEXT,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attempt_at);
+"""
+
+
+class SQLiteSpool:
+    """A :class:`~meter_core.FailureStore` in the SQLite file at ``path``.
+
+    The file and its table are created on first use (not in the constructor, so building
+    a client does no I/O). One connection per process, opened again after ``fork``.
+    Errors of sqlite3 are raised as :class:`~meter_core.StoreError`.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self._busy_timeout = busy_timeout
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+
+    def __repr__(self) -> str:
+        return f"SQLiteSpool({str(self.path)!r})"
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        # A connection inherited through fork belongs to the parent: never touch it.
+        self._conn = None
+        if self.path.parent and not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    @contextmanager
+    def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                conn = self._connect()
+                conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"spool {str(self.path)!r}: {exc}") from exc
+
+    def store(
+        self,
+        events: Sequence[UsageEvent],
+        *,
+        error: str = "",
+        attempts: int = 0,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        if not events:
+            return
+        now = time.time()
+        due = now if next_attempt_at is None else next_attempt_at
+        status = FAILED if error else QUEUED
+        rows = [
+            (e.event_id, json.dumps(e.to_dict()), e.tenant_id, e.meter_id, status, attempts,
+             error, due, now, now)
+            for e in events
+        ]  # fmt: skip
+        with self._transaction() as conn:
+            conn.executemany(
+                "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status,"
+                " attempts, last_error, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (event_id) DO UPDATE SET status = excluded.status,"
+                " attempts = max(attempts, excluded.attempts), last_error = excluded.last_error,"
+                " next_attempt_at = excluded.next_attempt_at, claimed_until = 0,"
+                " claim_token = NULL, updated_at = excluded.updated_at"
+                " WHERE meter_events.status IN ('queued', 'failed')",
+                rows,
+            )
+
+    def claim(
+        self,
+        limit: int,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_attempts: int | None = None,
+        tenant_id: str | None = None,
+        meter_id: str | None = None,
+    ) -> list[StoredEvent]:
+        now = time.time()
+        where = ["status IN ('queued', 'failed')", "next_attempt_at <= ?", "claimed_until <= ?"]
+        params: list[object] = [now, now]
+        if max_attempts is not None:
+            where.append("attempts < ?")
+            params.append(max_attempts)
+        if tenant_id is not None:
+            where.append("tenant_id = ?")
+            params.append(tenant_id)
+        if meter_id is not None:
+            where.append("meter_id = ?")
+            params.append(meter_id)
+        token = uuid.uuid4().hex
+        with self._transaction(immediate=True) as conn:
+            rows = conn.execute(
+                "SELECT event_id, payload, status, attempts, last_error, next_attempt_at"
+                f" FROM meter_events WHERE {' AND '.join(where)}"
+                " ORDER BY next_attempt_at LIMIT ?",
+                [*params, limit],
+            ).fetchall()
+            conn.executemany(
+                "UPDATE meter_events SET claimed_until = ?, claim_token = ? WHERE event_id = ?",
+                [(now + lease_seconds, token, row[0]) for row in rows],
+            )
+        return [
+            StoredEvent(UsageEvent.from_dict(json.loads(payload)), status, attempts, error, due)
+            for _, payload, status, attempts, error, due in rows
+        ]
+
+    def mark_delivered(self, event_ids: Sequence[str]) -> None:
+        with self._transaction() as conn:
+            conn.executemany(
+                "DELETE FROM meter_events WHERE event_id = ?", [(i,) for i in event_ids]
+            )
+
+    def mark_failed(self, event_ids: Sequence[str], *, error: str, next_attempt_at: float) -> None:
+        now = time.time()
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE meter_events SET status = 'failed', attempts = attempts + 1,"
+                " last_error = ?, next_attempt_at = ?, claimed_until = 0, claim_token = NULL,"
+                " updated_at = ? WHERE event_id = ?",
+                [(error, next_attempt_at, now, i) for i in event_ids],
+            )
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE meter_events SET claimed_until = 0, claim_token = NULL"
+                " WHERE event_id = ?",
+                [(i,) for i in event_ids],
+            )
+
+    def discard(self, event_ids: Sequence[str]) -> None:
+        """Give up on events: they stay in the file as ``discarded`` and are never sent."""
+        with self._transaction() as conn:
+            conn.executemany(
+                f"UPDATE meter_events SET status = '{DISCARDED}', claimed_until = 0"
+                " WHERE event_id = ?",
+                [(i,) for i in event_ids],
+            )
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._transaction() as conn:
+            by_status = dict(
+                conn.execute("SELECT status, count(*) FROM meter_events GROUP BY status")
+            )
+            by_reason = {
+                (f"{status}: {error}" if error else status): n
+                for status, error, n in conn.execute(
+                    "SELECT status, last_error, count(*) FROM meter_events"
+                    " GROUP BY status, last_error ORDER BY count(*) DESC"
+                )
+            }
+        return {"by_status": by_status, "by_reason": by_reason}
+
+    def pending_count(self) -> int:
+        """Events still owed (queued or failed)."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM meter_events WHERE status IN ('queued', 'failed')"
+            ).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        """Close this process's connection (it is opened again on next use)."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None

@@ -1,0 +1,48 @@
+"""Delivery counters of a client, readable at any time from any thread."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["DeliveryStats"]
+
+
+@dataclass
+class DeliveryStats:
+    """Counters since the client was created (in this process).
+
+    - ``recorded``: events accepted by ``record()``;
+    - ``sent``: events the backend confirmed;
+    - ``retried``: event retries scheduled (one event retried twice counts 2);
+    - ``failed``: events that failed for good (non-retriable, or out of retries);
+    - ``stored``: events written to the failure store (failed, spilled or left at close);
+    - ``dropped``: events lost: a full queue with no store, a full in-memory failure
+      store, or ``before_send`` returning None (each also logged);
+    - ``batches``: produce requests made;
+    - ``last_error``: the text of the latest delivery error, or None.
+    """
+
+    recorded: int = 0
+    sent: int = 0
+    retried: int = 0
+    failed: int = 0
+    stored: int = 0
+    dropped: int = 0
+    batches: int = 0
+    last_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        """Add to counters atomically: ``stats.add(sent=10, batches=1)``."""
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def error(self, text: str) -> None:
+        self.last_error = text
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}

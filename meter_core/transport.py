@@ -1,0 +1,276 @@
+"""Transports: the one place that talks to the backend.
+
+A transport does two things, each one request: look a tenant's customer id up, and
+produce a list of records. Everything above it (cache, batching, retries, stores) is
+I/O-free and is tested with :class:`MemoryTransport`; :class:`HTTPTransport` is tested
+against the real local backend.
+
+- :class:`HTTPTransport`: production. One pooled ``requests.Session`` per transport.
+- :class:`MemoryTransport`: keeps records in memory; for tests (ours and users').
+- :class:`LogTransport`: logs each record on ``meter.transport``; for development.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import quote
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from meter_core.config import DEFAULT_INTERNAL_URL, Secret, redact_url
+from meter_core.errors import BackendUnavailable, CustomerNotFound
+from meter_core.wire import (
+    PRODUCE_HEADERS,
+    ProduceResult,
+    RecordResult,
+    encode_records,
+    parse_customer_account,
+    parse_produce_response,
+)
+
+__all__ = ["HTTPTransport", "LogTransport", "MemoryTransport", "Transport"]
+
+logger = logging.getLogger("meter.transport")
+
+CustomerId = Any  # a str or int, exactly as the lookup API returned it
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What the client needs from the backend. Implementations must be thread-safe."""
+
+    def lookup_customer(self, tenant_id: str) -> CustomerId:
+        """The customer id of ``tenant_id``. Raises CustomerNotFound when the tenant has no
+        account, other DeliveryError subclasses when the lookup failed."""
+        ...
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        """Send records (``{"key":..., "value":...}``) in one request. Returns the per-record
+        results of a 2xx answer; raises a DeliveryError for a failure of the whole request."""
+        ...
+
+    def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Adds the Authorization header at send time, so the key sits in no dict of ours."""
+
+    def __init__(self, secret: Secret) -> None:
+        self._secret = secret
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = "Bearer " + self._secret.reveal()
+        return request
+
+    def __repr__(self) -> str:
+        return "_BearerAuth(********)"
+
+
+def _describe(exc: BaseException) -> str:
+    """A short, stable description of a network error (no object addresses), so stored
+    events that failed for the same reason group together."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, ConnectionResetError):
+            return "connection reset"
+        if isinstance(cause, socket.gaierror):
+            return "host name not resolved"
+        nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
+        reason = getattr(cause, "reason", None)
+        cause = (
+            reason if isinstance(reason, BaseException)
+            else nested[0] if nested
+            else cause.__cause__ or cause.__context__
+        )
+    return type(exc).__name__
+
+
+def _header_value(text: str) -> str | bytes:
+    return text if text.isascii() else text.encode("utf-8")
+
+
+class HTTPTransport:
+    """Talks HTTP to the lookup API and the Kafka REST Proxy through one pooled session.
+
+    External lookup (``portal_url`` and ``api_key`` both set) or internal lookup,
+    exactly as the wire protocol describes; the tenant is percent-encoded in the path.
+    Lookups (idempotent GETs) are retried twice on connection errors and 502/503/504 by
+    urllib3; produce requests are never retried here (the sender decides).
+    """
+
+    def __init__(
+        self,
+        kafka_url: str,
+        portal_url: str | None = None,
+        api_key: Secret | None = None,
+        *,
+        internal_url: str = DEFAULT_INTERNAL_URL,
+        topic: str = "usage-events",
+        timeout: float = 10.0,
+        pool_maxsize: int = 10,
+    ) -> None:
+        self._produce_url = f"{kafka_url}/topics/{quote(topic, safe='')}"
+        if portal_url and api_key:
+            self._lookup_base = f"{portal_url}/metering/v1alpha1/customer-accounts/tenant/"
+            self._auth: _BearerAuth | None = _BearerAuth(api_key)
+        else:
+            self._lookup_base = f"{internal_url}/v1alpha1/customer-accounts/tenant/"
+            self._auth = None
+        self._timeout = timeout
+        self._pool_maxsize = pool_maxsize
+        self._pid = os.getpid()
+        self._session = self._new_session()
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        retry = Retry(
+            total=2,
+            connect=2,
+            read=2,
+            status=2,
+            other=0,
+            backoff_factor=0.1,
+            status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET"}),
+            raise_on_status=False,
+            respect_retry_after_header=False,
+        )
+        adapter = HTTPAdapter(
+            pool_connections=4, pool_maxsize=self._pool_maxsize, max_retries=retry
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    @property
+    def session(self) -> requests.Session:
+        """This process's pooled session (a forked child gets its own: sockets inherited
+        from the parent are never used)."""
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._session = self._new_session()
+        return self._session
+
+    @property
+    def external_lookup(self) -> bool:
+        """True when lookups go to the portal with the API key."""
+        return self._auth is not None
+
+    def __repr__(self) -> str:
+        mode = "external" if self._auth else "internal"
+        return (
+            f"HTTPTransport(produce={redact_url(self._produce_url)!r}, "
+            f"lookup={redact_url(self._lookup_base)!r}, mode={mode!r})"
+        )
+
+    def lookup_customer(self, tenant_id: str) -> CustomerId:
+        url = self._lookup_base + quote(tenant_id, safe="")
+        headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None
+        what = f"customer lookup of {tenant_id!r} at {redact_url(url)}"
+        try:
+            response = self.session.get(
+                url, headers=headers, auth=self._auth, timeout=self._timeout
+            )
+        except requests.Timeout as exc:
+            raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
+        except requests.RequestException as exc:
+            raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
+        with response:
+            return parse_customer_account(
+                response.status_code, response.headers, response.content, tenant_id
+            )
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        body = encode_records(records)
+        what = f"produce to {redact_url(self._produce_url)}"
+        try:
+            response = self.session.post(
+                self._produce_url, data=body, headers=PRODUCE_HEADERS, timeout=self._timeout
+            )
+        except requests.Timeout as exc:
+            raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
+        except requests.RequestException as exc:
+            raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
+        with response:
+            return parse_produce_response(
+                response.status_code, response.headers, response.content, len(records)
+            )
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _default_customer(tenant_id: str) -> str:
+    return f"cust-{tenant_id}"
+
+
+class MemoryTransport:
+    """Accepts every record and keeps it in :attr:`records`; no network.
+
+    ``customers`` maps tenants to customer ids (a mapping or a callable); a tenant
+    missing from a mapping has no account. By default every tenant is ``cust-<tenant>``.
+    """
+
+    def __init__(
+        self, customers: Mapping[str, CustomerId] | Callable[[str], CustomerId] | None = None
+    ) -> None:
+        self._customers = customers if customers is not None else _default_customer
+        self._lock = threading.Lock()
+        self.records: list[dict[str, Any]] = []
+        self.lookups: list[str] = []
+
+    def lookup_customer(self, tenant_id: str) -> CustomerId:
+        with self._lock:
+            self.lookups.append(tenant_id)
+        if callable(self._customers):
+            return self._customers(tenant_id)
+        try:
+            return self._customers[tenant_id]
+        except KeyError:
+            raise CustomerNotFound(f"no customer account for tenant {tenant_id!r}") from None
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        with self._lock:
+            start = len(self.records)
+            self.records.extend(dict(r) for r in records)
+        results = tuple(
+            RecordResult(partition=0, offset=start + i) for i in range(len(records))
+        )
+        return ProduceResult(body={"offsets": [{"offset": r.offset} for r in results]}, records=results)
+
+    def values(self) -> list[dict[str, Any]]:
+        """The values of every record produced so far."""
+        with self._lock:
+            return [r["value"] for r in self.records]
+
+    def close(self) -> None:
+        pass
+
+
+class LogTransport:
+    """Logs each record on the ``meter.transport`` logger at INFO instead of sending it,
+    and keeps nothing. Customer ids are ``cust-<tenant>``. Nothing leaves the process."""
+
+    def lookup_customer(self, tenant_id: str) -> CustomerId:
+        return _default_customer(tenant_id)
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        for record in records:
+            logger.info("usage record %s", record.get("value"))
+        return ProduceResult(body={}, records=tuple(RecordResult() for _ in records))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,76 @@
+"""Per-request helpers shared by the framework adapters: usage a handler adds itself,
+and a log throttle for conditions that can repeat on every request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from meter_core.catalog import is_known_meter
+from meter_core.errors import InvalidEvent
+from meter_core.events import validate_identifier
+
+__all__ = ["LogThrottle", "RequestUsage"]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+class RequestUsage:
+    """Usage added by a handler during one request (``request.meter.add(...)``).
+
+    Entries are recorded by the adapter after the response, only if it succeeded.
+    :meth:`add` checks its arguments at once and raises InvalidEvent for bad ones: a
+    handler's mistake shows in development instead of vanishing.
+    """
+
+    __slots__ = ("_allow_unknown", "entries")
+
+    def __init__(self, *, allow_unknown_meters: bool = False) -> None:
+        self._allow_unknown = allow_unknown_meters
+        self.entries: list[tuple[str, int, Mapping[str, str]]] = []
+
+    def add(self, meter_id: str, n: int = 1, *, metadata: Mapping[str, str] | None = None) -> None:
+        """Add ``n`` units of ``meter_id`` to this request's usage."""
+        validate_identifier("meter_id", meter_id)
+        if not self._allow_unknown and not is_known_meter(meter_id):
+            raise InvalidEvent("meter_id", f"unknown meter {meter_id!r}")
+        if type(n) is not int or n < 0:
+            raise InvalidEvent("total_usage", f"must be an int >= 0, got {n!r}")
+        self.entries.append((meter_id, n, metadata if metadata is not None else _EMPTY))
+
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"RequestUsage({self.entries!r})"
+
+
+class LogThrottle:
+    """Logs a repeating condition at most once per ``interval`` seconds, with the count
+    of occurrences since the last line. Thread-safe; :attr:`count` is the total."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last = float("-inf")
+        self._since = 0
+        self.count = 0
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        with self._lock:
+            self.count += 1
+            self._since += 1
+            now = time.monotonic()
+            if now - self._last < self._interval:
+                return
+            since, self._since, self._last = self._since, 0, now
+        self._logger.log(level, message + " (%d times in the last %.0fs)", *args, since,
+                         self._interval)

@@ -1,0 +1,193 @@
+"""The REST Proxy v2 wire format: request bodies and the reading of answers.
+
+Pure functions, no I/O: :mod:`meter_core.transport` does the HTTP and hands the status,
+headers and body here. Reading is strict about what the proxy promises (one ``offsets``
+entry per record, in order) and turns every way an answer can be wrong into a
+:class:`~meter_core.DeliveryError` subclass, never a ``JSONDecodeError``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from meter_core.errors import (
+    BackendUnavailable,
+    CustomerNotFound,
+    DeliveryError,
+    DeliveryRejected,
+    RateLimited,
+)
+from meter_core.retry import parse_retry_after
+
+__all__ = [
+    "PRODUCE_HEADERS",
+    "ProduceResult",
+    "RecordResult",
+    "encode_records",
+    "error_for_status",
+    "parse_customer_account",
+    "parse_produce_response",
+]
+
+PRODUCE_CONTENT_TYPE = "application/vnd.kafka.json.v2+json"
+PRODUCE_HEADERS: Mapping[str, str] = {
+    "Content-Type": PRODUCE_CONTENT_TYPE,
+    "Accept": "application/vnd.kafka.v2+json, application/json",
+}
+# Per-record codes that will fail the same way again (50002: e.g. record too large).
+_NON_RETRIABLE_RECORD_CODES = frozenset({50002})
+
+
+@dataclass(frozen=True, slots=True)
+class RecordResult:
+    """The proxy's answer for one record of a produce request."""
+
+    error_code: int | None = None
+    error: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_code is None
+
+    @property
+    def retriable(self) -> bool:
+        """Whether a failed record may succeed when sent again."""
+        code = self.error_code
+        return code is not None and code >= 50000 and code not in _NON_RETRIABLE_RECORD_CODES
+
+    def as_error(self) -> DeliveryError:
+        """The failure of this record as an exception (retriable or not)."""
+        message = f"record error {self.error_code}: {self.error or 'no detail'}"
+        if self.retriable:
+            return BackendUnavailable(message, status=200, error_code=self.error_code)
+        return DeliveryRejected(message, status=200, error_code=self.error_code)
+
+
+@dataclass(frozen=True, slots=True)
+class ProduceResult:
+    """A 2xx produce answer: the proxy's JSON and one :class:`RecordResult` per record."""
+
+    body: dict[str, Any]
+    records: tuple[RecordResult, ...]
+
+    @property
+    def all_ok(self) -> bool:
+        return all(r.ok for r in self.records)
+
+
+def encode_records(records: Sequence[Mapping[str, Any]]) -> bytes:
+    """The produce request body. ``json.dumps`` with its default separators, as meter-lib
+    0.1.0 sent through ``requests``, so the bytes of each value are the same."""
+    return json.dumps({"records": records}).encode("utf-8")
+
+
+def _describe_body(content_type: str, body: bytes) -> str:
+    text = body[:120].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return f"non-JSON body ({content_type or 'no content type'}): {text!r}"
+
+
+def _decode_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def error_for_status(
+    status: int, headers: Mapping[str, str], body: bytes, *, what: str
+) -> DeliveryError:
+    """The exception for a non-2xx answer: 429 -> RateLimited, 408 and 5xx ->
+    BackendUnavailable, other 4xx -> DeliveryRejected. ``what`` names the request."""
+    content_type = headers.get("Content-Type", "")
+    data = _decode_json(body)
+    error_code: int | None = None
+    if isinstance(data, dict):
+        code = data.get("error_code")
+        error_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+        detail = str(data.get("message") or data.get("error") or data)[:200]
+    else:
+        detail = _describe_body(content_type, body)
+    message = f"{what} failed: HTTP {status}: {detail}"
+    if status == 429:
+        retry_after = parse_retry_after(headers.get("Retry-After"))
+        return RateLimited(message, error_code=error_code, retry_after=retry_after)
+    if status == 408 or status >= 500:
+        return BackendUnavailable(message, status=status, error_code=error_code)
+    return DeliveryRejected(message, status=status, error_code=error_code)
+
+
+def parse_produce_response(
+    status: int, headers: Mapping[str, str], body: bytes, record_count: int
+) -> ProduceResult:
+    """Read a produce answer. Returns a :class:`ProduceResult` for a well-formed 2xx
+    (whose records may still have failed one by one); raises a DeliveryError otherwise.
+
+    A 2xx whose body cannot be read raises :class:`BackendUnavailable`: the records may or
+    may not have been written, and resending them with their event ids is safe.
+    """
+    if not 200 <= status < 300:
+        raise error_for_status(status, headers, body, what="produce")
+    data = _decode_json(body)
+    if not isinstance(data, dict):
+        raise BackendUnavailable(
+            f"produce answered HTTP {status} with a malformed reply: "
+            + _describe_body(headers.get("Content-Type", ""), body),
+            status=status,
+        )
+    offsets = data.get("offsets")
+    if not isinstance(offsets, list) or len(offsets) != record_count:
+        got = len(offsets) if isinstance(offsets, list) else type(offsets).__name__
+        raise BackendUnavailable(
+            f"produce answered HTTP {status} with {got} offsets for {record_count} records",
+            status=status,
+        )
+    results = []
+    for entry in offsets:
+        if not isinstance(entry, dict):
+            results.append(RecordResult(error_code=50001, error=f"unreadable offset {entry!r}"))
+            continue
+        code = entry.get("error_code")
+        if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
+            code = 50001
+        results.append(
+            RecordResult(
+                error_code=code,
+                error=entry.get("error") if code is not None else None,
+                partition=entry.get("partition"),
+                offset=entry.get("offset"),
+            )
+        )
+    return ProduceResult(body=data, records=tuple(results))
+
+
+def parse_customer_account(status: int, headers: Mapping[str, str], body: bytes, tenant: str) -> Any:
+    """The customer id of a lookup answer (an account object, or a list whose first item
+    is the account). Raises CustomerNotFound for an empty list, a 404 or an account without
+    an ``id``, and the errors of :func:`error_for_status` for other failures."""
+    if status == 404:
+        raise CustomerNotFound(f"no customer account for tenant {tenant!r} (HTTP 404)", status=404)
+    if not 200 <= status < 300:
+        raise error_for_status(status, headers, body, what=f"customer lookup of {tenant!r}")
+    data = _decode_json(body)
+    if isinstance(data, list):
+        if not data:
+            raise CustomerNotFound(f"no customer account for tenant {tenant!r}", status=status)
+        data = data[0]
+    if not isinstance(data, dict):
+        raise BackendUnavailable(
+            f"customer lookup of {tenant!r} gave a malformed reply: "
+            + _describe_body(headers.get("Content-Type", ""), body),
+            status=status,
+        )
+    customer_id = data.get("id")
+    if isinstance(customer_id, bool) or not isinstance(customer_id, (str, int)) or customer_id == "":
+        raise CustomerNotFound(
+            f"the customer account of tenant {tenant!r} has no usable 'id'", status=status
+        )
+    return customer_id
