@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--spool", required=True, help="path of the SQLite spool")
     retry.add_argument("--limit", type=int, default=None, help="resend at most N events")
     retry.add_argument("--batch-size", type=int, default=500)
-    retry.add_argument("--max-attempts", type=int, default=None,
-                       help="skip events already tried N times")
+    retry.add_argument(
+        "--max-attempts", type=int, default=None, help="skip events already tried N times"
+    )
     retry.add_argument("--dry-run", action="store_true", help="count, send nothing")
     retry.add_argument("--kafka-url", help="REST Proxy URL (default: METER_KAFKA_URL)")
     retry.add_argument("--portal-url", help="portal URL (default: METER_PORTAL_URL)")
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from meter_core.demo import run_demo
 
-            return run_demo()
+            return int(run_demo())
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

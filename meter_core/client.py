@@ -189,9 +189,7 @@ class MeterClient:
         )
 
     @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> MeterClient:
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MeterClient:
         """A client configured from ``METER_*`` environment variables (see
         :data:`~meter_core.CLIENT_OPTIONS` for the names); keyword arguments win."""
         options = options_from_env(os.environ if environ is None else environ)
@@ -199,10 +197,13 @@ class MeterClient:
         return cls(**options)
 
     def __repr__(self) -> str:
-        kafka = self._options["kafka_url"]
+        options = getattr(self, "_options", None)  # also during a failed __init__
+        if options is None:
+            return "MeterClient(<not configured>)"
+        kafka = options["kafka_url"]
         return (
             f"MeterClient(kafka_url={redact_url(kafka) if kafka else None!r}, "
-            f"transport={type(self._transport).__name__}, topic={self._options['topic']!r})"
+            f"transport={type(getattr(self, '_transport', None)).__name__}, topic={options['topic']!r})"
         )
 
     @property
@@ -339,10 +340,10 @@ class MeterClient:
             self._stats.add(dropped=1)
             logger.info("before_send dropped event %s", event.event_id)
             return None
-        if not isinstance(result, UsageEvent):
-            logger.error("before_send returned %r, not a UsageEvent; event kept", result)
-            return event
-        return result
+        if isinstance(result, UsageEvent):
+            return result
+        logger.error("before_send returned %r, not a UsageEvent; event kept", result)  # type: ignore[unreachable]
+        return event
 
     def _get_sender(self) -> Sender:
         with self._lock:

@@ -139,4 +139,3 @@ def post_ai_meter_usage(
 def _reset_for_tests() -> None:
     with _clients_lock:
         _clients.clear()
-

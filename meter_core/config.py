@@ -189,11 +189,14 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-def coerce_option(option: ClientOption, value: Any, *, source: str | None = None) -> Any:
+def coerce_option(
+    option: ClientOption, value: Any, *, source: str | None = None, parse_strings: bool = False
+) -> Any:
     """Check ``value`` for ``option`` and return it in its proper type.
 
-    Strings (from the environment) are parsed for numbers and booleans; other values must
-    already have the right type. Raises :class:`ConfigurationError` naming the option.
+    With ``parse_strings`` (values from the environment) strings are parsed for numbers
+    and booleans; otherwise values must already have the right type. Raises
+    :class:`ConfigurationError` naming the option (or ``source``, e.g. the variable).
     """
     label = source or option.name
     if value is None:
@@ -218,12 +221,12 @@ def coerce_option(option: ClientOption, value: Any, *, source: str | None = None
     if kind == "bool":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        if parse_strings and isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
             return value.strip().lower() in _TRUE
         raise ConfigurationError(f"{label}: must be a bool, got {value!r}")
     if kind in ("int", "float"):
         number: float
-        if isinstance(value, str):
+        if parse_strings and isinstance(value, str):
             try:
                 number = int(value) if kind == "int" else float(value)
             except ValueError:
@@ -247,5 +250,7 @@ def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for option in _OPTIONS:
         if option.env and option.env in environ:
-            options[option.name] = coerce_option(option, environ[option.env], source=option.env)
+            options[option.name] = coerce_option(
+                option, environ[option.env], source=option.env, parse_strings=True
+            )
     return options

@@ -78,7 +78,9 @@ def deliver_once(
     return outcome
 
 
-def _produce(batch: list[tuple[T, dict[str, Any]]], transport: Transport, outcome: Outcome[T]) -> None:
+def _produce(
+    batch: list[tuple[T, dict[str, Any]]], transport: Transport, outcome: Outcome[T]
+) -> None:
     items = [item for item, _ in batch]
     outcome.batches += 1
     try:
@@ -90,7 +92,7 @@ def _produce(batch: list[tuple[T, dict[str, Any]]], transport: Transport, outcom
         logger.exception("transport raised unexpectedly")
         outcome.add_failure(BackendUnavailable(f"transport error: {exc!r}"), items)
         return
-    for item, record_result in zip(items, result.records):
+    for item, record_result in zip(items, result.records, strict=False):
         if record_result.ok:
             outcome.delivered.append(item)
         else:

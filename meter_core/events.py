@@ -158,11 +158,9 @@ class UsageEvent:
                 _validate_epoch_ms("end_time", self.end_time)
         if self.metadata is not _EMPTY_METADATA:
             object.__setattr__(self, "metadata", _freeze_metadata(self.metadata))
-        event_id = self.event_id
+        event_id: object = self.event_id
         if type(event_id) is not str or not _UUID.match(event_id):
-            if isinstance(event_id, uuid.UUID) or (
-                isinstance(event_id, str) and _is_uuid(event_id)
-            ):
+            if isinstance(event_id, (str, uuid.UUID)) and _is_uuid(str(event_id)):
                 object.__setattr__(self, "event_id", str(uuid.UUID(str(event_id))))
             else:
                 raise InvalidEvent("event_id", f"must be a UUID string, got {event_id!r}")

@@ -28,7 +28,7 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     try:
-        seconds = _HEADER_PARSER.parse_retry_after(value.strip())
+        seconds: float = _HEADER_PARSER.parse_retry_after(value.strip())
     except (InvalidHeader, ValueError, OverflowError):
         return None
     return min(max(0.0, float(seconds)), MAX_RETRY_AFTER)
@@ -62,7 +62,7 @@ class RetryPolicy:
         rng: Callable[[], float] = random.random,
     ) -> float:
         """Seconds to wait before retry number ``attempt`` (1 for the first retry)."""
-        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** max(0, attempt - 1)))
+        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** min(62, max(0, attempt - 1)))
         delay = rng() * ceiling
         if retry_after is not None:
             delay = max(delay, min(retry_after, MAX_RETRY_AFTER))

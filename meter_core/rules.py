@@ -76,13 +76,13 @@ class MeterSpec:
         if not isinstance(self.metadata, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
         ):
-            raise ConfigurationError(
-                f"meter rule {self.meter_id!r}: metadata must map str to str"
-            )
+            raise ConfigurationError(f"meter rule {self.meter_id!r}: metadata must map str to str")
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
 
-RuleValue = Union[str, MeterSpec, Mapping[str, Any], Iterable[Union[str, MeterSpec, Mapping[str, Any]]]]
+RuleValue = Union[  # noqa: UP007 (a runtime alias: X | Y of generics fails on 3.10)
+    str, MeterSpec, Mapping[str, Any], Iterable[Union[str, MeterSpec, Mapping[str, Any]]]  # noqa: UP007
+]
 
 
 def normalize_template(template: str) -> str:
@@ -213,7 +213,9 @@ def _specs(key: str, value: Any) -> Iterable[MeterSpec]:
         for item in value:
             yield _spec(key, item)
         return
-    raise ConfigurationError(f"routes[{key!r}]: expected a meter id, a spec or a list, got {value!r}")
+    raise ConfigurationError(
+        f"routes[{key!r}]: expected a meter id, a spec or a list, got {value!r}"
+    )
 
 
 def _spec(key: str, value: Any) -> MeterSpec:

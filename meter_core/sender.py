@@ -39,7 +39,6 @@ __all__ = ["Sender", "SenderConfig"]
 logger = logging.getLogger("meter.sender")
 
 
-
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
     batch_size: int = 500
@@ -143,8 +142,9 @@ class Sender:
             try:
                 self._store.store([event])
             except StoreError:
-                logger.exception("queue full and the failure store failed: event %s dropped",
-                                 event.event_id)
+                logger.exception(
+                    "queue full and the failure store failed: event %s dropped", event.event_id
+                )
             else:
                 self._stats.add(recorded=1, stored=1)
                 self._spilled = True
@@ -162,9 +162,7 @@ class Sender:
     def _start(self) -> None:
         with self._state_lock:
             if self._thread is None and not self._closed:
-                self._thread = threading.Thread(
-                    target=self._run, name="meter-sender", daemon=True
-                )
+                self._thread = threading.Thread(target=self._run, name="meter-sender", daemon=True)
                 self._thread.start()
 
     def depth(self) -> int:
@@ -267,8 +265,10 @@ class Sender:
         queue = self._queue
         while queue and len(items) < limit:
             items.append(_Item(queue.popleft()))
-        if len(items) < limit and self._store is not None and (
-            self._config.durable or self._spilled
+        if (
+            len(items) < limit
+            and self._store is not None
+            and (self._config.durable or self._spilled)
         ):
             items.extend(self._claim_from_store(limit - len(items)))
         return items
@@ -321,8 +321,7 @@ class Sender:
                 self._store.mark_delivered(stored_ids)
             except StoreError:
                 # They stay leased, then due again: resent later, deduplicated by event_id.
-                logger.exception("could not mark %d delivered events in the store",
-                                 len(stored_ids))
+                logger.exception("could not mark %d delivered events in the store", len(stored_ids))
 
     def _retry_or_fail(self, items: list[_Item], error: DeliveryError) -> None:
         retry_after = error.retry_after if isinstance(error, RateLimited) else None
@@ -356,7 +355,10 @@ class Sender:
             heapq.heappush(self._retries, (due, next(self._seq), in_memory))
         logger.warning(
             "delivery of %d events failed (%s); retry %d in %.2fs",
-            len(retry_now), error, attempt, delay,
+            len(retry_now),
+            error,
+            attempt,
+            delay,
         )
 
     def _fail(self, items: list[_Item], error: DeliveryError, attempts_done: bool = False) -> None:
@@ -384,8 +386,9 @@ class Sender:
             try:
                 self._store.store(events, error=reason, attempts=attempts)
             except StoreError:
-                logger.exception("failure store unavailable: keeping %d events in memory",
-                                 len(events))
+                logger.exception(
+                    "failure store unavailable: keeping %d events in memory", len(events)
+                )
             else:
                 self._stats.add(stored=len(events))
                 return

@@ -185,8 +185,7 @@ class SQLiteSpool:
     def release(self, event_ids: Sequence[str]) -> None:
         with self._transaction() as conn:
             conn.executemany(
-                "UPDATE meter_events SET claimed_until = 0, claim_token = NULL"
-                " WHERE event_id = ?",
+                "UPDATE meter_events SET claimed_until = 0, claim_token = NULL WHERE event_id = ?",
                 [(i,) for i in event_ids],
             )
 

@@ -210,7 +210,9 @@ class MemoryFailureStore:
         with self._lock:
             for stored in self._events.values():
                 by_status[stored.status] = by_status.get(stored.status, 0) + 1
-                reason = f"{stored.status}: {stored.last_error}" if stored.last_error else stored.status
+                reason = (
+                    f"{stored.status}: {stored.last_error}" if stored.last_error else stored.status
+                )
                 by_reason[reason] = by_reason.get(reason, 0) + 1
             if self._delivered:
                 by_status[DELIVERED] = self._delivered

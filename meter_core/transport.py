@@ -91,8 +91,10 @@ def _describe(exc: BaseException) -> str:
         nested = [a for a in getattr(cause, "args", ()) if isinstance(a, BaseException)]
         reason = getattr(cause, "reason", None)
         cause = (
-            reason if isinstance(reason, BaseException)
-            else nested[0] if nested
+            reason
+            if isinstance(reason, BaseException)
+            else nested[0]
+            if nested
             else cause.__cause__ or cause.__context__
         )
     return type(exc).__name__
@@ -246,10 +248,10 @@ class MemoryTransport:
         with self._lock:
             start = len(self.records)
             self.records.extend(dict(r) for r in records)
-        results = tuple(
-            RecordResult(partition=0, offset=start + i) for i in range(len(records))
+        results = tuple(RecordResult(partition=0, offset=start + i) for i in range(len(records)))
+        return ProduceResult(
+            body={"offsets": [{"offset": r.offset} for r in results]}, records=results
         )
-        return ProduceResult(body={"offsets": [{"offset": r.offset} for r in results]}, records=results)
 
     def values(self) -> list[dict[str, Any]]:
         """The values of every record produced so far."""

@@ -72,5 +72,6 @@ class LogThrottle:
             if now - self._last < self._interval:
                 return
             since, self._since, self._last = self._since, 0, now
-        self._logger.log(level, message + " (%d times in the last %.0fs)", *args, since,
-                         self._interval)
+        self._logger.log(
+            level, "%s (%d times in the last %.0fs)", message % args, since, self._interval
+        )

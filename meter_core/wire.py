@@ -166,7 +166,9 @@ def parse_produce_response(
     return ProduceResult(body=data, records=tuple(results))
 
 
-def parse_customer_account(status: int, headers: Mapping[str, str], body: bytes, tenant: str) -> Any:
+def parse_customer_account(
+    status: int, headers: Mapping[str, str], body: bytes, tenant: str
+) -> Any:
     """The customer id of a lookup answer (an account object, or a list whose first item
     is the account). Raises CustomerNotFound for an empty list, a 404 or an account without
     an ``id``, and the errors of :func:`error_for_status` for other failures."""
@@ -186,7 +188,11 @@ def parse_customer_account(status: int, headers: Mapping[str, str], body: bytes,
             status=status,
         )
     customer_id = data.get("id")
-    if isinstance(customer_id, bool) or not isinstance(customer_id, (str, int)) or customer_id == "":
+    if (
+        isinstance(customer_id, bool)
+        or not isinstance(customer_id, (str, int))
+        or customer_id == ""
+    ):
         raise CustomerNotFound(
             f"the customer account of tenant {tenant!r} has no usable 'id'", status=status
         )

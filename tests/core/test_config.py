@@ -1,0 +1,130 @@
+"""Client options: checked at construction, read from METER_* variables, secrets hidden."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import traceback
+
+import pytest
+
+from meter_core import CLIENT_OPTIONS, ConfigurationError, MeterClient, Secret
+from meter_core.config import redact_url
+
+KEY = "sk-live-THE-API-KEY-123"
+
+
+def test_every_client_option_is_in_the_registry_with_the_same_default() -> None:
+    params = inspect.signature(MeterClient).parameters
+    assert set(params) == set(CLIENT_OPTIONS)
+    for name, param in params.items():
+        option = CLIENT_OPTIONS[name]
+        assert param.default == option.default, name
+        if name not in ("kafka_url", "portal_url", "api_key"):
+            assert param.kind is inspect.Parameter.KEYWORD_ONLY, name
+
+
+@pytest.mark.parametrize("url", ["", "kafka:8082", "ftp://host", "http://", "http://host:notaport"])
+def test_malformed_kafka_url_is_a_configuration_error_at_construction(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="kafka_url"):
+        MeterClient(url)
+
+
+def test_missing_kafka_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="kafka_url: is required"):
+        MeterClient()
+
+
+def test_portal_and_internal_urls_are_checked_too() -> None:
+    with pytest.raises(ConfigurationError, match="portal_url"):
+        MeterClient("http://kafka:8082", "portal.example")
+    with pytest.raises(ConfigurationError, match="internal_url"):
+        MeterClient("http://kafka:8082", internal_url="nope")
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("batch_size", 0), ("batch_size", 2.5), ("timeout", -1), ("timeout", "10"),
+     ("max_queue", True), ("durable", "yes please"), ("flush_interval", float("nan")),
+     ("transport", "carrier-pigeon"), ("device_id", "bad\nid")],
+)  # fmt: skip
+def test_bad_option_values_name_the_option(option: str, value: object) -> None:
+    with pytest.raises(ConfigurationError, match=option):
+        MeterClient("http://kafka:8082", **{option: value})  # type: ignore[arg-type]
+
+
+def test_durable_mode_needs_a_store() -> None:
+    with pytest.raises(ConfigurationError, match="durable"):
+        MeterClient("http://kafka:8082", durable=True)
+
+
+def test_from_env_reads_meter_variables_and_overrides_win() -> None:
+    env = {
+        "METER_KAFKA_URL": "http://kafka:8082/",
+        "METER_PORTAL_URL": "https://portal.example",
+        "METER_API_KEY": KEY,
+        "METER_TOPIC": "usage-test",
+        "METER_DEVICE_ID": "worker-7",
+        "METER_BATCH_SIZE": "50",
+        "METER_DURABLE": "false",
+        "METER_FLUSH_INTERVAL": "0.25",
+    }
+    client = MeterClient.from_env(env, batch_size=10)
+    options = client.options
+    assert options["kafka_url"] == "http://kafka:8082"
+    assert options["topic"] == "usage-test"
+    assert client.device_id == "worker-7"
+    assert options["batch_size"] == 10
+    assert options["flush_interval"] == 0.25
+    assert options["durable"] is False
+    assert isinstance(options["api_key"], Secret)
+    assert options["api_key"].reveal() == KEY
+
+
+def test_from_env_reports_the_variable_name() -> None:
+    with pytest.raises(ConfigurationError, match="METER_BATCH_SIZE"):
+        MeterClient.from_env({"METER_KAFKA_URL": "http://k", "METER_BATCH_SIZE": "many"})
+    with pytest.raises(ConfigurationError, match="kafka_url"):
+        MeterClient.from_env({})
+
+
+def test_api_key_is_in_no_repr_or_option_dump() -> None:
+    client = MeterClient("http://kafka:8082", "https://portal.example", KEY)
+    for text in (repr(client), str(client.options), repr(client.transport), str(Secret(KEY))):
+        assert KEY not in text
+
+
+def test_api_key_is_in_no_traceback_local_of_a_failed_construction() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MeterClient("not a url", "https://portal.example", KEY)
+    assert KEY not in str(info.value)
+    frames = traceback.walk_tb(info.value.__traceback__)
+    for frame, _ in frames:
+        for name, value in frame.f_locals.items():
+            assert KEY not in repr(value), f"{name} in {frame.f_code.co_name}"
+
+
+def test_secret_refuses_to_be_pickled() -> None:
+    import pickle
+
+    with pytest.raises(TypeError):
+        pickle.dumps(Secret(KEY))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://user:pw@kafka:8082/x", "http://***@kafka:8082/x"),
+        ("https://h/p?api_key=abc&x=1", "https://h/p?api_key=%2A%2A%2A&x=1"),
+        ("http://kafka:8082", "http://kafka:8082"),
+    ],
+)
+def test_redact_url_hides_credentials(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_configuration_errors_redact_urls(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ConfigurationError) as info:
+        MeterClient("ftp://admin:hunter2@kafka")
+    assert "hunter2" not in str(info.value)

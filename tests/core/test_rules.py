@@ -1,0 +1,115 @@
+"""Route rules: compiled once, matched by template, view name or concrete path."""
+
+from __future__ import annotations
+
+import pytest
+
+from meter_core import ConfigurationError, MeterSpec, RouteRules
+from meter_core.rules import normalize_template
+
+
+@pytest.mark.parametrize(
+    ("template", "normalized"),
+    [
+        ("/documents/{doc_id}/scan", "/documents/{}/scan"),
+        ("/documents/{doc_id:int}/scan", "/documents/{}/scan"),
+        ("documents/<int:doc_id>/scan", "/documents/{}/scan"),
+        ("/files/{path:path}", "/files/{}"),
+        ("/plain", "/plain"),
+    ],
+)
+def test_templates_of_both_frameworks_normalize_alike(template: str, normalized: str) -> None:
+    assert normalize_template(template) == normalized
+
+
+def test_match_route_by_template_and_method() -> None:
+    rules = RouteRules(
+        {
+            "POST /documents/{doc_id}/scan": "page.processed.basic",
+            "/reports/{kind}": {"meter": "report.generated.small", "usage": 2},
+        }
+    )
+    assert rules.match_route("POST", "documents/<int:doc_id>/scan") == (
+        MeterSpec("page.processed.basic"),
+    )
+    assert rules.match_route("GET", "/documents/{doc_id}/scan") == ()
+    (spec,) = rules.match_route("DELETE", "/reports/{kind}")
+    assert spec.usage == 2
+    assert rules.match_route("GET", "/unknown") == ()
+    assert rules.match_route("GET", None) == ()
+
+
+def test_several_methods_and_several_meters() -> None:
+    rules = RouteRules(
+        {"GET,POST /scan": ["page.processed.basic", MeterSpec("page.processed.advanced", usage=3)]}
+    )
+    assert [s.meter_id for s in rules.match_route("POST", "/scan")] == [
+        "page.processed.basic",
+        "page.processed.advanced",
+    ]
+    assert rules.match_route("PUT", "/scan") == ()
+
+
+def test_match_path_for_apps_without_a_router() -> None:
+    rules = RouteRules(
+        {
+            "POST /documents/{doc_id}/scan": "page.processed.basic",
+            "GET /files/{rest:path}": "document.storage.size_gb",
+        }
+    )
+    assert rules.match_path("POST", "/documents/42/scan")
+    assert not rules.match_path("POST", "/documents/42/43/scan")
+    assert rules.match_path("GET", "/files/a/b/c.pdf")
+    assert not rules.match_path("POST", "/documents/42")
+
+
+def test_view_names_are_matched_as_given() -> None:
+    rules = RouteRules({"POST documents:scan": "page.processed.basic"})
+    assert rules.match("POST", "documents:scan")
+    assert not rules.match("POST", "documents:other")
+
+
+def test_header_and_session_specs_are_flagged() -> None:
+    rules = RouteRules(
+        {
+            "/scan": {"meter": "page.processed.basic", "header": "X-Meter-Pages"},
+            "WEBSOCKET /chat": {"meter": "chat.on.time_hours", "session": True},
+        }
+    )
+    assert rules.has_header_usage and rules.has_sessions
+    assert rules.header_names == {"x-meter-pages"}
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ({"/x": "document.basic.page"}, "unknown meter"),
+        ({"/x": {"usage": 1}}, "needs a 'meter'"),
+        ({"/x": {"meter": "page.processed.basic", "pages": 1}}, "unknown spec keys"),
+        ({"/x": {"meter": "page.processed.basic", "usage": -1}}, "usage must be"),
+        ({"/x": {"meter": "page.processed.basic", "usage": "1"}}, "usage must be"),
+        ({"/x": []}, "no meter"),
+        ({"": "page.processed.basic"}, "rule key"),
+        ({"/x": 5}, "expected"),
+    ],
+)
+def test_bad_rules_raise_configuration_errors_naming_the_rule(
+    rules: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RouteRules(rules)  # type: ignore[arg-type]
+
+
+def test_unknown_meters_can_be_allowed() -> None:
+    rules = RouteRules({"/x": "custom.meter"}, allow_unknown_meters=True)
+    assert rules.match_route("GET", "/x")[0].meter_id == "custom.meter"
+
+
+def test_callable_usage_is_kept() -> None:
+    def pages(*args: object) -> int:
+        return 7
+
+    (spec,) = RouteRules({"/x": {"meter": "page.processed.basic", "usage": pages}}).match(
+        "GET", "/x"
+    )
+    assert spec.usage is pages

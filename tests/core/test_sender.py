@@ -1,0 +1,342 @@
+"""Background delivery above the transport: batching, bounds, hooks, flush and close.
+
+These tests use in-memory transports (the transport is the one place that does I/O);
+the same behaviours against the real local backend are in test_faults.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meter_core import (
+    BackendUnavailable,
+    DeliveryError,
+    InvalidEvent,
+    MemoryTransport,
+    MeterClient,
+    ProduceResult,
+    SQLiteSpool,
+    UsageEvent,
+    capture_events,
+)
+
+RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
+
+
+def client_with(transport: Any, **options: Any) -> MeterClient:
+    options.setdefault("flush_interval", 0.02)
+    options.setdefault("device_id", "dev-1")
+    return MeterClient(transport=transport, **options)
+
+
+class DownTransport(MemoryTransport):
+    """Lookups work; every produce fails as unavailable until ``up`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = threading.Event()
+        self.attempts = 0
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        self.attempts += 1
+        if not self.up.is_set():
+            raise BackendUnavailable("backend down")
+        return super().produce(records)
+
+
+class GatedTransport(MemoryTransport):
+    """Blocks every produce until ``gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        self.gate.wait(10)
+        return super().produce(records)
+
+
+def test_record_validates_at_once_and_returns_the_event_id() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport)
+    try:
+        with pytest.raises(InvalidEvent, match="total_usage"):
+            client.record(**{**RECORD, "total_usage": -1})
+        event_id = client.record(**RECORD)
+        assert client.flush(5)
+        assert [v["event_id"] for v in transport.values()] == [event_id]
+    finally:
+        client.close()
+
+
+def test_record_needs_a_device_when_the_client_has_none() -> None:
+    client = MeterClient(transport="memory")
+    with pytest.raises(InvalidEvent, match="device_id"):
+        client.record(**RECORD)
+    client.close()
+
+
+def test_records_are_batched_up_to_batch_size() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport, batch_size=100, flush_interval=5)
+    sizes: list[int] = []
+    original = transport.produce
+
+    def counting(records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        sizes.append(len(records))
+        return original(records)
+
+    transport.produce = counting  # type: ignore[method-assign]
+    try:
+        for _ in range(250):
+            client.record(**RECORD)
+        assert client.flush(5)
+        assert sum(sizes) == 250
+        assert max(sizes) == 100
+        assert client.stats()["batches"] == len(sizes)
+    finally:
+        client.close()
+
+
+def test_batches_respect_max_batch_bytes() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport, max_batch_bytes=4096)
+    bodies: list[int] = []
+    original = transport.produce
+
+    def measuring(records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        bodies.append(len(json.dumps({"records": records})))
+        return original(records)
+
+    transport.produce = measuring  # type: ignore[method-assign]
+    try:
+        for _ in range(60):
+            client.record(**RECORD, metadata={"note": "x" * 300})
+        assert client.flush(5)
+        assert len(transport.records) == 60
+        assert len(bodies) > 1
+        assert max(bodies) <= 4096
+    finally:
+        client.close()
+
+
+def test_record_key_is_the_customer_id() -> None:
+    transport = MemoryTransport({"acme": "cust-42"})
+    client = client_with(transport)
+    client.record(**RECORD)
+    assert client.flush(5)
+    assert transport.records[0]["key"] == "cust-42"
+    assert transport.records[0]["value"]["customer_id"] == "cust-42"
+    client.close()
+
+
+def test_one_lookup_for_many_events_of_one_tenant() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport)
+    for _ in range(500):
+        client.record(**RECORD)
+    assert client.flush(5)
+    assert transport.lookups == ["acme"]
+    client.close()
+
+
+def test_full_queue_without_store_drops_the_newest_counts_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = GatedTransport()
+    client = client_with(transport, max_queue=10, batch_size=1000, flush_interval=10)
+    try:
+        ids = [client.record(**RECORD) for _ in range(25)]
+        stats = client.stats()
+        assert stats["dropped"] == 15
+        assert stats["recorded"] == 10
+        assert len([r for r in caplog.records if "queue is full" in r.message]) == 1
+        transport.gate.set()
+        assert client.flush(5)
+        assert [v["event_id"] for v in transport.values()] == ids[:10]
+    finally:
+        transport.gate.set()
+        client.close()
+
+
+def test_full_queue_spills_to_the_store_and_the_sender_drains_it(tmp_path: Path) -> None:
+    transport = GatedTransport()
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    client = client_with(transport, max_queue=5, failure_store=spool, flush_interval=0.05)
+    try:
+        ids = {client.record(**RECORD) for _ in range(20)}
+        stats = client.stats()
+        assert stats["dropped"] == 0
+        assert stats["recorded"] == 20
+        assert stats["stored"] >= 10  # what did not fit in the queue (or the batch in flight)
+        assert spool.pending_count() == stats["stored"]
+        transport.gate.set()
+        deadline = time.monotonic() + 10
+        while len(transport.records) < 20 and time.monotonic() < deadline:
+            client.flush(1)
+        assert {v["event_id"] for v in transport.values()} == ids
+        assert spool.pending_count() == 0
+    finally:
+        transport.gate.set()
+        client.close()
+
+
+def test_before_send_can_change_or_drop_events() -> None:
+    def hook(event: UsageEvent) -> UsageEvent | None:
+        if event.total_usage == 0:
+            return None
+        return UsageEvent.from_dict({**event.to_dict(), "metadata": {"region": "eu"}})
+
+    transport = MemoryTransport()
+    client = client_with(transport, before_send=hook)
+    client.record(**RECORD)
+    client.record(**{**RECORD, "total_usage": 0})
+    assert client.flush(5)
+    assert [v["metadata"] for v in transport.values()] == [{"region": "eu"}]
+    assert client.stats()["dropped"] == 1
+    client.close()
+
+
+def test_on_error_gets_events_that_failed_for_good() -> None:
+    failures: list[tuple[list[str], BaseException]] = []
+    transport = DownTransport()
+    client = client_with(
+        transport,
+        max_retries=1,
+        backoff_base=0.01,
+        backoff_cap=0.01,
+        on_error=lambda events, exc: failures.append(([e.event_id for e in events], exc)),
+    )
+    event_id = client.record(**RECORD)
+    assert client.flush(5)
+    assert transport.attempts == 2
+    assert failures[0][0] == [event_id]
+    assert isinstance(failures[0][1], DeliveryError)
+    stats = client.stats()
+    assert stats["failed"] == 1 and stats["retried"] == 1 and stats["stored"] == 1
+    assert [s.event.event_id for s in client.failed_events()] == [event_id]
+    assert "backend down" in (stats["last_error"] or "")
+    client.close()
+
+
+def test_close_stores_what_is_undelivered_and_is_idempotent(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    transport = DownTransport()
+    client = client_with(transport, failure_store=spool, backoff_base=5, backoff_cap=5)
+    ids = {client.record(**RECORD) for _ in range(30)}
+    started = time.monotonic()
+    client.close(timeout=0.5)
+    client.close(timeout=0.5)
+    assert time.monotonic() - started < 3
+    stored = spool.claim(100)
+    assert {s.event.event_id for s in stored} == ids
+    late = client.record(**RECORD)
+    spool.release([s.event.event_id for s in stored])
+    assert late in {s.event.event_id for s in spool.claim(100)}
+
+
+def test_close_from_many_threads_at_once() -> None:
+    client = client_with(MemoryTransport())
+    for _ in range(10):
+        client.record(**RECORD)
+    threads = [threading.Thread(target=client.close) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert client.stats()["sent"] == 10
+
+
+def test_flush_times_out_while_the_backend_is_down() -> None:
+    transport = DownTransport()
+    client = client_with(transport, backoff_base=10, backoff_cap=10)
+    client.record(**RECORD)
+    assert client.flush(0.3) is False
+    transport.up.set()
+    client.close(0.1)
+
+
+def test_disabled_client_validates_captures_and_sends_nothing() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport, enabled=False)
+    with capture_events() as captured:
+        event_id = client.record(**RECORD)
+        with pytest.raises(InvalidEvent):
+            client.record(**{**RECORD, "meter_id": "nope"})
+    assert [e.event_id for e in captured] == [event_id]
+    assert client.flush(1)
+    assert transport.records == []
+    client.close()
+
+
+def test_capture_collects_events_of_every_client() -> None:
+    a, b = client_with(MemoryTransport()), client_with(MemoryTransport())
+    with capture_events() as captured:
+        a.record(**RECORD)
+        b.record_session(
+            tenant_id="t2", meter_id="chat.on.time_hours", start_time=1_700_000_000_000
+        )
+    a.record(**RECORD)
+    assert len(captured) == 2
+    assert captured.total("page.processed.basic") == 1
+    assert [e.tenant_id for e in captured.for_meter("chat.on.time_hours")] == ["t2"]
+    a.close()
+    b.close()
+
+
+def test_async_face_never_blocks_the_loop() -> None:
+    transport = MemoryTransport()
+    client = client_with(transport)
+
+    async def main() -> list[str]:
+        ids = [await client.arecord(**RECORD) for _ in range(5)]
+        ids.append(
+            await client.arecord_session(
+                tenant_id="acme", meter_id="chat.on.time_hours", end_time=1_700_000_000_000
+            )
+        )
+        assert await client.aflush(5)
+        return ids
+
+    ids = asyncio.run(main())
+    assert [v["event_id"] for v in transport.values()] == ids
+    client.close()
+
+
+def test_stats_report_queue_depth() -> None:
+    transport = GatedTransport()
+    client = client_with(transport, batch_size=1000, flush_interval=10)
+    for _ in range(7):
+        client.record(**RECORD)
+    assert client.stats()["queue_depth"] == 7
+    transport.gate.set()
+    assert client.flush(5)
+    assert client.stats()["queue_depth"] == 0
+    client.close()
+
+
+def test_sender_thread_starts_lazily() -> None:
+    before = {t.name for t in threading.enumerate()}
+    client = client_with(MemoryTransport())
+    assert client._sender is None
+    client.record(**RECORD)
+    assert "meter-sender" in {t.name for t in threading.enumerate()} - before or client.flush(1)
+    client.close()
+
+
+def test_log_transport_logs_records(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="meter.transport")
+    client = client_with("log")
+    client.record(**RECORD)
+    assert client.flush(5)
+    assert "page.processed.basic" in caplog.text
+    client.close()

@@ -1,0 +1,144 @@
+"""SQLiteSpool and the in-memory store: the failure-store protocol, across processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from pathlib import Path
+
+import pytest
+
+from meter_core import FailureStore, MemoryFailureStore, SQLiteSpool, StoreError, UsageEvent
+
+
+def events(n: int, tenant: str = "acme") -> list[UsageEvent]:
+    return [UsageEvent(tenant, "dev", "page.processed.basic", i) for i in range(n)]
+
+
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> FailureStore:
+    if request.param == "sqlite":
+        return SQLiteSpool(tmp_path / "spool.db")
+    return MemoryFailureStore(1000)
+
+
+def test_both_stores_implement_the_protocol(store: FailureStore) -> None:
+    assert isinstance(store, FailureStore)
+
+
+def test_store_claim_deliver(store: FailureStore) -> None:
+    batch = events(3)
+    store.store(batch)
+    claimed = store.claim(10)
+    assert sorted(s.event.event_id for s in claimed) == sorted(e.event_id for e in batch)
+    assert all(s.status == "queued" and s.attempts == 0 for s in claimed)
+    assert claimed[0].event == next(e for e in batch if e.event_id == claimed[0].event.event_id)
+    assert store.claim(10) == []  # leased
+    store.mark_delivered([e.event_id for e in batch])
+    assert store.counts()["by_status"].get("queued", 0) == 0
+
+
+def test_storing_twice_keeps_one_row(store: FailureStore) -> None:
+    (event,) = events(1)
+    store.store([event])
+    store.store([event], error="boom", attempts=6)
+    claimed = store.claim(10)
+    assert len(claimed) == 1
+    assert claimed[0].status == "failed"
+    assert claimed[0].attempts == 6
+    assert claimed[0].last_error == "boom"
+
+
+def test_failed_events_wait_for_their_next_attempt(store: FailureStore) -> None:
+    batch = events(2)
+    store.store(batch, error="down", attempts=1)
+    claimed = store.claim(10)
+    assert len(claimed) == 2
+    store.mark_failed([batch[0].event_id], error="still down", next_attempt_at=time.time() + 60)
+    store.release([batch[1].event_id])
+    again = store.claim(10)
+    assert [s.event.event_id for s in again] == [batch[1].event_id]
+    counts = store.counts()
+    assert counts["by_status"]["failed"] == 2
+    assert counts["by_reason"]["failed: still down"] == 1
+
+
+def test_claim_filters(store: FailureStore) -> None:
+    store.store(events(2, "a") + events(3, "b"))
+    store.store([UsageEvent("a", "d", "report.generated.small", 1)], error="x", attempts=9)
+    assert len(store.claim(10, tenant_id="b")) == 3
+    assert len(store.claim(10, meter_id="report.generated.small")) == 1
+    assert len(store.claim(10, max_attempts=1)) == 2
+
+
+def test_an_expired_lease_makes_events_due_again(store: FailureStore) -> None:
+    store.store(events(1))
+    assert len(store.claim(10, lease_seconds=0.05)) == 1
+    assert store.claim(10) == []
+    time.sleep(0.1)
+    assert len(store.claim(10)) == 1
+
+
+def test_memory_store_is_bounded_and_counts_what_it_drops(caplog: pytest.LogCaptureFixture) -> None:
+    store = MemoryFailureStore(max_events=5)
+    store.store(events(8), error="down")
+    assert len(store) == 5
+    assert store.dropped == 3
+    assert "dropped 3 undelivered events" in caplog.text
+    assert caplog.records[-1].levelname == "ERROR"
+
+
+def test_spool_creates_nothing_until_used(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "spool.db"
+    spool = SQLiteSpool(path)
+    assert not path.exists()
+    spool.store(events(1))
+    assert path.exists()
+
+
+def test_spool_is_in_wal_mode(tmp_path: Path) -> None:
+    import sqlite3
+
+    spool = SQLiteSpool(tmp_path / "s.db")
+    spool.store(events(1))
+    conn = sqlite3.connect(tmp_path / "s.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_spool_errors_are_store_errors(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()
+    with pytest.raises(StoreError, match=r"dir\.db"):
+        SQLiteSpool(tmp_path / "dir.db").store(events(1))
+
+
+def _claim_all(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    spool = SQLiteSpool(path)
+    got: list[str] = []
+    while True:
+        claimed = spool.claim(7)
+        if not claimed:
+            break
+        got.extend(s.event.event_id for s in claimed)
+        spool.mark_delivered([s.event.event_id for s in claimed])
+    queue.put(got)
+
+
+def test_concurrent_processes_never_claim_the_same_event(tmp_path: Path) -> None:
+    path = str(tmp_path / "shared.db")
+    batch = events(600)
+    SQLiteSpool(path).store(batch)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    workers = [ctx.Process(target=_claim_all, args=(path, queue)) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=60) for _ in workers]
+    for worker in workers:
+        worker.join(10)
+    claimed = [event_id for result in results for event_id in result]
+    assert sorted(claimed) == sorted(e.event_id for e in batch)
+    assert len(claimed) == len(set(claimed))
+    assert SQLiteSpool(path).pending_count() == 0

@@ -1,0 +1,106 @@
+"""Reading proxy answers: per-record results, every error class, never a JSONDecodeError."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from meter_core import (
+    BackendUnavailable,
+    CustomerNotFound,
+    DeliveryRejected,
+    RateLimited,
+)
+from meter_core.wire import encode_records, parse_customer_account, parse_produce_response
+
+JSON = {"Content-Type": "application/vnd.kafka.v2+json"}
+
+
+def body(data: object) -> bytes:
+    return json.dumps(data).encode()
+
+
+def test_200_with_offsets_gives_one_result_per_record() -> None:
+    offsets = [
+        {"partition": 0, "offset": 42, "error_code": None, "error": None},
+        {"partition": None, "offset": None, "error_code": 50003, "error": "leader moving"},
+        {"partition": None, "offset": None, "error_code": 50002, "error": "too large"},
+    ]
+    result = parse_produce_response(200, JSON, body({"offsets": offsets}), 3)
+    ok, retriable, final = result.records
+    assert ok.ok and ok.offset == 42
+    assert not retriable.ok and retriable.retriable
+    assert isinstance(retriable.as_error(), BackendUnavailable)
+    assert not final.retriable
+    assert isinstance(final.as_error(), DeliveryRejected)
+    assert not result.all_ok
+
+
+def test_offset_count_mismatch_is_retriable() -> None:
+    with pytest.raises(BackendUnavailable, match="1 offsets for 2 records"):
+        parse_produce_response(200, JSON, body({"offsets": [{}]}), 2)
+
+
+def test_html_error_page_gives_a_clear_retriable_error() -> None:
+    page = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
+    with pytest.raises(BackendUnavailable, match="HTTP 502.*non-JSON body.*text/html") as info:
+        parse_produce_response(502, {"Content-Type": "text/html"}, page, 1)
+    assert info.value.status == 502
+
+
+def test_malformed_json_on_200_is_retriable_not_a_decode_error() -> None:
+    with pytest.raises(BackendUnavailable, match="malformed"):
+        parse_produce_response(200, JSON, b'{"offsets": [', 1)
+
+
+def test_429_is_rate_limited_with_retry_after() -> None:
+    with pytest.raises(RateLimited) as info:
+        parse_produce_response(
+            429, {**JSON, "Retry-After": "3"}, body({"error_code": 42901, "message": "slow"}), 1
+        )
+    assert info.value.retry_after == 3.0
+    assert info.value.retriable
+    assert info.value.error_code == 42901
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 415, 422])
+def test_4xx_is_rejected_and_not_retriable(status: int) -> None:
+    with pytest.raises(DeliveryRejected) as info:
+        parse_produce_response(
+            status, JSON, body({"error_code": status * 100 + 1, "message": "x"}), 1
+        )
+    assert not info.value.retriable
+    assert info.value.status == status
+
+
+@pytest.mark.parametrize("status", [408, 500, 503, 504])
+def test_5xx_and_408_are_unavailable_and_retriable(status: int) -> None:
+    with pytest.raises(BackendUnavailable) as info:
+        parse_produce_response(status, JSON, body({"error_code": 50001, "message": "x"}), 1)
+    assert info.value.retriable
+
+
+def test_customer_account_object_or_first_of_list() -> None:
+    assert parse_customer_account(200, JSON, body({"id": "c1"}), "t") == "c1"
+    assert parse_customer_account(200, JSON, body([{"id": "c2"}, {"id": "c3"}]), "t") == "c2"
+    assert parse_customer_account(200, JSON, body({"id": 17}), "t") == 17
+
+
+@pytest.mark.parametrize(
+    ("status", "payload"), [(200, []), (404, {"message": "none"}), (200, {"name": "no id"})]
+)
+def test_no_account_is_customer_not_found(status: int, payload: object) -> None:
+    with pytest.raises(CustomerNotFound):
+        parse_customer_account(status, JSON, body(payload), "t")
+
+
+def test_lookup_failure_with_html_is_unavailable() -> None:
+    with pytest.raises(BackendUnavailable, match="HTTP 503"):
+        parse_customer_account(503, {"Content-Type": "text/html"}, b"<html>down</html>", "t")
+
+
+def test_body_encoding_matches_json_dumps_defaults() -> None:
+    records = [{"value": {"a": 1, "b": "é"}}]
+    assert encode_records(records) == json.dumps({"records": records}).encode()
+    assert encode_records(records) == b'{"records": [{"value": {"a": 1, "b": "\\u00e9"}}]}'
