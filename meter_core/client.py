@@ -138,7 +138,9 @@ class MeterClient:
             flush_interval=opts["flush_interval"],
             max_queue=opts["max_queue"],
             durable=opts["durable"],
-            lease_seconds=max(30.0, 3 * opts["timeout"]),
+            # long enough for one send attempt (lookup + produce), so no other worker
+            # takes the events while this one may still deliver them
+            lease_seconds=3 * opts["timeout"] + 5,
         )
         self._lock = threading.Lock()
         self._reset_process_state()
@@ -201,9 +203,10 @@ class MeterClient:
         if options is None:
             return "MeterClient(<not configured>)"
         kafka = options["kafka_url"]
+        transport = type(getattr(self, "_transport", None)).__name__
         return (
             f"MeterClient(kafka_url={redact_url(kafka) if kafka else None!r}, "
-            f"transport={type(getattr(self, '_transport', None)).__name__}, topic={options['topic']!r})"
+            f"transport={transport}, topic={options['topic']!r})"
         )
 
     @property

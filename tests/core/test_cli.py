@@ -1,0 +1,153 @@
+"""The ``meter`` command line: devserver, retry, spool, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from meter_core import SQLiteSpool, UsageEvent
+from meter_core.cli import main
+from meter_core.devserver import DevServer
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fill(spool_path: Path, n: int, tenant: str = "acme") -> list[str]:
+    spool = SQLiteSpool(spool_path)
+    events = [UsageEvent(tenant, "d", "page.processed.basic", i) for i in range(n)]
+    spool.store(events, error="BackendUnavailable: down", attempts=6)
+    spool.close()
+    return [e.event_id for e in events]
+
+
+def retry_args(backend_url: str, spool_path: Path, *extra: str) -> list[str]:
+    return ["retry", "--spool", str(spool_path), "--kafka-url", backend_url,
+            "--internal-url", backend_url, *extra]  # fmt: skip
+
+
+def test_retry_resends_with_the_same_event_ids(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ids = fill(tmp_path / "s.db", 30)
+    assert main(retry_args(backend.url, tmp_path / "s.db")) == 0
+    assert sorted(backend.event_ids()) == sorted(ids)
+    out = capsys.readouterr().out
+    assert "30 delivered, 0 failed" in out
+    assert "0 events still in the spool" in out
+
+
+def test_retry_exits_non_zero_when_events_stay_failed(
+    tmp_path: Path, closed_port_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 3)
+    assert main(retry_args(closed_port_url, tmp_path / "s.db", "--timeout", "0.5")) == 1
+    out = capsys.readouterr().out
+    assert "0 delivered, 3 failed" in out
+    assert "connection refused" in out
+    assert SQLiteSpool(tmp_path / "s.db").pending_count() == 3
+
+
+def test_retry_dry_run_sends_nothing(backend: DevServer, tmp_path: Path) -> None:
+    fill(tmp_path / "s.db", 5)
+    assert main(retry_args(backend.url, tmp_path / "s.db", "--dry-run")) == 0
+    assert backend.records == []
+    assert len(SQLiteSpool(tmp_path / "s.db").claim(10)) == 5
+
+
+def test_retry_limit_and_progress(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 120)
+    args = retry_args(backend.url, tmp_path / "s.db", "--limit", "100", "--batch-size", "25")
+    assert main(args) == 0
+    assert len(backend.records) == 100
+    captured = capsys.readouterr()
+    assert "100/120 events" in captured.err
+    assert "20 events still in the spool" in captured.out
+
+
+def test_retry_reads_the_environment(
+    backend: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(tmp_path / "s.db", 2)
+    monkeypatch.setenv("METER_KAFKA_URL", backend.url)
+    monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+    assert main(["retry", "--spool", str(tmp_path / "s.db")]) == 0
+    assert len(backend.records) == 2
+
+
+def test_retry_without_a_backend_url_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("METER_KAFKA_URL", raising=False)
+    assert main(["retry", "--spool", str(tmp_path / "s.db")]) == 2
+    assert "kafka_url" in capsys.readouterr().err
+
+
+def test_spool_shows_counts_by_status_and_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 4)
+    assert main(["spool", "--spool", str(tmp_path / "s.db")]) == 0
+    out = capsys.readouterr().out
+    assert "failed" in out and "4" in out
+    assert "BackendUnavailable: down" in out
+    assert main(["spool", "--spool", str(tmp_path / "s.db"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_status"] == {"failed": 4}
+
+
+def test_spool_of_a_missing_file_fails(tmp_path: Path) -> None:
+    assert main(["spool", "--spool", str(tmp_path / "nope.db")]) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_devserver_command_serves_both_protocols(tmp_path: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "meter_core", "devserver", "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stats", timeout=1) as response:
+                    assert response.status == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "devserver did not start"
+                time.sleep(0.1)
+        env = {**os.environ, "METER_KAFKA_URL": url, "METER_INTERNAL_URL": url}
+        code = (
+            "from meter_core import MeterClient\n"
+            "c = MeterClient.from_env(device_id='d')\n"
+            "c.send(tenant_id='acme', meter_id='page.processed.basic', total_usage=4)\n"
+        )
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=ROOT)
+        with urllib.request.urlopen(f"{url}/_records", timeout=2) as response:
+            records = json.load(response)["records"]
+        assert records[0]["value"]["total_usage"] == 4
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=10)
+    assert '"total_usage": 4' in output  # each record is printed as it arrives
+
+
+def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "every event arrived exactly once" in out

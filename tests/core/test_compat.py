@@ -1,0 +1,138 @@
+"""meter-lib 0.1.0 compatibility: same signatures, same contract, same bytes on the wire."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+
+import meter_lib
+import pytest
+
+import meter_core
+from meter_core import InvalidEvent, post_ai_meter_usage, post_meter_usage
+from meter_core.devserver import DevServer
+
+KEY = "sk-compat-KEY-777"
+T0 = 1_700_000_000_000
+
+
+def value_bytes(body: bytes) -> bytes:
+    """The raw bytes of the one record value in a produce body."""
+    start = body.index(b'"value": ') + len(b'"value": ')
+    assert body.endswith(b"}]}")
+    return body[start:-3]
+
+
+def test_signatures_are_meter_libs() -> None:
+    for name in ("post_meter_usage", "post_ai_meter_usage"):
+        ours = inspect.signature(getattr(meter_core, name))
+        theirs = inspect.signature(getattr(meter_lib, name))
+        assert list(ours.parameters) == list(theirs.parameters)
+        for param in ours.parameters.values():
+            assert param.default == theirs.parameters[param.name].default
+
+
+def test_volume_record_bytes_match_meter_lib_then_add_our_fields() -> None:
+    with DevServer(api_key=KEY) as backend:
+        args = dict(
+            tenant_id="acme", device_id="web-1", meter_id="page.processed.basic",
+            kafka_url=backend.url, total_usage=3, portal_url=backend.url, api_key=KEY,
+            timestamp=T0, metadata={"rule_id": "r1", "batch": 7},
+        )  # fmt: skip
+        theirs = meter_lib.post_meter_usage(**args)
+        ours = post_meter_usage(**args)  # type: ignore[arg-type]
+        assert theirs is not None and ours is not None
+        assert set(ours) == set(theirs)
+        their_body, our_body = backend.raw_bodies
+    their_value, our_value = value_bytes(their_body), value_bytes(our_body)
+    # meter-lib's value, byte for byte, then the fields this suite adds
+    assert our_value.startswith(their_value[:-1] + b", ")
+    parsed = json.loads(our_value)
+    assert list(parsed)[5:] == ["event_id", "tenant_id", "device_id"]
+    assert parsed["metadata"] == {"rule_id": "r1", "batch": "7"}
+    assert json.loads(our_body)["records"][0]["key"] == parsed["customer_id"]
+
+
+def test_ai_record_bytes_match_meter_lib() -> None:
+    with DevServer(api_key=KEY) as backend:
+        for start, end in ((T0, None), (None, T0 + 5000)):
+            args = dict(
+                tenant_id="acme", device_id="web-1", meter_id="chat.on.time_hours",
+                kafka_url=backend.url, portal_url=backend.url, api_key=KEY,
+                start_time=start, end_time=end, metadata={"session_id": "s1"},
+            )  # fmt: skip
+            assert meter_lib.post_ai_meter_usage(**args) is not None
+            assert post_ai_meter_usage(**args) is not None  # type: ignore[arg-type]
+        bodies = backend.raw_bodies
+    for theirs, ours in ((bodies[0], bodies[1]), (bodies[2], bodies[3])):
+        assert value_bytes(ours).startswith(value_bytes(theirs)[:-1] + b", ")
+
+
+def test_failures_return_none_and_log_instead_of_printing(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    with DevServer(api_key=KEY) as backend:
+        common = dict(kafka_url=backend.url, portal_url=backend.url, api_key=KEY)
+        backend.set_fault("unknown_tenant")
+        assert (
+            post_meter_usage("ghost", "d", "page.processed.basic", total_usage=1, **common) is None
+        )  # type: ignore[arg-type]
+        backend.clear_fault()
+        backend.set_fault("down")
+        assert (
+            post_meter_usage("acme", "d", "page.processed.basic", total_usage=1, **common) is None
+        )  # type: ignore[arg-type]
+        backend.set_fault("html502")
+        assert (
+            post_ai_meter_usage("acme", "d", "chat.on.time_hours", start_time=T0, **common) is None
+        )  # type: ignore[arg-type]
+    assert capsys.readouterr().out == ""
+    assert "not posted" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_network_failure_and_bad_url_return_none(closed_port_url: str) -> None:
+    assert (
+        post_meter_usage(
+            "acme", "d", "page.processed.basic", closed_port_url, 1, closed_port_url, "k"
+        )
+        is None
+    )
+    assert post_meter_usage("acme", "d", "page.processed.basic", None, 1) is None  # type: ignore[arg-type]
+
+
+def test_invalid_arguments_raise_at_once() -> None:
+    with pytest.raises(InvalidEvent, match="meter_id"):
+        post_meter_usage("acme", "d", "document.basic.page", "http://127.0.0.1:9", 1)
+    with pytest.raises(InvalidEvent, match="start_time"):
+        post_ai_meter_usage("acme", "d", "chat.on.time_hours", "http://127.0.0.1:9")
+
+
+def test_calls_share_a_pooled_session_and_the_lookup_cache() -> None:
+    with DevServer(api_key=KEY) as backend:
+        for _ in range(10):
+            assert post_meter_usage(
+                "acme", "d", "page.processed.basic", backend.url, 1, backend.url, KEY
+            )
+        assert backend.lookups == ["acme"]
+        assert len(backend.records) == 10
+
+
+def test_internal_mode_works_unlike_meter_lib(caplog: pytest.LogCaptureFixture) -> None:
+    # meter-lib's internal URL starts with a space; ours is the in-cluster service URL.
+    with DevServer() as backend:
+        client = meter_core.MeterClient(backend.url, internal_url=backend.url, device_id="d")
+        assert client.send(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        client.close()
+    assert meter_core.CLIENT_OPTIONS["internal_url"].default == (
+        "http://metering.metering.svc.cluster.local:8000"
+    )
+
+
+def test_compat_logs_go_to_the_meter_logger(
+    caplog: pytest.LogCaptureFixture, closed_port_url: str
+) -> None:
+    caplog.set_level(logging.ERROR)
+    post_meter_usage("acme", "d", "page.processed.basic", closed_port_url, 1)
+    assert any(r.name.startswith("meter") for r in caplog.records)

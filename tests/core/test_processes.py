@@ -1,0 +1,115 @@
+"""Processes: a forked child never sends its parent's queue; SIGKILL in durable mode
+loses nothing that record() accepted."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meter_core import MeterClient, SQLiteSpool, redeliver
+from meter_core.devserver import DevServer
+
+RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_forked_child_sends_only_its_own_events(backend: DevServer, make_client: Any) -> None:
+    client: MeterClient = make_client(flush_interval=30, batch_size=1000)
+    parent_ids = [client.record(**RECORD) for _ in range(10)]
+    assert client.stats()["queue_depth"] == 10
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read_end)
+            assert client.stats()["queue_depth"] == 0
+            child_ids = [client.record(**RECORD) for _ in range(5)]
+            ok = client.flush(10)
+            os.write(write_end, ("\n".join(child_ids)).encode())
+            code = 0 if ok else 2
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        child_ids = pipe.read().split("\n")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert set(backend.event_ids()) == set(child_ids)
+    assert client.flush(10)
+    counts = collections.Counter(backend.event_ids())
+    assert set(counts) == set(parent_ids) | set(child_ids)
+    assert all(n == 1 for n in counts.values())
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from meter_core import MeterClient, SQLiteSpool
+    client = MeterClient(sys.argv[1], internal_url=sys.argv[1], device_id="d",
+                         failure_store=SQLiteSpool(sys.argv[2]), durable=True,
+                         timeout=0.5, flush_interval=0.01, max_retries=50,
+                         backoff_base=0.01, backoff_cap=0.05)
+    for _ in range(int(sys.argv[3])):
+        print(client.record(tenant_id="acme", meter_id="page.processed.basic",
+                            total_usage=1), flush=True)
+    print("done", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_sigkill_in_durable_mode_loses_nothing(
+    backend: DevServer, tmp_path: Path, closed_port_url: str, make_client: Any
+) -> None:
+    spool_path = tmp_path / "durable.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, closed_port_url, str(spool_path), "300"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    assert child.stdout is not None
+    accepted: list[str] = []
+    for line in child.stdout:
+        if line.strip() == "done":
+            break
+        accepted.append(line.strip())
+    child.send_signal(signal.SIGKILL)
+    child.wait(10)
+    child.stdout.close()
+    assert len(accepted) == 300
+    spool = SQLiteSpool(spool_path)
+    client = make_client()
+    deadline = time.monotonic() + 15  # a lease held by the killed sender has to expire
+    while spool.pending_count() and time.monotonic() < deadline:
+        redeliver(spool, client)
+        time.sleep(0.2)
+    counts = collections.Counter(backend.event_ids())
+    assert set(counts) == set(accepted)
+    assert all(n == 1 for n in counts.values())
+    spool.close()
+
+
+def test_durable_mode_delivers_from_the_store(
+    backend: DevServer, spool: SQLiteSpool, make_client: Any
+) -> None:
+    client = make_client(failure_store=spool, durable=True)
+    ids = [client.record(**RECORD) for _ in range(25)]
+    assert spool.pending_count() >= 0
+    assert client.flush(10)
+    assert spool.pending_count() == 0
+    counts = collections.Counter(backend.event_ids())
+    assert set(counts) == set(ids)
+    assert all(n == 1 for n in counts.values())
