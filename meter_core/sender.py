@@ -121,7 +121,8 @@ class Sender:
             assert self._store is not None
             self._store.store([event])
             self._stats.add(recorded=1)
-            self._start()
+            if self._thread is None:
+                self._start()
             self._wake.set()
             return
         queue = self._queue
@@ -197,6 +198,10 @@ class Sender:
         """Deliver what can be delivered within ``timeout`` seconds, then store everything
         still undelivered (queue, retries, in flight) and stop the thread. Idempotent."""
         if self._closed:
+            return
+        if self._thread is None:  # never used: nothing to flush, and no I/O at exit
+            with self._state_lock:
+                self._closed = self._stopping = True
             return
         self.flush_for_close(timeout)
         with self._state_lock:
@@ -307,6 +312,12 @@ class Sender:
                 self._retry_or_fail(group, error)
             for error, group in outcome.final:
                 self._fail(group, error)
+        except Exception:
+            # A bug of ours must not lose the batch: keep it for the retry command.
+            logger.exception("delivery of %d events failed unexpectedly", len(items))
+            self._store_final(
+                [i for i in items if not i.from_store], "internal error", count_failed=True
+            )
         finally:
             self._inflight = []
 
