@@ -59,12 +59,20 @@ def deliver_once(
     outcome: Outcome[T] = Outcome()
     batch: list[tuple[T, dict[str, Any]]] = []
     size = _BODY_OVERHEAD
+    # One answer per tenant per attempt: a failed lookup is not cached by the customer
+    # cache, and asking again for each of a tenant's events would only multiply the wait.
+    answers: dict[str, Any] = {}
     for item in items:
         event = event_of(item)
-        try:
-            customer = customers.get(event.tenant_id)
-        except DeliveryError as exc:  # CustomerNotFound is final, a failed lookup retriable
-            outcome.add_failure(exc, [item])
+        tenant = event.tenant_id
+        if tenant not in answers:
+            try:
+                answers[tenant] = customers.get(tenant)
+            except DeliveryError as exc:  # CustomerNotFound is final, a failed lookup retriable
+                answers[tenant] = exc
+        customer = answers[tenant]
+        if isinstance(customer, DeliveryError):
+            outcome.add_failure(customer, [item])
             continue
         record = {"key": customer, "value": event.record_value(customer)}
         record_size = len(json.dumps(record)) + _SEPARATOR

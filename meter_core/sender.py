@@ -33,6 +33,7 @@ from meter_core.retry import RetryPolicy
 from meter_core.stats import DeliveryStats
 from meter_core.store import FailureStore, MemoryFailureStore
 from meter_core.transport import Transport
+from meter_core.usage import LogThrottle
 
 __all__ = ["Sender", "SenderConfig"]
 
@@ -108,6 +109,8 @@ class Sender:
         self._spilled = False
         self._dropping = False
         self._busy = False
+        self._retry_log = LogThrottle(logger, interval=10.0)
+        self._failure_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -364,7 +367,8 @@ class Sender:
         if in_memory:
             due = time.monotonic() + delay
             heapq.heappush(self._retries, (due, next(self._seq), in_memory))
-        logger.warning(
+        self._retry_log.log(
+            logging.WARNING,
             "delivery of %d events failed (%s); retry %d in %.2fs",
             len(retry_now),
             error,
@@ -377,7 +381,9 @@ class Sender:
         if not attempts_done:
             for item in items:
                 item.attempts += 1
-        logger.error("%d usage events not delivered: %s", len(items), error)
+        self._failure_log.log(
+            logging.ERROR, "%d usage events not delivered, kept for retry: %s", len(items), error
+        )
         self._stats.error(str(error))
         self._store_final(items, str(error), count_failed=True)
         if self._on_error is not None:

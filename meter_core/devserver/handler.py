@@ -37,6 +37,9 @@ def make_handler(
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: without TCP_NODELAY, Nagle's algorithm and
+        # the client's delayed ACK would stall every keep-alive answer for ~40 ms.
+        disable_nagle_algorithm = True
         server_version = "meter-devserver"
 
         def log_message(self, format: str, *args: Any) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from http.server import ThreadingHTTPServer
@@ -13,11 +15,22 @@ from meter_core.devserver.state import BackendState
 
 __all__ = ["DevServer"]
 
+logger = logging.getLogger("meter.devserver")
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     block_on_close = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hangs up mid-reply (a timeout under test, a killed process) is
+        # normal for this server's callers: log it instead of printing a traceback.
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            logger.debug("client %s went away: %r", client_address, exc)
+        else:
+            logger.error("error while serving %s", client_address, exc_info=exc)
 
 
 class DevServer:
