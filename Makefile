@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m meter_core demo
+	$(BIN)/python example_project/demo.py
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,6 +34,8 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_compat.py
+	$(BIN)/python benchmarks/bench_delivery.py
+	$(BIN)/python benchmarks/bench_asgi.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info

@@ -24,7 +24,8 @@ fault mode          effect (``times=N``: only the next N requests it applies to)
 
 Control over HTTP (for other processes): ``GET /_records``, ``DELETE /_records`` (reset),
 ``GET /_stats``, ``POST /_faults`` ``{"mode": ..., ...}``, ``DELETE /_faults``,
-``POST /_customers`` ``{"tenant_id": ..., "customer_id": ...}``.
+``POST /_customers`` ``{"tenant_id": ..., "customer_id": ...}``; from Python,
+:class:`~meter_core.devserver.remote.RemoteBackend` and ``backend_process()``.
 """
 
 from __future__ import annotations
