@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,15 +10,6 @@ import pytest
 
 from meter_core import MeterClient, SQLiteSpool
 from meter_core.devserver import DevServer
-
-
-@pytest.fixture
-def backend() -> Iterator[DevServer]:
-    server = DevServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
@@ -51,12 +41,3 @@ def make_client(backend: DevServer) -> Iterator[Any]:
     yield make
     for client in clients:
         client.close(timeout=2)
-
-
-@pytest.fixture
-def closed_port_url() -> str:
-    """A loopback URL where nothing listens (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"

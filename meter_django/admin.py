@@ -1,0 +1,128 @@
+"""Admin of FailedMeterEvent: browse, filter and search stored events, look at their
+payload (read-only), and act on them: "retry now" resends the selected events at once,
+"discard" gives up on them. Nothing here shows the API key (it is not stored)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from django.contrib import admin, messages
+from django.db.models import Count, QuerySet
+from django.http import HttpRequest
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from meter_core import ConfigurationError, StoreError
+from meter_django.conf import conf
+from meter_django.models import FailedMeterEvent
+from meter_django.retry import retry_events
+from meter_django.store import DatabaseFailureStore
+
+if TYPE_CHECKING:
+    _ModelAdmin = admin.ModelAdmin[FailedMeterEvent]
+else:  # ModelAdmin is generic only in the type stubs
+    _ModelAdmin = admin.ModelAdmin
+
+_ERROR_CHOICES = 20
+_ERROR_LABEL = 80
+
+
+class LastErrorFilter(admin.SimpleListFilter):
+    """The most frequent last errors of owed events."""
+
+    title = "last error"
+    parameter_name = "last_error"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        rows = (
+            FailedMeterEvent.objects.exclude(last_error="")
+            .values("last_error")
+            .annotate(n=Count("id"))
+            .order_by("-n")[:_ERROR_CHOICES]
+        )
+        return [(row["last_error"], _short(row["last_error"])) for row in rows]
+
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]
+    ) -> QuerySet[FailedMeterEvent]:
+        value = self.value()
+        return queryset.filter(last_error=value) if value else queryset
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _ERROR_LABEL else text[: _ERROR_LABEL - 1] + "…"
+
+
+@admin.register(FailedMeterEvent)
+class FailedMeterEventAdmin(_ModelAdmin):
+    list_display = (
+        "event_id",
+        "tenant_id",
+        "meter_id",
+        "total_usage",
+        "status",
+        "attempts",
+        "error",
+        "next_attempt_at",
+        "created_at",
+    )
+    list_filter = ("status", "meter_id", "tenant_id", LastErrorFilter)
+    search_fields = ("=event_id", "tenant_id", "meter_id", "device_id")
+    ordering = ("-id",)
+    date_hierarchy = None
+    list_per_page = 100
+    show_full_result_count = False
+    actions = ("retry_now", "discard")
+    fields = (
+        "event_id",
+        "status",
+        "tenant_id",
+        "device_id",
+        "meter_id",
+        "total_usage",
+        "attempts",
+        "last_error",
+        "next_attempt_at",
+        "leased_until",
+        "created_at",
+        "updated_at",
+        "payload_pretty",
+    )
+    readonly_fields = fields
+
+    @admin.display(description="last error")
+    def error(self, obj: FailedMeterEvent) -> str:
+        return _short(obj.last_error)
+
+    @admin.display(description="payload")
+    def payload_pretty(self, obj: FailedMeterEvent) -> SafeString:
+        return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # rows change only through the actions; the detail page is read-only
+        return False if obj is not None else super().has_change_permission(request)
+
+    @admin.action(description="Retry now (resend the selected events)")
+    def retry_now(self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]) -> None:
+        ids = [str(i) for i in queryset.values_list("event_id", flat=True)]
+        try:
+            report = retry_events(event_ids=ids, batch_size=500)
+        except (ConfigurationError, StoreError) as exc:
+            self.message_user(request, f"Nothing resent: {exc}", messages.ERROR)
+            return
+        level = messages.SUCCESS if report.ok else messages.WARNING
+        self.message_user(request, report.summary(), level)
+
+    @admin.action(description="Discard (never send the selected events)")
+    def discard(self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]) -> None:
+        ids = [str(i) for i in queryset.values_list("event_id", flat=True)]
+        try:
+            n = DatabaseFailureStore(conf.database).discard(ids)
+        except (ConfigurationError, StoreError) as exc:
+            self.message_user(request, f"Nothing discarded: {exc}", messages.ERROR)
+            return
+        self.message_user(request, f"Discarded {n} events.", messages.SUCCESS)

@@ -1,0 +1,189 @@
+"""System checks of the ``METER`` setting, run by ``manage.py check`` (and before
+``runserver`` / ``migrate``), so misconfiguration shows at deploy, not at a request.
+
+==================  ===================================================================
+id                  problem
+==================  ===================================================================
+meter_django.E001   ``METER`` is not a dict
+meter_django.E002   ``METER`` has an unknown key
+meter_django.E003   a client option (``METER`` key or ``METER_*`` variable) has a wrong
+                    type or value
+meter_django.E004   ``KAFKA_URL`` is missing while metering is enabled over HTTP
+meter_django.E005   ``RULES`` cannot be compiled
+meter_django.E006   ``TENANT`` or ``DEVICE`` cannot be used
+meter_django.E007   ``TENANT`` or ``DEVICE`` reads a request header not marked trusted
+                    (clients can forge headers)
+meter_django.E008   ``METER_STATUSES`` is not a collection of HTTP status codes
+meter_django.E009   ``STORE`` is not usable, or ``DATABASE`` is not a database alias
+meter_django.E010   the client cannot be built from these settings
+meter_django.W001   only one of ``PORTAL_URL`` / ``API_KEY`` is set (the internal lookup
+                    is used)
+meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLEWARE``
+==================  ===================================================================
+
+Messages name the key and what was given, never the API key's value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from meter_core import ConfigurationError, RouteRules
+from meter_django.conf import (
+    DJANGO_DEFAULTS,
+    check_option,
+    client_option_keys,
+    option_from_env,
+    parse_statuses,
+)
+
+__all__ = ["CHECKS", "check_settings"]
+
+#: Every check id with its hint: the one registry of ids.
+CHECKS: Mapping[str, str] = {
+    "E001": "Set METER to a dict, e.g. {'KAFKA_URL': 'https://...', 'DEVICE_ID': 'web'}.",
+    "E002": "Remove the key or fix its spelling; keys are listed in meter_django.conf.",
+    "E003": "Fix the value; see meter_core.CLIENT_OPTIONS for each option's type.",
+    "E004": "Set METER['KAFKA_URL'] (or METER_KAFKA_URL), or METER['ENABLED'] = False, "
+    "or METER['TRANSPORT'] = 'log' for development.",
+    "E005": "Fix METER['RULES']: keys like 'POST /documents/<int:pk>/scan' or "
+    "'app:view-name', values a meter id, a dict or a list of them.",
+    "E006": "Use {'user_attr': 'tenant_id'}, a callable(request) or its dotted path, or "
+    "{'header': 'X-Tenant-Id', 'trusted': True}.",
+    "E007": "Only read a header a trusted proxy sets (and strips from clients); then add "
+    "'trusted': True. Otherwise resolve the tenant from request.user.",
+    "E008": "Use a list or range of ints, e.g. range(200, 300).",
+    "E009": "Use STORE 'database', 'memory' or a meter_core.FailureStore; DATABASE must be "
+    "a key of DATABASES.",
+    "E010": "Fix the option the message names.",
+    "W001": "Set both PORTAL_URL and API_KEY for the external lookup, or neither.",
+    "W002": "Add 'meter_django.middleware.MeterMiddleware' to MIDDLEWARE.",
+}
+
+_MIDDLEWARE = "meter_django.middleware.MeterMiddleware"
+
+
+def _error(code: str, msg: str) -> Error:
+    return Error(msg, hint=CHECKS[code], id=f"meter_django.{code}")
+
+
+def _warning(code: str, msg: str) -> Warning:
+    return Warning(msg, hint=CHECKS[code], id=f"meter_django.{code}")
+
+
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """All checks of ``METER``; registered by the app config."""
+    meter = getattr(settings, "METER", {})
+    if not isinstance(meter, Mapping):
+        return [_error("E001", f"METER must be a dict, got {type(meter).__name__}.")]
+    messages: list[CheckMessage] = []
+    messages += _check_keys(meter)
+    options, option_errors = _check_options(meter)
+    messages += option_errors
+    messages += _check_django_keys(meter, options)
+    if not messages:
+        messages += _check_client()
+    return messages
+
+
+def _check_keys(meter: Mapping[str, Any]) -> list[CheckMessage]:
+    known = set(client_option_keys()) | set(DJANGO_DEFAULTS)
+    out: list[CheckMessage] = []
+    for key in meter:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), sorted(known), n=1)
+        suggestion = f" Did you mean {close[0]!r}?" if close else ""
+        out.append(_error("E002", f"METER has an unknown key {key!r}.{suggestion}"))
+    return out
+
+
+def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[CheckMessage]]:
+    options: dict[str, Any] = {}
+    out: list[CheckMessage] = []
+    for key, option in client_option_keys().items():
+        try:
+            if key in meter:
+                options[option.name] = check_option(option, meter[key])
+            elif option.env and option.env in os.environ:
+                options[option.name] = option_from_env(option, os.environ)
+        except ConfigurationError as exc:
+            where = f"METER[{key!r}]" if key in meter else f"environment variable {option.env}"
+            out.append(_error("E003", f"{where}: {exc}"))
+    enabled = options.get("enabled", True)
+    transport = options.get("transport", "http")
+    kafka_given = meter.get("KAFKA_URL") is not None or "METER_KAFKA_URL" in os.environ
+    if enabled and transport == "http" and not kafka_given:
+        out.append(
+            _error("E004", "METER['KAFKA_URL'] is required while metering is enabled over HTTP.")
+        )
+    if bool(options.get("portal_url")) != bool(options.get("api_key")):
+        out.append(
+            _warning(
+                "W001",
+                "Only one of METER['PORTAL_URL'] and METER['API_KEY'] is set: customer "
+                "lookups use the internal URL.",
+            )
+        )
+    return options, out
+
+
+def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> list[CheckMessage]:
+    from meter_django.client import build_store
+    from meter_django.resolvers import build_resolver
+
+    out: list[CheckMessage] = []
+    rules = meter.get("RULES", DJANGO_DEFAULTS["RULES"])
+    try:
+        compiled = RouteRules(rules, allow_unknown_meters=bool(options.get("allow_unknown_meters")))
+    except ConfigurationError as exc:
+        out.append(_error("E005", f"METER['RULES']: {exc}"))
+    else:
+        if compiled and _MIDDLEWARE not in getattr(settings, "MIDDLEWARE", []):
+            out.append(_warning("W002", f"METER['RULES'] are set but {_MIDDLEWARE} is not."))
+    for key in ("TENANT", "DEVICE"):
+        config = meter.get(key, DJANGO_DEFAULTS[key])
+        if key == "TENANT" and config is None:
+            out.append(_error("E006", "METER['TENANT'] must not be None."))
+            continue
+        try:
+            build_resolver(key, config)
+        except ConfigurationError as exc:
+            code = "E007" if "not marked trusted" in str(exc) else "E006"
+            out.append(_error(code, str(exc)))
+    out += _check_statuses(meter.get("METER_STATUSES", DJANGO_DEFAULTS["METER_STATUSES"]))
+    alias = meter.get("DATABASE", DJANGO_DEFAULTS["DATABASE"])
+    if alias not in settings.DATABASES:
+        out.append(_error("E009", f"METER['DATABASE'] is not a database alias: {alias!r}."))
+    elif "failure_store" not in options:
+        try:
+            build_store(meter.get("STORE", DJANGO_DEFAULTS["STORE"]), alias)
+        except ConfigurationError as exc:
+            out.append(_error("E009", str(exc)))
+    return out
+
+
+def _check_statuses(value: Any) -> list[CheckMessage]:
+    try:
+        parse_statuses(value)
+    except ConfigurationError as exc:
+        return [_error("E008", str(exc))]
+    return []
+
+
+def _check_client() -> list[CheckMessage]:
+    from meter_django.client import build_client
+    from meter_django.conf import conf
+
+    conf.clear()
+    try:
+        build_client()
+    except ConfigurationError as exc:
+        return [_error("E010", f"The meter client cannot be built: {exc}")]
+    return []

@@ -1,0 +1,174 @@
+"""Per-request metering shared by the middleware and the ``@meter`` decorator: which
+responses count, how much a rule or decorator meters for a response, and recording a
+request's usage for its tenant.
+
+Nothing here does network I/O: recording only enqueues (or, in durable mode, writes the
+outbox row). Tenant and device resolvers may touch the database (``request.user``), so
+async callers run :func:`record_request` through ``sync_to_async``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from django.http import HttpRequest
+from django.http.response import HttpResponseBase
+
+from meter_core import MeterSpec, RequestUsage, RouteRules
+from meter_django.client import get_client
+from meter_django.conf import conf, parse_statuses
+from meter_django.recording import submit
+from meter_django.resolvers import device_resolver, tenant_resolver
+
+__all__ = [
+    "Entry",
+    "record_request",
+    "route_rules",
+    "spec_usage",
+    "success_statuses",
+    "untenanted_count",
+    "usage_of",
+]
+
+logger = logging.getLogger("meter.django.middleware")
+
+Entry = tuple[str, int, Mapping[str, str]]
+
+
+class _UntenantedCounter:
+    """Counts requests that had usage but no tenant, logging at most once a minute."""
+
+    def __init__(self) -> None:
+        from meter_core import LogThrottle
+
+        self.throttle = LogThrottle(logger, interval=60.0)
+
+    def add(self, request: HttpRequest) -> None:
+        self.throttle.log(
+            logging.WARNING,
+            "usage of %s %s not metered: no tenant for the request (METER['TENANT'])",
+            request.method,
+            request.path,
+        )
+
+
+_untenanted = _UntenantedCounter()
+
+
+def untenanted_count() -> int:
+    """Requests in this process whose usage was not recorded for want of a tenant."""
+    return _untenanted.throttle.count
+
+
+def success_statuses() -> frozenset[int]:
+    """``METER["METER_STATUSES"]`` as a set (2xx by default). Raises ConfigurationError."""
+
+    return conf.cached("success_statuses", lambda: parse_statuses(conf.get("METER_STATUSES")))
+
+
+def route_rules() -> RouteRules:
+    """``METER["RULES"]`` compiled once (until the settings change)."""
+    return conf.cached(
+        "route_rules",
+        lambda: RouteRules(conf.get("RULES"), allow_unknown_meters=conf.allow_unknown_meters),
+    )
+
+
+def new_request_usage() -> RequestUsage:
+    return RequestUsage(allow_unknown_meters=conf.allow_unknown_meters)
+
+
+def _as_count(value: Any, source: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        logger.error("meter usage from %s must be an int >= 0, got %r: not recorded", source, value)
+        return None
+    return value
+
+
+def spec_usage(
+    spec: MeterSpec, request: HttpRequest, response: HttpResponseBase, header_value: str | None
+) -> int | None:
+    """Units ``spec`` meters for this response: its constant, its callable's answer
+    ``usage(request, response)``, or the integer in its response header (read before
+    the header was removed). None when there is nothing to record."""
+    if spec.header is not None:
+        if header_value is None:
+            return None
+        try:
+            return _as_count(int(header_value.strip()), f"header {spec.header!r}")
+        except ValueError:
+            logger.error("meter header %r is not an integer: %r", spec.header, header_value)
+            return None
+    if callable(spec.usage):
+        return _as_count(spec.usage(request, response), f"usage callable of {spec.meter_id!r}")
+    return spec.usage
+
+
+def pop_header(response: HttpResponseBase, name: str) -> str | None:
+    """Remove a usage header from the response (it is for us, not the client)."""
+    value = response.headers.get(name)
+    if value is not None:
+        del response.headers[name]
+    return value
+
+
+def usage_of(
+    specs: Iterable[MeterSpec], request: HttpRequest, response: HttpResponseBase
+) -> list[Entry]:
+    """Entries for ``specs``; usage headers are always removed from the response."""
+    entries: list[Entry] = []
+    for spec in specs:
+        header_value = pop_header(response, spec.header) if spec.header else None
+        try:
+            n = spec_usage(spec, request, response, header_value)
+        except Exception:
+            logger.exception("usage of meter %r could not be computed", spec.meter_id)
+            continue
+        if n:
+            entries.append((spec.meter_id, n, spec.metadata))
+    return entries
+
+
+def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
+    """Record ``entries`` for the request's tenant and device; returns the event ids.
+    Without a tenant nothing is recorded (counted, and logged rate limited). Errors are
+    logged per entry and never raised."""
+    if not entries:
+        return []
+    try:
+        tenant = tenant_resolver()(request)
+    except Exception:
+        logger.exception("the tenant resolver failed: usage of this request not recorded")
+        return []
+    if tenant is None:
+        _untenanted.add(request)
+        return []
+    device: str | None = None
+    try:
+        resolve_device = device_resolver()
+        if resolve_device is not None:
+            device = resolve_device(request)
+        client = get_client()
+    except Exception:
+        logger.exception("metering is misconfigured: usage of this request not recorded")
+        return []
+    ids: list[str] = []
+    for meter_id, n, metadata in entries:
+        try:
+            event = client.event(
+                tenant_id=tenant,
+                device_id=device,
+                meter_id=meter_id,
+                total_usage=n,
+                metadata=metadata or None,
+            )
+            submit(client, event)
+        except Exception:
+            logger.exception("usage of meter %r for tenant %r not recorded", meter_id, tenant)
+            continue
+        ids.append(event.event_id)
+    return ids

@@ -1,0 +1,139 @@
+"""record_usage / record_session: usage from application code, tied to transactions.
+
+- The event is validated at once: bad arguments raise :class:`meter_core.InvalidEvent`.
+- Inside ``transaction.atomic`` the event is handed to the client only when the
+  transaction commits (``transaction.on_commit``): a rolled-back operation is never billed.
+- In durable mode (``METER["DURABLE"]``) the event is written to the FailedMeterEvent
+  table as ``queued`` in the caller's transaction (a transactional outbox): it exists
+  exactly when the operation's own writes do, and the client's sender delivers it from
+  there after the commit.
+- The return value is the event's ``event_id`` in every case.
+- When the settings cannot build a client (``manage.py check`` reports why), the event
+  is validated, logged as lost at ERROR level (rate limited) and its id returned: the
+  caller's request goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from django.db import transaction
+
+from meter_core import ConfigurationError, InvalidEvent, LogThrottle, MeterClient, UsageEvent
+from meter_django.client import get_client
+from meter_django.conf import conf
+
+__all__ = ["record_session", "record_usage", "submit"]
+
+logger = logging.getLogger("meter.django")
+_unconfigured = LogThrottle(logger, interval=60.0)
+
+
+def _client_or_none() -> MeterClient | None:
+    try:
+        return get_client()
+    except ConfigurationError as exc:
+        _unconfigured.log(logging.ERROR, "metering is misconfigured, usage not recorded: %s", exc)
+        return None
+
+
+def _device_default() -> str | None:
+    try:
+        value = conf.option("device_id")
+    except ConfigurationError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _allow_unknown() -> bool:
+    try:
+        return conf.allow_unknown_meters
+    except ConfigurationError:
+        return False
+
+
+def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
+    """Hand a built event to ``client`` with the transaction rules of this module.
+    In durable mode the store write may raise :class:`meter_core.StoreError`."""
+    db = using or conf.database
+    if client.enabled and conf.durable:
+        client.enqueue(event)  # the store write joins the caller's transaction
+        return
+    if transaction.get_connection(db).in_atomic_block:
+        transaction.on_commit(lambda: _enqueue_after_commit(client, event), using=db)
+    else:
+        client.enqueue(event)
+
+
+def _enqueue_after_commit(client: MeterClient, event: UsageEvent) -> None:
+    try:
+        client.enqueue(event)
+    except Exception:
+        logger.exception("could not enqueue usage event %s after commit", event.event_id)
+
+
+def record_usage(
+    *,
+    tenant_id: str,
+    meter_id: str,
+    total_usage: int,
+    device_id: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    timestamp: int | None = None,
+    using: str | None = None,
+) -> str:
+    """Record ``total_usage`` units of ``meter_id`` for ``tenant_id``; returns the
+    ``event_id``. ``device_id`` defaults to ``METER["DEVICE_ID"]``, ``timestamp`` (epoch
+    ms) to now. ``using`` is the database whose transaction decides (default
+    ``METER["DATABASE"]``). Never does network I/O. See the module docstring."""
+    client = _client_or_none()
+    if client is None:
+        device = device_id or _device_default() or ""
+        if timestamp is None:
+            event = UsageEvent(
+                tenant_id, device, meter_id, total_usage,
+                metadata=metadata or {}, allow_unknown_meter=_allow_unknown(),
+            )  # fmt: skip
+        else:
+            event = UsageEvent(
+                tenant_id, device, meter_id, total_usage, timestamp,
+                metadata=metadata or {}, allow_unknown_meter=_allow_unknown(),
+            )  # fmt: skip
+        return event.event_id
+    event = client.event(
+        tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
+        device_id=device_id, metadata=metadata, timestamp=timestamp,
+    )  # fmt: skip
+    submit(client, event, using=using)
+    return event.event_id
+
+
+def record_session(
+    *,
+    tenant_id: str,
+    meter_id: str,
+    device_id: str | None = None,
+    start_time: int | None = None,
+    end_time: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> str:
+    """Record an AI session boundary (exactly one of ``start_time`` / ``end_time``, epoch
+    ms) with the same guarantees as :func:`record_usage`; returns the ``event_id``."""
+    client = _client_or_none()
+    if client is None:
+        if start_time is None and end_time is None:
+            raise InvalidEvent("start_time", "a session event needs start_time or end_time")
+        event = UsageEvent(
+            tenant_id, device_id or _device_default() or "", meter_id, None,
+            start_time=start_time, end_time=end_time, metadata=metadata or {},
+            allow_unknown_meter=_allow_unknown(),
+        )  # fmt: skip
+        return event.event_id
+    event = client.session_event(
+        tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,
+        start_time=start_time, end_time=end_time, metadata=metadata,
+    )  # fmt: skip
+    submit(client, event, using=using)
+    return event.event_id

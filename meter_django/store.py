@@ -1,0 +1,345 @@
+"""DatabaseFailureStore: meter_core's FailureStore protocol on the FailedMeterEvent table.
+
+Guarantees:
+
+- ``store`` inserts with "on conflict do nothing" and updates only rows still owed, so an
+  event is never duplicated and a delivered or discarded one is never brought back.
+  Called inside the caller's ``transaction.atomic`` block it joins that transaction (the
+  transactional outbox of durable mode): a rollback removes the event too.
+- ``claim`` runs in its own transaction: it selects due rows with
+  ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL, Oracle), then leases them
+  with an update that only takes rows still unleased, and returns exactly the rows that
+  carry its claim token. Several workers on PostgreSQL never get the same event while a
+  lease holds. On SQLite (no row locks) the conditional update still keeps two workers
+  from both leasing a row; run one worker there.
+- Database errors are raised as :class:`meter_core.StoreError`; an error inside the
+  caller's transaction rolls back to a savepoint, so that transaction stays usable.
+- Called outside any atomic block from a thread other than the main thread (the client's
+  sender thread, a worker thread), the store treats each call as a unit of work, as Django
+  does a request: it drops the thread's connection before and after the call when it is
+  broken or older than ``CONN_MAX_AGE``. So a long-lived background thread neither keeps
+  a dead connection nor holds one longer than the project allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
+from typing import Any
+
+from django.db import DatabaseError, connections, transaction
+from django.db.models import Count, F, Q, QuerySet
+from django.db.models.functions import Greatest
+from django.utils import timezone
+
+from meter_core import InvalidEvent, StoredEvent, StoreError, UsageEvent
+from meter_django.models import (
+    DELIVERED,
+    DISCARDED,
+    FAILED,
+    PENDING_STATUSES,
+    QUEUED,
+    FailedMeterEvent,
+)
+
+__all__ = ["DatabaseFailureStore"]
+
+logger = logging.getLogger("meter.django.store")
+
+#: The protocol's default lease (meter_core uses the same).
+DEFAULT_LEASE_SECONDS = 300.0
+MAX_ERROR_LENGTH = 2000
+
+
+def _as_datetime(epoch_seconds: float | None) -> datetime:
+    if epoch_seconds is None:
+        return timezone.now()
+    return datetime.fromtimestamp(epoch_seconds, tz=dt_timezone.utc)
+
+
+def _unleased(now: datetime) -> Q:
+    return Q(leased_until__isnull=True) | Q(leased_until__lte=now)
+
+
+class DatabaseFailureStore:
+    """A :class:`meter_core.FailureStore` on the ``FailedMeterEvent`` model.
+
+    ``using`` is the database alias. ``event_ids`` restricts every claim to those events
+    and ``ignore_schedule`` makes them due now (the admin's "retry now"); see :meth:`only`.
+    Thread-safe: each call uses the calling thread's Django connection.
+    """
+
+    def __init__(
+        self,
+        using: str = "default",
+        *,
+        event_ids: Sequence[str] | None = None,
+        ignore_schedule: bool = False,
+    ) -> None:
+        self.using = using
+        self._event_ids = None if event_ids is None else [str(i) for i in event_ids]
+        self._ignore_schedule = ignore_schedule
+        # a restricted view hands each event out once: a failed resend must not be
+        # claimed again at once by the same run (its schedule is ignored)
+        self._handed_out: set[str] = set()
+        self._handed_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"DatabaseFailureStore(using={self.using!r})"
+
+    def only(self, event_ids: Sequence[str]) -> DatabaseFailureStore:
+        """A view of this store whose claims return only ``event_ids``, due or not (leased
+        events stay with their worker), each at most once. For resending chosen events
+        now."""
+        return DatabaseFailureStore(self.using, event_ids=event_ids, ignore_schedule=True)
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _objects(self) -> QuerySet[FailedMeterEvent]:
+        objects: QuerySet[FailedMeterEvent] = FailedMeterEvent.objects.using(self.using)
+        return objects
+
+    @contextmanager
+    def _unit(self) -> Iterator[None]:
+        conn = connections[self.using]
+        background = (
+            not conn.in_atomic_block and threading.current_thread() is not threading.main_thread()
+        )
+        if background:
+            conn.close_if_unusable_or_obsolete()
+        try:
+            with transaction.atomic(using=self.using):
+                yield
+        except DatabaseError as exc:
+            raise StoreError(f"meter event table ({self.using}): {exc}") from exc
+        finally:
+            if background:
+                conn.close_if_unusable_or_obsolete()
+
+    # -- the protocol ------------------------------------------------------------------
+
+    def store(
+        self,
+        events: Sequence[UsageEvent],
+        *,
+        error: str = "",
+        attempts: int = 0,
+        next_attempt_at: float | None = None,
+    ) -> None:
+        """Insert new events (``queued``, or ``failed`` when ``error`` is set). For events
+        already here and still owed, a failure updates status, reason, attempts (never
+        lowered) and due time and drops any lease; a plain re-store leaves them alone."""
+        if not events:
+            return
+        due = _as_datetime(next_attempt_at)
+        status = FAILED if error else QUEUED
+        error = error[:MAX_ERROR_LENGTH]
+        rows = [
+            FailedMeterEvent(
+                event_id=event.event_id,
+                payload=event.to_dict(),
+                tenant_id=event.tenant_id,
+                device_id=event.device_id,
+                meter_id=event.meter_id,
+                total_usage=event.total_usage,
+                status=status,
+                attempts=attempts,
+                last_error=error,
+                next_attempt_at=due,
+            )
+            for event in events
+        ]
+        with self._unit():
+            self._objects().bulk_create(rows, ignore_conflicts=True)
+            if error:
+                self._objects().filter(
+                    event_id__in=[e.event_id for e in events], status__in=PENDING_STATUSES
+                ).update(
+                    status=FAILED,
+                    attempts=Greatest(F("attempts"), attempts),
+                    last_error=error,
+                    next_attempt_at=due,
+                    leased_until=None,
+                    claim_token="",
+                    updated_at=timezone.now(),
+                )
+
+    def claim(
+        self,
+        limit: int,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_attempts: int | None = None,
+        tenant_id: str | None = None,
+        meter_id: str | None = None,
+    ) -> list[StoredEvent]:
+        """Lease up to ``limit`` due events, oldest due first (see the module docstring
+        for the concurrency guarantees)."""
+        if limit <= 0:
+            return []
+        now = timezone.now()
+        query = self._objects().filter(_unleased(now), status__in=PENDING_STATUSES)
+        if self._event_ids is not None:
+            with self._handed_lock:
+                wanted = [i for i in self._event_ids if i not in self._handed_out]
+            if not wanted:
+                return []
+            query = query.filter(event_id__in=wanted)
+        if not self._ignore_schedule:
+            query = query.filter(next_attempt_at__lte=now)
+        if max_attempts is not None:
+            query = query.filter(attempts__lt=max_attempts)
+        if tenant_id is not None:
+            query = query.filter(tenant_id=tenant_id)
+        if meter_id is not None:
+            query = query.filter(meter_id=meter_id)
+        token = uuid.uuid4().hex
+        with self._unit():
+            rows = list(
+                query.select_for_update(skip_locked=True)
+                .order_by("next_attempt_at", "id")
+                .values("id", "payload", "status", "attempts", "last_error", "next_attempt_at")[
+                    :limit
+                ]
+            )
+            if not rows:
+                return []
+            ids = [row["id"] for row in rows]
+            self._objects().filter(_unleased(now), id__in=ids).update(
+                leased_until=now + timedelta(seconds=lease_seconds),
+                claim_token=token,
+                updated_at=now,
+            )
+            taken = set(
+                self._objects().filter(id__in=ids, claim_token=token).values_list("id", flat=True)
+            )
+            claimed, unreadable = self._rebuild([r for r in rows if r["id"] in taken])
+            if unreadable:
+                self._objects().filter(id__in=unreadable).update(
+                    status=DISCARDED,
+                    last_error="unreadable payload",
+                    leased_until=None,
+                    claim_token="",
+                    updated_at=now,
+                )
+        if self._event_ids is not None:
+            with self._handed_lock:
+                self._handed_out.update(s.event.event_id for s in claimed)
+        return claimed
+
+    @staticmethod
+    def _rebuild(rows: list[dict[str, Any]]) -> tuple[list[StoredEvent], list[int]]:
+        claimed: list[StoredEvent] = []
+        unreadable: list[int] = []
+        for row in rows:
+            try:
+                event = UsageEvent.from_dict(row["payload"])
+            except (InvalidEvent, KeyError, TypeError, ValueError):
+                logger.exception("meter event row %s has an unreadable payload", row["id"])
+                unreadable.append(row["id"])
+                continue
+            claimed.append(
+                StoredEvent(
+                    event,
+                    row["status"],
+                    row["attempts"],
+                    row["last_error"],
+                    row["next_attempt_at"].timestamp(),
+                )
+            )
+        return claimed, unreadable
+
+    def mark_delivered(self, event_ids: Sequence[str]) -> None:
+        """Mark events delivered (kept as the audit trail; never handed out again)."""
+        if not event_ids:
+            return
+        with self._unit():
+            self._objects().filter(event_id__in=list(event_ids)).update(
+                status=DELIVERED,
+                leased_until=None,
+                claim_token="",
+                updated_at=timezone.now(),
+            )
+
+    def mark_failed(self, event_ids: Sequence[str], *, error: str, next_attempt_at: float) -> None:
+        """Count a failed attempt, keep the reason, release the lease, due again at
+        ``next_attempt_at``. Delivered or discarded events are left alone."""
+        if not event_ids:
+            return
+        with self._unit():
+            self._objects().filter(
+                event_id__in=list(event_ids), status__in=PENDING_STATUSES
+            ).update(
+                status=FAILED,
+                attempts=F("attempts") + 1,
+                last_error=error[:MAX_ERROR_LENGTH],
+                next_attempt_at=_as_datetime(next_attempt_at),
+                leased_until=None,
+                claim_token="",
+                updated_at=timezone.now(),
+            )
+
+    def release(self, event_ids: Sequence[str]) -> None:
+        """End the lease of events without changing anything else."""
+        if not event_ids:
+            return
+        with self._unit():
+            self._objects().filter(event_id__in=list(event_ids)).update(
+                leased_until=None, claim_token=""
+            )
+
+    def discard(self, event_ids: Sequence[str]) -> int:
+        """Give up on events still owed: they stay as ``discarded`` and are never sent.
+        Returns how many were discarded."""
+        if not event_ids:
+            return 0
+        with self._unit():
+            n: int = (
+                self._objects()
+                .filter(event_id__in=list(event_ids), status__in=PENDING_STATUSES)
+                .update(
+                    status=DISCARDED,
+                    leased_until=None,
+                    claim_token="",
+                    updated_at=timezone.now(),
+                )
+            )
+        return n
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Events by status, and owed events by status and last error."""
+        with self._unit():
+            by_status = {
+                row["status"]: row["n"]
+                for row in self._objects().values("status").annotate(n=Count("id")).order_by()
+            }
+            by_reason: dict[str, int] = {}
+            for row in (
+                self._objects()
+                .filter(status__in=PENDING_STATUSES)
+                .values("status", "last_error")
+                .annotate(n=Count("id"))
+                .order_by("-n")
+            ):
+                reason = row["status"]
+                if row["last_error"]:
+                    reason = f"{reason}: {row['last_error']}"
+                by_reason[reason] = by_reason.get(reason, 0) + row["n"]
+        return {"by_status": by_status, "by_reason": by_reason}
+
+    def pending_by_meter(self) -> dict[str, int]:
+        """Owed events per meter id."""
+        with self._unit():
+            return {
+                row["meter_id"]: row["n"]
+                for row in self._objects()
+                .filter(status__in=PENDING_STATUSES)
+                .values("meter_id")
+                .annotate(n=Count("id"))
+                .order_by("-n")
+            }

@@ -1,0 +1,98 @@
+"""The admin of FailedMeterEvent: list, filters, search, read-only detail, actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.test import Client
+from django.urls import reverse
+
+from meter_core import UsageEvent
+from meter_core.devserver import DevServer
+from meter_django.models import FailedMeterEvent
+from meter_django.store import DatabaseFailureStore
+from tests.django_app.conftest import MeterSettings
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SECRET = "sk-live-very-secret-key"
+CHANGELIST = "admin:meter_django_failedmeterevent_changelist"
+
+
+def _stored(*tenants: str) -> list[str]:
+    events = [UsageEvent(t, "tests", "page.processed.basic", 2) for t in tenants]
+    DatabaseFailureStore().store(events, error="backend down: 503", attempts=6)
+    return [e.event_id for e in events]
+
+
+def _action(client: Client, action: str, ids: list[str]) -> Any:
+    pks = FailedMeterEvent.objects.filter(event_id__in=ids).values_list("pk", flat=True)
+    return client.post(
+        reverse(CHANGELIST),
+        {"action": action, "_selected_action": [str(pk) for pk in pks]},
+        follow=True,
+    )
+
+
+def test_changelist_filters_search_and_detail_never_show_the_api_key(
+    admin_client: Client, meter_settings: MeterSettings
+) -> None:
+    meter_settings(API_KEY=SECRET, PORTAL_URL="http://portal.invalid")
+    acme, globex = _stored("acme", "globex")
+    url = reverse(CHANGELIST)
+    page = admin_client.get(url).content.decode()
+    assert acme in page and globex in page
+    assert "backend down: 503" in page  # the error filter
+    filtered = admin_client.get(url, {"tenant_id": "globex"}).content.decode()
+    assert globex in filtered and acme not in filtered
+    assert acme in admin_client.get(url, {"q": acme}).content.decode()
+    assert globex in admin_client.get(url, {"status": "failed"}).content.decode()
+    pk = FailedMeterEvent.objects.get(event_id=acme).pk
+    detail = admin_client.get(reverse("admin:meter_django_failedmeterevent_change", args=[pk]))
+    body = detail.content.decode()
+    assert detail.status_code == 200
+    assert "&quot;total_usage&quot;: 2" in body  # the payload, read-only
+    assert 'name="tenant_id"' not in body  # no editable field
+    for text in (page, filtered, body):
+        assert SECRET not in text
+
+
+def test_retry_now_resends_the_selected_events(
+    admin_client: Client, meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+    chosen, other = _stored("acme", "acme")
+    FailedMeterEvent.objects.update(next_attempt_at="2999-01-01T00:00:00Z")  # not due
+    response = _action(admin_client, "retry_now", [chosen])
+    assert "1 delivered, 0 failed" in response.content.decode()
+    assert backend.event_ids() == [chosen]
+    statuses = dict(FailedMeterEvent.objects.values_list("event_id", "status"))
+    assert {str(k): v for k, v in statuses.items()} == {chosen: "delivered", other: "failed"}
+
+
+def test_retry_now_reports_failures(
+    admin_client: Client, meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+    [event_id] = _stored("acme")
+    backend.set_fault("down")
+    response = _action(admin_client, "retry_now", [event_id])
+    assert "0 delivered, 1 failed" in response.content.decode()
+    assert FailedMeterEvent.objects.get().attempts == 7
+
+
+def test_discard_gives_up_on_the_selected_events(
+    admin_client: Client, meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+    dropped, kept = _stored("acme", "acme")
+    response = _action(admin_client, "discard", [dropped])
+    assert "Discarded 1 events." in response.content.decode()
+    assert FailedMeterEvent.objects.get(event_id=dropped).status == "discarded"
+    assert [s.event.event_id for s in DatabaseFailureStore().claim(10)] == [kept]
+
+
+def test_no_adding_rows_by_hand(admin_client: Client) -> None:
+    response = admin_client.get(reverse("admin:meter_django_failedmeterevent_add"))
+    assert response.status_code == 403

@@ -1,0 +1,72 @@
+"""meter_status and send_test_meter_event."""
+
+from __future__ import annotations
+
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from meter_core import UsageEvent
+from meter_core.devserver import DevServer
+from meter_django.store import DatabaseFailureStore
+from tests.django_app.conftest import MeterSettings
+
+SECRET = "sk-live-very-secret-key"
+
+
+def _call(name: str, *args: str) -> str:
+    out = StringIO()
+    call_command(name, *args, stdout=out, stderr=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_meter_status_counts_by_status_meter_and_reason(meter_settings: MeterSettings) -> None:
+    meter_settings(API_KEY=SECRET, PORTAL_URL="http://portal.invalid")
+    store = DatabaseFailureStore()
+    store.store([UsageEvent("acme", "d", "page.processed.basic", 1) for _ in range(2)])
+    store.store([UsageEvent("acme", "d", "report.generated.small", 1)], error="backend down")
+    out = _call("meter_status")
+    assert "queued     2" in out
+    assert "failed     1" in out
+    assert "page.processed.basic" in out and "report.generated.small" in out
+    assert "1 x failed: backend down" in out
+    assert "recorded" in out  # the client's counters
+    assert SECRET not in out
+
+
+def test_send_test_event_succeeds_against_the_backend(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings(API_KEY=SECRET, PORTAL_URL=backend.url)
+    out = _call("send_test_meter_event", "--tenant", "acme")
+    assert "Delivered: partition 0, offset 0" in out
+    assert "API key: set" in out
+    assert SECRET not in out
+    [value] = backend.values()
+    assert (value["tenant_id"], value["total_usage"]) == ("acme", 0)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [("down", "unavailable"), ("unknown_tenant", "no customer account"), ("reject", "rejected")],
+)
+def test_send_test_event_fails_clearly(
+    meter_settings: MeterSettings, backend: DevServer, fault: str, message: str
+) -> None:
+    meter_settings(API_KEY=SECRET, PORTAL_URL=backend.url)
+    backend.set_fault(fault)
+    with pytest.raises(CommandError, match=message) as info:
+        _call("send_test_meter_event", "--tenant", "acme")
+    assert SECRET not in str(info.value)
+
+
+def test_send_test_event_reports_bad_configuration(settings: Any) -> None:
+    settings.METER = {"ENABLED": True, "DEVICE_ID": "x"}
+    with pytest.raises(CommandError, match="configuration: kafka_url"):
+        _call("send_test_meter_event", "--tenant", "acme")
+    settings.METER = {"ENABLED": False, "DEVICE_ID": "x"}
+    with pytest.raises(CommandError, match="disabled"):
+        _call("send_test_meter_event", "--tenant", "acme")

@@ -1,0 +1,247 @@
+"""MeterMiddleware and @meter on sync, async and DRF views."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.contrib.auth.models import User
+from django.test import AsyncClient, Client
+from rest_framework.authtoken.models import Token
+
+from meter_core import capture_events
+from meter_core.devserver import DevServer
+from meter_django import get_client
+from meter_django.metering import untenanted_count
+from tests.django_app.conftest import MeterSettings
+
+TRUSTED = {"header": "X-Tenant", "trusted": True}
+RULES = {
+    "GET /documents/<int:pk>/scan": {"meter": "page.processed.basic", "header": "X-Pages"},
+    "documents:export": "report.generated.large",
+    "POST /ok/": "report.generated.small",
+    "/failing/": "report.generated.small",
+}
+
+
+@pytest.fixture
+def quiet(meter_settings: MeterSettings) -> MeterSettings:
+    """METER with rules and a trusted tenant header; events captured, not sent."""
+
+    def apply(**overrides: Any) -> dict[str, Any]:
+        return meter_settings(**{"ENABLED": False, "RULES": RULES, "TENANT": TRUSTED, **overrides})
+
+    return apply
+
+
+def _get(path: str, tenant: str | None = "acme", **extra: Any) -> Any:
+    headers = {"X-Tenant": tenant} if tenant else {}
+    return Client().get(path, headers=headers, **extra)
+
+
+def test_route_rule_meters_usage_from_a_header_and_removes_it(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        response = _get("/documents/7/scan", data={"pages": "4"})
+    assert response.status_code == 200
+    assert "X-Pages" not in response.headers
+    [event] = events
+    assert (event.tenant_id, event.meter_id, event.total_usage) == (
+        "acme",
+        "page.processed.basic",
+        4,
+    )
+    assert event.device_id == "tests"
+
+
+def test_view_name_rule_and_method_restriction(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        _get("/documents/7/export")
+        _get("/ok/")  # the /ok/ rule is POST only
+        Client().post("/ok/", headers={"X-Tenant": "acme"})
+    assert [(e.meter_id, e.total_usage) for e in events] == [
+        ("report.generated.large", 1),
+        ("report.generated.small", 1),
+    ]
+
+
+def test_usage_callable_rule(quiet: MeterSettings) -> None:
+    quiet(RULES={"/ok/": {"meter": "report.generated.small", "usage": lambda rq, rs: 6}})
+    with capture_events() as events:
+        _get("/ok/")
+    assert [e.total_usage for e in events] == [6]
+
+
+def test_only_successful_responses_are_metered(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        assert _get("/failing/").status_code == 400
+        assert _get("/self-metered/", data={"status": "500"}).status_code == 500
+    assert list(events) == []
+    quiet(METER_STATUSES=[400])
+    with capture_events() as events:
+        _get("/failing/")
+    assert [e.meter_id for e in events] == ["report.generated.small"]
+
+
+def test_view_adds_its_own_usage(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        _get("/self-metered/")
+    assert [(e.meter_id, e.total_usage) for e in events] == [("report.generated.medium", 4)]
+
+
+def test_decorator_on_sync_and_async_views(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        _get("/decorated/")
+        async_to_sync(AsyncClient().get)("/decorated-async/", headers={"X-Tenant": "acme"})
+        async_to_sync(AsyncClient().get)(
+            "/decorated-async/", {"status": "404"}, headers={"X-Tenant": "acme"}
+        )
+    assert [(e.meter_id, e.total_usage) for e in events] == [
+        ("page.processed.advanced", 5),
+        ("template.processed.small", 3),
+    ]
+
+
+def test_decorator_records_by_itself_without_the_middleware(
+    quiet: MeterSettings, settings: Any
+) -> None:
+    quiet()
+    settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "MeterMiddleware" not in m]
+    with capture_events() as events:
+        response = _get("/decorated/")
+    assert response.status_code == 200
+    assert not hasattr(response.wsgi_request, "meter")
+    assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.advanced", 5)]
+
+
+def test_async_view_through_the_asgi_stack(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings(TENANT=TRUSTED)
+    response = async_to_sync(AsyncClient().get)("/async/", headers={"X-Tenant": "initech"})
+    assert response.status_code == 200
+    assert get_client().flush(5)
+    [value] = backend.values()
+    assert (value["tenant_id"], value["meter_id"], value["total_usage"]) == (
+        "initech",
+        "report.generated.large",
+        2,
+    )
+
+
+def test_forged_tenant_header_is_ignored_unless_trusted(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    quiet(TENANT={"header": "X-Tenant"})  # not marked trusted: refused
+    with capture_events() as events, caplog.at_level(logging.ERROR):
+        assert _get("/self-metered/", tenant="someone-else").status_code == 200
+    assert list(events) == []
+    assert "not marked trusted" in caplog.text
+    quiet(TENANT=TRUSTED)
+    with capture_events() as events:
+        _get("/self-metered/", tenant="globex")
+    assert [e.tenant_id for e in events] == ["globex"]
+
+
+def test_requests_without_a_tenant_are_counted_not_metered(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    quiet()
+    before = untenanted_count()
+    with capture_events() as events, caplog.at_level(logging.WARNING):
+        _get("/self-metered/", tenant=None)
+        _get("/documents/1/export", tenant=None)
+    assert list(events) == []
+    assert untenanted_count() == before + 2
+    assert caplog.text.count("no tenant") <= 1  # rate limited
+
+
+def test_tenant_from_a_callable(quiet: MeterSettings) -> None:
+    quiet(TENANT=lambda request: request.GET.get("t"))
+    with capture_events() as events:
+        _get("/self-metered/", tenant=None, data={"t": "hooli"})
+    assert [e.tenant_id for e in events] == ["hooli"]
+
+
+@pytest.mark.django_db
+def test_drf_token_user_is_seen_after_the_view(
+    quiet: MeterSettings, django_capture_on_commit_callbacks: Any
+) -> None:
+    quiet(TENANT={"user_attr": "username"})
+    user = User.objects.create_user("umbrella", password="x")
+    token = Token.objects.create(user=user)
+    client = Client()
+    with capture_events() as events, django_capture_on_commit_callbacks(execute=True):
+        assert client.get("/api/whoami/").status_code == 401
+        response = client.get("/api/whoami/", headers={"Authorization": f"Token {token.key}"})
+    assert response.status_code == 200
+    assert response.json() == {"user": "umbrella"}
+    assert [(e.tenant_id, e.meter_id) for e in events] == [("umbrella", "rule.executed.small")]
+
+
+@pytest.mark.django_db
+def test_session_user_attribute_is_the_default_resolver(
+    quiet: MeterSettings, django_capture_on_commit_callbacks: Any
+) -> None:
+    quiet(TENANT={"user_attr": "username"})
+    client = Client()
+    client.force_login(User.objects.create_user("wonka"))
+    with capture_events() as events, django_capture_on_commit_callbacks(execute=True):
+        client.get("/self-metered/")
+    assert [e.tenant_id for e in events] == ["wonka"]
+
+
+def test_site_serves_fast_with_the_backend_unreachable(
+    meter_settings: MeterSettings, closed_port_url: str
+) -> None:
+    meter_settings(
+        KAFKA_URL=closed_port_url,
+        INTERNAL_URL=closed_port_url,
+        RULES=RULES,
+        TENANT=TRUSTED,
+        STORE="memory",
+        MAX_RETRIES=0,
+    )
+    client = Client()
+    started = time.monotonic()
+    with capture_events() as events:
+        statuses = [
+            client.get("/documents/3/export", headers={"X-Tenant": "acme"}).status_code
+            for _ in range(30)
+        ]
+    elapsed = time.monotonic() - started
+    assert statuses == [200] * 30
+    assert len(events) == 30
+    assert elapsed < 3.0
+    assert get_client().flush(5)
+    assert get_client().stats()["sent"] == 0
+
+
+def test_site_serves_with_metering_misconfigured(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.METER = {"ENABLED": True, "RULES": RULES, "TENANT": TRUSTED}  # no KAFKA_URL
+    with caplog.at_level(logging.ERROR):
+        assert _get("/documents/3/export").status_code == 200
+        assert _get("/self-metered/").status_code == 200
+    assert "misconfigured" in caplog.text
+
+
+def test_internal_errors_are_logged_and_swallowed(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(request: Any, response: Any) -> int:
+        raise ZeroDivisionError("bug")
+
+    quiet(RULES={"/ok/": {"meter": "report.generated.small", "usage": broken}})
+    with capture_events() as events, caplog.at_level(logging.ERROR):
+        assert _get("/ok/").status_code == 200
+    assert list(events) == []
+    assert "ZeroDivisionError" in caplog.text

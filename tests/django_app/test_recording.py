@@ -1,0 +1,147 @@
+"""record_usage / record_session: validation, transactions, the durable outbox."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+from django.db import transaction
+
+from meter_core import InvalidEvent, capture_events
+from meter_core.devserver import DevServer
+from meter_django import get_client, record_session, record_usage
+from meter_django.models import FailedMeterEvent
+from tests.django_app.conftest import MeterSettings
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def test_recorded_event_reaches_the_backend_with_the_default_device(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+    event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=3)
+    assert get_client().flush(5)
+    [value] = backend.values()
+    assert value["event_id"] == event_id
+    assert value["device_id"] == "tests"
+    assert value["total_usage"] == 3
+    assert value["customer_id"] == "cust-acme"
+
+
+def test_session_event_is_recorded(meter_settings: MeterSettings, backend: DevServer) -> None:
+    meter_settings()
+    event_id = record_session(
+        tenant_id="acme", meter_id="chat.on.time_hours", start_time=1_700_000_000_000
+    )
+    assert get_client().flush(5)
+    [value] = backend.values()
+    assert value["event_id"] == event_id
+    assert value["ai_event"] is True
+    assert value["start_time"] == 1_700_000_000_000
+
+
+def test_bad_arguments_raise_at_once(meter_settings: MeterSettings) -> None:
+    meter_settings()
+    with pytest.raises(InvalidEvent, match="meter_id"):
+        record_usage(tenant_id="acme", meter_id="document.basic.page", total_usage=1)
+    with pytest.raises(InvalidEvent, match="total_usage"):
+        record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=-1)
+    with pytest.raises(InvalidEvent):
+        record_session(tenant_id="acme", meter_id="chat.on.time_hours")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_event_inside_atomic_is_sent_only_after_commit(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+    with transaction.atomic():
+        event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        time.sleep(0.1)  # several flush intervals: nothing may leave before the commit
+        assert get_client().flush(2)
+        assert backend.values() == []
+    assert get_client().flush(5)
+    assert backend.event_ids() == [event_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_operation_is_never_billed(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings()
+
+    def failing_operation() -> None:
+        with transaction.atomic():
+            record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+            raise RuntimeError("the operation failed")
+
+    with pytest.raises(RuntimeError):
+        failing_operation()
+    kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=2)
+    assert get_client().flush(5)
+    assert backend.event_ids() == [kept]
+
+
+@pytest.mark.django_db
+def test_on_commit_callbacks_carry_the_event(
+    meter_settings: MeterSettings, django_capture_on_commit_callbacks: Any
+) -> None:
+    meter_settings(ENABLED=False)
+    with capture_events() as events:
+        with django_capture_on_commit_callbacks(execute=False) as callbacks:
+            event_id = record_usage(
+                tenant_id="acme", meter_id="page.processed.basic", total_usage=1
+            )
+        assert len(callbacks) == 1
+        assert list(events) == []  # not handed over before the commit
+        callbacks[0]()
+    assert [e.event_id for e in events] == [event_id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_durable_mode_writes_the_outbox_row_in_the_callers_transaction(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings(DURABLE=True)
+    seen: list[str] = []
+
+    def failing_operation() -> None:
+        with transaction.atomic():
+            lost = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+            row = FailedMeterEvent.objects.get(event_id=lost)
+            assert row.status == "queued"
+            assert row.payload["event_id"] == lost
+            seen.append(lost)
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        failing_operation()
+    [lost] = seen
+    assert not FailedMeterEvent.objects.filter(event_id=lost).exists()
+
+    with transaction.atomic():
+        kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=7)
+    _wait_for(lambda: backend.event_ids() == [kept])
+    _wait_for(lambda: FailedMeterEvent.objects.get(event_id=kept).status == "delivered")
+    assert lost not in backend.event_ids()
+
+
+def test_misconfigured_settings_do_not_break_the_caller(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings.METER = {"ENABLED": True, "DEVICE_ID": "tests"}  # no KAFKA_URL
+    with caplog.at_level(logging.ERROR, logger="meter.django"):
+        event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    assert len(event_id) == 36
+    assert "misconfigured" in caplog.text
+    with pytest.raises(InvalidEvent):
+        record_usage(tenant_id="acme", meter_id="nope.nope", total_usage=1)

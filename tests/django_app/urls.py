@@ -1,0 +1,29 @@
+"""URLs of the test project."""
+
+from __future__ import annotations
+
+from django.contrib import admin
+from django.urls import include, path
+
+from tests.django_app import views
+
+documents = (
+    [
+        path("<int:pk>/scan", views.scan, name="scan"),
+        path("<int:pk>/export", views.ok, name="export"),
+    ],
+    "documents",
+)
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("ok/", views.ok, name="ok"),
+    path("documents/", include(documents)),
+    path("failing/", views.failing, name="failing"),
+    path("self-metered/", views.self_metered, name="self-metered"),
+    path("async/", views.async_view, name="async"),
+    path("decorated/", views.decorated, name="decorated"),
+    path("decorated-async/", views.decorated_async, name="decorated-async"),
+    path("api/whoami/", views.drf_view, name="drf"),
+    path("record/", views.record_in_transaction, name="record"),
+]

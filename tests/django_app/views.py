@@ -1,0 +1,65 @@
+"""Views of the test project: plain, async, decorated, DRF token-authenticated."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from rest_framework.authentication import TokenAuthentication
+from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.permissions import IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from meter_django import meter, record_usage
+
+
+def ok(request: HttpRequest, **kwargs: Any) -> HttpResponse:
+    return HttpResponse("ok")
+
+
+def scan(request: HttpRequest, pk: int) -> HttpResponse:
+    response = HttpResponse("scanned")
+    response["X-Pages"] = request.GET.get("pages", "3")
+    return response
+
+
+def failing(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("bad", status=400)
+
+
+def self_metered(request: HttpRequest) -> HttpResponse:
+    request.meter.add("report.generated.medium", 4)  # type: ignore[attr-defined]
+    return HttpResponse("ok", status=int(request.GET.get("status", "200")))
+
+
+async def async_view(request: HttpRequest) -> HttpResponse:
+    request.meter.add("report.generated.large", 2)  # type: ignore[attr-defined]
+    return HttpResponse("async ok")
+
+
+@meter("page.processed.advanced", usage=lambda request, response: int(response["X-Count"]))
+def decorated(request: HttpRequest) -> HttpResponse:
+    response = HttpResponse("decorated")
+    response["X-Count"] = "5"
+    return response
+
+
+@meter("template.processed.small", usage=3)
+async def decorated_async(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("decorated async", status=int(request.GET.get("status", "200")))
+
+
+@api_view(["GET"])
+@authentication_classes([TokenAuthentication])
+@permission_classes([IsAuthenticated])
+def drf_view(request: Request) -> Response:
+    request.meter.add("rule.executed.small", 1)
+    return Response({"user": request.user.get_username()})
+
+
+def record_in_transaction(request: HttpRequest) -> JsonResponse:
+    with transaction.atomic():
+        event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    return JsonResponse({"event_id": event_id})
