@@ -75,7 +75,7 @@ def deliver_once(
             outcome.add_failure(customer, [item])
             continue
         record = {"key": customer, "value": event.record_value(customer)}
-        record_size = len(json.dumps(record)) + _SEPARATOR
+        record_size = _encoded_size_bound(event, customer, record) + _SEPARATOR
         if batch and (size + record_size > max_batch_bytes or len(batch) >= max_records):
             _produce(batch, transport, outcome)
             batch, size = [], _BODY_OVERHEAD
@@ -84,6 +84,36 @@ def deliver_once(
     if batch:
         _produce(batch, transport, outcome)
     return outcome
+
+
+def _skeleton_size() -> int:
+    """Bytes of the largest record with empty strings and 20-digit numbers."""
+    number = 10**19
+    volume = UsageEvent("t", "d", "m", number, 4_000_000_000_000, allow_unknown_meter=True)
+    session = UsageEvent("t", "d", "m", start_time=4_000_000_000_000, allow_unknown_meter=True)
+    sizes = []
+    for event in (volume, session):
+        value = event.record_value("")
+        for name in ("meter_id", "tenant_id", "device_id"):
+            value[name] = ""
+        record = {"key": "", "value": value}
+        sizes.append(len(json.dumps(record)) + 20)  # + the 20 digits of a second number
+    return max(sizes)
+
+
+_SKELETON = _skeleton_size()
+
+
+def _encoded_size_bound(event: UsageEvent, customer: Any, record: dict[str, Any]) -> int:
+    """At least the size of ``json.dumps(record)``, cheaply. Ids are validated (no
+    control characters), so an ASCII id escapes to at most twice its length; events with
+    metadata or other ids are measured exactly."""
+    if event.metadata or type(customer) is not str:
+        return len(json.dumps(record))
+    if not (customer + event.tenant_id + event.device_id + event.meter_id).isascii():
+        return len(json.dumps(record))
+    return _SKELETON + 2 * (2 * len(customer) + len(event.tenant_id) + len(event.device_id)
+                            + len(event.meter_id))  # fmt: skip
 
 
 def _produce(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from meter_core.errors import (
     BackendUnavailable,
@@ -41,9 +41,9 @@ PRODUCE_HEADERS: Mapping[str, str] = {
 _NON_RETRIABLE_RECORD_CODES = frozenset({50002})
 
 
-@dataclass(frozen=True, slots=True)
-class RecordResult:
-    """The proxy's answer for one record of a produce request."""
+class RecordResult(NamedTuple):
+    """The proxy's answer for one record of a produce request (a named tuple: one is
+    made per record sent, so it must be cheap)."""
 
     error_code: int | None = None
     error: str | None = None
@@ -155,14 +155,12 @@ def parse_produce_response(
         code = entry.get("error_code")
         if code is not None and (not isinstance(code, int) or isinstance(code, bool)):
             code = 50001
-        results.append(
-            RecordResult(
-                error_code=code,
-                error=entry.get("error") if code is not None else None,
-                partition=entry.get("partition"),
-                offset=entry.get("offset"),
+        if code is None:
+            results.append(RecordResult(None, None, entry.get("partition"), entry.get("offset")))
+        else:
+            results.append(
+                RecordResult(code, entry.get("error"), entry.get("partition"), entry.get("offset"))
             )
-        )
     return ProduceResult(body=data, records=tuple(results))
 
 

@@ -1,0 +1,378 @@
+"""Overhead of MeterMiddleware under load, against no middleware and against moesifasgi.
+
+The same trivial Starlette app runs under uvicorn in a subprocess, one variant at a time:
+
+  baseline   no middleware
+  meter      MeterMiddleware on the metered route, recording into the local backend
+             (its own process, see _backend.py); every request becomes one event
+  meter-nodelivery  the same, with a disabled client: each event is built and validated,
+             then discarded (the middleware's own cost, without the delivery work)
+  meter-idle MeterMiddleware installed, but the route driven is not metered (the cost
+             of the pass-through path alone)
+  moesif     moesifasgi's MoesifMiddleware (the nearest public peer), sending to a
+             closed loopback port
+
+A load generator (``wrk`` when on PATH, else the keep-alive asyncio one below, in its own
+process) drives each for the same time and a table of requests/s, p50/p99 latency and
+throughput loss against the baseline is printed. Rounds interleave the variants and the
+best round of each is kept, which damps the noise of a shared machine.
+
+    .venv/bin/python benchmarks/bench_asgi.py [--duration 10] [--connections 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _backend import backend_process, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PATH = "/documents/42/scan"
+SERVER_CPU = 0
+VARIANTS = ("baseline", "meter", "meter-nodelivery", "meter-idle", "moesif")
+
+
+# -- the server (child process) --------------------------------------------------------
+
+
+def build_app(variant: str, backend_url: str) -> Any:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def scan(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("scanned")
+
+    app = Starlette(routes=[Route("/documents/{doc_id}/scan", scan)])
+    if variant.startswith("meter"):
+        from meter_asgi import MeterMiddleware
+        from meter_core import MeterClient
+
+        # nodelivery: every event is built and validated, then discarded (enabled=False),
+        # which separates the middleware's own cost from the client's delivery work.
+        client = MeterClient(
+            backend_url, internal_url=backend_url, device_id="bench",
+            enabled=variant != "meter-nodelivery",
+        )  # fmt: skip
+        metered = "POST /other" if variant == "meter-idle" else "GET /documents/{doc_id}/scan"
+        app.add_middleware(
+            MeterMiddleware,
+            client=client,
+            routes={metered: "page.processed.basic"},
+            tenant="bench-tenant",
+        )
+    elif variant == "moesif":
+        from moesifasgi import MoesifMiddleware
+
+        settings = {"APPLICATION_ID": "bench", "BASE_URI": backend_url, "LOG_BODY": True}
+        app.add_middleware(MoesifMiddleware, settings=settings)
+    return app
+
+
+def serve(variant: str, port: int, backend_url: str) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        build_app(variant, backend_url),
+        host="127.0.0.1",
+        port=port,
+        log_level="error",
+        access_log=False,
+        lifespan="on",
+    )
+
+
+# -- the load generator (child process) ------------------------------------------------
+
+
+async def _connection(
+    port: int, stop_at: float, warm_until: float, latencies: list[float]
+) -> tuple[int, int]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    request = f"GET {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    done = errors = 0
+    clock = time.perf_counter
+    try:
+        while True:
+            started = clock()
+            if started >= stop_at:
+                break
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            match = re.search(rb"(?i)content-length:\s*(\d+)", head)
+            if match:
+                await reader.readexactly(int(match.group(1)))
+            if started < warm_until:
+                continue
+            if head.startswith(b"HTTP/1.1 200"):
+                done += 1
+                latencies.append(clock() - started)
+            else:
+                errors += 1
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return done, errors
+
+
+async def _load(port: int, duration: float, connections: int, warmup: float) -> dict[str, Any]:
+    latencies: list[float] = []
+    now = time.perf_counter()
+    warm_until = now + warmup
+    stop_at = warm_until + duration
+    results = await asyncio.gather(
+        *(_connection(port, stop_at, warm_until, latencies) for _ in range(connections))
+    )
+    latencies.sort()
+    done = sum(r[0] for r in results)
+    return {
+        "rps": done / duration,
+        "p50_ms": latencies[len(latencies) // 2] * 1000 if latencies else float("nan"),
+        "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000 if latencies else float("nan"),
+        "errors": sum(r[1] for r in results),
+    }
+
+
+def run_wrk(port: int, duration: float, connections: int) -> dict[str, Any]:
+    out = subprocess.run(
+        ["wrk", f"-t{min(4, connections)}", f"-c{connections}", f"-d{int(duration)}s",
+         "--latency", f"http://127.0.0.1:{port}{PATH}"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+
+    def ms(label: str) -> float:
+        found = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out)
+        if not found:
+            return float("nan")
+        scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[found.group(2)]
+        return float(found.group(1)) * scale
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return {"rps": float(rps.group(1)) if rps else 0.0, "p50_ms": ms("50%"),
+            "p99_ms": ms("99%"), "errors": 0}  # fmt: skip
+
+
+# -- in-process cost per request (no network, no load generator: stable on a busy box) --
+
+
+def in_process_costs(calls: int = 5000, repeats: int = 10) -> dict[str, float]:
+    """Microseconds per request of the app called directly (best of ``repeats``)."""
+    from meter_asgi import MeterMiddleware
+    from meter_core import MeterClient
+
+    clients: list[MeterClient] = []
+
+    def app_for(variant: str) -> Any:
+        app = build_app("baseline", "")
+        if variant != "baseline":
+            client = MeterClient(transport="memory", device_id="bench",
+                                 enabled=variant != "metered, client disabled")  # fmt: skip
+            clients.append(client)
+            route = "POST /other" if variant == "idle" else "GET /documents/{doc_id}/scan"
+            app.add_middleware(
+                MeterMiddleware, client=client, routes={route: "page.processed.basic"},
+                tenant="bench-tenant",
+            )  # fmt: skip
+        return app
+
+    scope = {"type": "http", "method": "GET", "path": PATH, "raw_path": PATH.encode(),
+             "root_path": "", "headers": [(b"host", b"x")], "query_string": b"",
+             "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 1),
+             "client": ("127.0.0.1", 2), "asgi": {"version": "3.0"}}  # fmt: skip
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        pass
+
+    async def per_call(app: Any) -> float:
+        started = time.perf_counter()
+        for _ in range(calls):
+            await app(dict(scope), receive, send)
+        return (time.perf_counter() - started) / calls * 1e6
+
+    variants = ("baseline", "idle", "metered, client disabled", "metered, memory transport")
+    apps = {v: app_for(v) for v in variants}
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(repeats):
+        for variant, app in apps.items():
+            best[variant] = min(best[variant], asyncio.run(per_call(app)))
+    for client in clients:
+        client.close(0)
+    return best
+
+
+# -- the driver ------------------------------------------------------------------------
+
+
+def wait_until_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("the server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[str, Any]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
+    me = str(Path(__file__).resolve())
+    server = subprocess.Popen(
+        [sys.executable, me, "--serve", variant, "--port", str(port), "--backend", backend_url],
+        env=env,
+        preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CPU})) if args.pin else None,
+        # moesifasgi configures the root logger and logs every failed send: keep it quiet
+        stderr=subprocess.DEVNULL if variant == "moesif" else None,
+    )
+    try:
+        wait_until_serving(port, server)
+        if shutil.which("wrk") and not args.no_wrk:
+            subprocess.run(
+                ["wrk", "-t1", "-c4", f"-d{max(1, int(args.warmup))}s",
+                 f"http://127.0.0.1:{port}{PATH}"],
+                capture_output=True, check=True,
+            )  # fmt: skip
+            cpu_before = cpu_seconds(server.pid)
+            result = run_wrk(port, args.duration, args.connections)
+        else:
+            cpu_before = cpu_seconds(server.pid)
+            load = subprocess.run(
+                [sys.executable, me, "--load", "--port", str(port), "--duration",
+                 str(args.duration), "--connections", str(args.connections), "--warmup", "0"],
+                env=env, capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            result = dict(json.loads(load.stdout))
+        requests_served = result["rps"] * args.duration
+        cpu = cpu_seconds(server.pid) - cpu_before
+        result["cpu_us"] = cpu / requests_served * 1e6 if requests_served else float("nan")
+        return result
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per variant (best kept)")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not give the app server a CPU of its own",
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset to run"
+    )
+    parser.add_argument("--costs-only", action="store_true", help="only the in-process table")
+    parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.serve:
+        serve(args.serve, args.port, args.backend)
+        return
+    if args.load:
+        print(json.dumps(asyncio.run(_load(args.port, args.duration, args.connections,
+                                           args.warmup))))  # fmt: skip
+        return
+
+    if args.costs_only:
+        for variant, micros in in_process_costs().items():
+            print(f"  {variant:<27} {micros:6.1f} us")
+        return
+    generator = "wrk" if shutil.which("wrk") and not args.no_wrk else "asyncio keep-alive"
+    args.pin = args.pin and hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > 1
+    if args.pin:
+        # The app server gets one CPU to itself; the load generator and the local backend
+        # share the others. Then what the backend (which in production runs elsewhere)
+        # costs does not count against the app, and each variant's server has the same CPU.
+        os.sched_setaffinity(0, os.sched_getaffinity(0) - {SERVER_CPU})
+        print(f"app server pinned to CPU {SERVER_CPU}; load generator and backend on the others")
+    print(
+        f"{args.duration:g}s per run, {args.connections} connections, {args.rounds} round(s), "
+        f"load generator: {generator}, {os.cpu_count()} CPUs"
+    )
+    chosen = [v for v in VARIANTS if v in args.variants.split(",")]
+    if "baseline" not in chosen:
+        chosen.insert(0, "baseline")
+    best: dict[str, dict[str, Any]] = {}
+    cpus: dict[str, list[float]] = {}
+    with backend_process() as backend:
+        closed = f"http://127.0.0.1:{free_port()}"
+        for round_ in range(args.rounds):
+            for variant in chosen:
+                url = closed if variant == "moesif" else backend.url
+                result = measure(variant, args, url)
+                print(
+                    f"  round {round_ + 1} {variant:<17} {result['rps']:9.0f} req/s "
+                    f"{result['cpu_us']:7.1f} CPU us/req",
+                    flush=True,
+                )
+                cpus.setdefault(variant, []).append(result["cpu_us"])
+                if variant not in best or result["rps"] > best[variant]["rps"]:
+                    best[variant] = result
+        events = backend.stats()["records"]
+
+    base = best["baseline"]["rps"]
+    cpu = {variant: statistics.median(values) for variant, values in cpus.items()}
+    print()
+    print("req/s and latency: best run; server CPU: median over the runs of the app server's")
+    print("CPU time (all threads, the sender's included) per request served. On a shared")
+    print("machine the CPU figure is the stable one: a CPU-bound server's throughput loss is")
+    print("1 - baseline CPU / variant CPU.")
+    print()
+    print(f"{'variant':<17} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'loss':>7} "
+          f"{'CPU us/req':>11} {'loss by CPU':>12}")  # fmt: skip
+    for variant in chosen:
+        r = best[variant]
+        loss = (1 - r["rps"] / base) * 100 if base else float("nan")
+        cpu_loss = (1 - cpu["baseline"] / cpu[variant]) * 100
+        first = variant == "baseline"
+        print(
+            f"{variant:<17} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+            f"{'-' if first else f'{loss:.1f} %':>7} {cpu[variant]:11.1f} "
+            f"{'-' if first else f'{cpu_loss:.1f} %':>12}"
+        )
+    print(f"\nevents the local backend received from the meter variant: {events}")
+    print("\nin-process cost per request (app called directly, best of 10 runs):")
+    costs = in_process_costs()
+    for variant, micros in costs.items():
+        extra = micros - costs["baseline"]
+        print(f"  {variant:<27} {micros:6.1f} us  (+{extra:.1f} us)")
+
+
+if __name__ == "__main__":
+    main()

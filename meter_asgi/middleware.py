@@ -1,0 +1,306 @@
+"""MeterMiddleware: pure ASGI middleware that turns each successful call of a metered
+route into usage events.
+
+::
+
+    app.add_middleware(
+        MeterMiddleware,
+        client=MeterClient.from_env(),
+        routes={
+            "POST /documents/{doc_id}/scan": "page.processed.basic",
+            "GET /reports/{kind}": {"meter": "report.generated.small", "header": "x-meter-usage"},
+            "WEBSOCKET /ws/chat": {"meter": "chat.on.time_hours", "session": True},
+        },
+        tenant=from_user("tenant_id"),
+    )
+
+It observes the response by wrapping ``send`` (it reads ``http.response.start`` and
+never touches the body), so streaming responses, background tasks, websockets and
+lifespan pass through. Events are built and enqueued after the app has finished with the
+request, and only when it finished without an exception and with a success status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+from typing import Any
+
+from meter_asgi.recording import Recorder
+from meter_asgi.resolvers import compile_resolver, from_user
+from meter_asgi.routes import RouteMatcher, compile_routes
+from meter_asgi.sessions import run_session
+from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
+from meter_core import ConfigurationError, InvalidEvent, MeterClient, RequestUsage, UsageEvent
+
+__all__ = ["STATE_KEY", "MeterMiddleware"]
+
+STATE_KEY = "meter"
+"""The key of the request's :class:`~meter_core.RequestUsage` in ``scope["state"]``
+(``request.state.meter`` in Starlette and FastAPI)."""
+
+_DEFAULT_TENANT = from_user("tenant_id")
+
+
+class MeterMiddleware:
+    """Records usage events for the successful requests of metered routes.
+
+    Options (keyword-only, all checked here; a bad one raises
+    :class:`~meter_core.ConfigurationError`):
+
+    - ``client``: the :class:`~meter_core.MeterClient` to record with (not closed by the
+      middleware). ``None``: one is built from the environment with
+      ``MeterClient.from_env()`` at first need, owned by the middleware, flushed and
+      closed at lifespan shutdown (and at process exit by the client itself).
+    - ``routes``: ``{"POST /documents/{doc_id}/scan": "page.processed.basic", ...}``
+      (see :mod:`meter_asgi.routes`), or a :class:`~meter_core.RouteRules`.
+    - ``tenant`` / ``device``: a constant id, a callable ``(scope) -> str | None`` or a
+      resolver (:func:`from_user`, :func:`from_path_param`, :func:`from_header`). They
+      run after the app has handled the request. ``tenant`` defaults to
+      ``from_user("tenant_id")``; ``device`` to the client's ``device_id``
+      (``METER_DEVICE_ID``).
+    - ``success_statuses``: statuses that are metered (default ``range(200, 300)``).
+    - ``allow_unknown_meters``: accept meter ids outside the catalog (default: the
+      client's setting).
+    - ``close_timeout``: seconds to flush an owned client at shutdown (default 5).
+
+    Guarantees: a response that is not a success, or a request whose app raised, records
+    nothing. Handlers add usage through ``request.state.meter`` (a
+    :class:`~meter_core.RequestUsage`, also given by ``Depends(meter_usage)``). Recording
+    does no network I/O on the request path. An internal failure is logged on the
+    ``meter.asgi`` logger and swallowed; a request without a tenant is not metered and is
+    counted (:attr:`stats`).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        client: MeterClient | None = None,
+        routes: Any = None,
+        tenant: Any = None,
+        device: Any = None,
+        success_statuses: Iterable[int] = range(200, 300),
+        allow_unknown_meters: bool | None = None,
+        close_timeout: float = 5.0,
+    ) -> None:
+        if client is not None and not isinstance(client, MeterClient):
+            raise ConfigurationError(f"client: must be a MeterClient or None, got {client!r}")
+        if allow_unknown_meters is None:
+            allow_unknown_meters = client.allow_unknown_meters if client is not None else False
+        elif not isinstance(allow_unknown_meters, bool):
+            raise ConfigurationError(
+                f"allow_unknown_meters: must be a bool, got {allow_unknown_meters!r}"
+            )
+        if allow_unknown_meters and client is not None and not client.allow_unknown_meters:
+            raise ConfigurationError(
+                "allow_unknown_meters: the client refuses unknown meters; build it with "
+                "allow_unknown_meters=True too (or register_meter() the extra meters)"
+            )
+        self.app = app
+        self._rules = compile_routes(routes, allow_unknown_meters=allow_unknown_meters)
+        self._matcher = RouteMatcher(self._rules)
+        self._has_rules = bool(self._rules)
+        self._has_sessions = self._rules.has_sessions
+        self._strip = frozenset(name.encode("latin-1") for name in self._rules.header_names)
+        self._success = _statuses(success_statuses)
+        self._allow_unknown = allow_unknown_meters
+        tenant_id, tenant_resolver = compile_resolver("tenant", tenant)
+        if tenant_id is None and tenant_resolver is None:
+            tenant_resolver = _DEFAULT_TENANT
+        device_id, device_resolver = compile_resolver("device", device)
+        no_device = device_id is None and device_resolver is None
+        if no_device and client is not None and client.device_id is None:
+            raise ConfigurationError(
+                "device: no device id; pass device= (an id or a resolver) or build the "
+                "client with device_id= (env METER_DEVICE_ID)"
+            )
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
+            raise ConfigurationError(f"close_timeout: must be a number, got {close_timeout!r}")
+        if close_timeout < 0:
+            raise ConfigurationError(f"close_timeout: must be >= 0, got {close_timeout!r}")
+        self._close_timeout = float(close_timeout)
+        self._recorder = Recorder(
+            client=client,
+            tenant=tenant_id,
+            tenant_resolver=tenant_resolver,
+            device=device_id,
+            device_resolver=device_resolver,
+            allow_unknown_meters=allow_unknown_meters,
+        )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A snapshot of the counters: ``metered_requests``, ``events``, ``untenanted``
+        (usage not recorded for want of a tenant id), ``invalid``, ``errors``,
+        ``sessions_started``, ``sessions_ended``."""
+        return dict(self._recorder.counters)
+
+    @property
+    def client(self) -> MeterClient | None:
+        """The client in use (building the owned one from the environment if needed);
+        None when it could not be built."""
+        return self._recorder.client()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket" and self._has_sessions:
+            await run_session(
+                self.app, scope, receive, send, matcher=self._matcher, recorder=self._recorder
+            )
+        elif kind == "lifespan" and self._recorder.owns_client:
+            await self._lifespan(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        usage = RequestUsage(allow_unknown_meters=self._allow_unknown)
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {STATE_KEY: usage}
+        else:
+            state[STATE_KEY] = usage
+        path: str = scope.get("path", "")
+        root_path: str = scope.get("root_path", "")
+        strip = self._strip
+        status = 0
+        raw_headers: Sequence[tuple[bytes, bytes]] | None = None
+        header_usage: dict[str, str] | None = None
+
+        async def observe(message: Message) -> None:
+            nonlocal status, raw_headers, header_usage
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                raw_headers = message.get("headers")
+                if strip and raw_headers:
+                    message, header_usage = _strip_headers(message, raw_headers, strip)
+            await send(message)
+
+        await self.app(scope, receive, observe)
+
+        if status not in self._success or not (self._has_rules or usage.entries):
+            return
+        try:
+            built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
+            if built is not None:
+                await self._recorder.submit(*built)
+                self._recorder.counters["metered_requests"] += 1
+        except Exception as exc:
+            self._recorder.internal_error("metering a request", exc)
+
+    def _events(
+        self,
+        scope: Scope,
+        path: str,
+        root_path: str,
+        status: int,
+        raw_headers: Sequence[tuple[bytes, bytes]] | None,
+        header_usage: dict[str, str] | None,
+        usage: RequestUsage,
+    ) -> tuple[MeterClient, list[UsageEvent]] | None:
+        """The client and the events of a successful request; None: nothing to record."""
+        method: str = scope.get("method", "GET")
+        specs = self._matcher.specs(method, scope, path, root_path) if self._has_rules else ()
+        if specs and self._has_sessions:
+            specs = tuple(spec for spec in specs if not spec.session)
+        if not specs and not usage.entries:
+            return None
+        recorder = self._recorder
+        client = recorder.client()
+        if client is None:
+            return None
+        who = recorder.who(scope, method, path)
+        if who is None:
+            return None
+        tenant, device = who
+        events: list[UsageEvent] = []
+        try:
+            for spec in specs:
+                amount = spec.usage
+                if spec.header is not None or type(amount) is not int:
+                    amount = recorder.amount(spec, scope, status, raw_headers, header_usage)
+                if amount:
+                    events.append(
+                        client.event(
+                            tenant_id=tenant,
+                            device_id=device,
+                            meter_id=spec.meter_id,
+                            total_usage=amount,
+                            metadata=spec.metadata or None,
+                        )
+                    )
+            for meter_id, amount, metadata in usage.entries:
+                if amount:
+                    events.append(
+                        client.event(
+                            tenant_id=tenant,
+                            device_id=device,
+                            meter_id=meter_id,
+                            total_usage=amount,
+                            metadata=metadata or None,
+                        )
+                    )
+        except InvalidEvent as exc:
+            # All or nothing: a request is never billed for part of its usage.
+            recorder.invalid_event(f"{method} {path}", exc)
+            return None
+        return (client, events) if events else None
+
+    # -- lifespan ----------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Pass lifespan through; build the owned client at startup (so a configuration
+        error shows in the log at once) and flush and close it before the server is told
+        that shutdown is complete."""
+        recorder = self._recorder
+
+        async def observe(message: Message) -> None:
+            kind = message["type"]
+            if kind == "lifespan.startup.complete":
+                recorder.client()
+            elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await recorder.close(self._close_timeout)
+            await send(message)
+
+        await self.app(scope, receive, observe)
+
+
+def _strip_headers(
+    message: Message, raw: Sequence[tuple[bytes, bytes]], strip: Collection[bytes]
+) -> tuple[Message, dict[str, str] | None]:
+    """The message without the usage headers, and their values (None: none was set)."""
+    found: dict[str, str] | None = None
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in raw:
+        lowered = name.lower()
+        if lowered in strip:
+            if found is None:
+                found = {}
+            found[lowered.decode("latin-1")] = value.decode("latin-1")
+        else:
+            kept.append((name, value))
+    if found is None:
+        return message, None
+    return {**message, "headers": kept}, found
+
+
+def _statuses(value: object) -> frozenset[int] | range:
+    if isinstance(value, range):
+        if value.step != 1 or not value or value.start < 100 or value.stop > 600:
+            raise ConfigurationError(
+                f"success_statuses: must be a range within 100..599 with step 1, got {value!r}"
+            )
+        return value
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f"success_statuses: must be a range or a collection of ints, got {value!r}"
+        )
+    statuses = frozenset(value)
+    if not statuses or not all(type(status) is int and 100 <= status <= 599 for status in statuses):
+        raise ConfigurationError(
+            f"success_statuses: must be HTTP statuses (ints 100..599), got {value!r}"
+        )
+    return statuses

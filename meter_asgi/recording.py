@@ -1,0 +1,243 @@
+"""Turning a finished request into usage events: who is billed, how much, and handing
+the events to the client.
+
+One :class:`Recorder` per middleware, built once from its options. Every method that
+runs on the request path swallows its own failures (logged on the ``meter.asgi`` logger,
+rate limited): metering never breaks the host app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from meter_asgi.resolvers import Resolver
+from meter_asgi.types import Scope
+from meter_core import InvalidEvent, LogThrottle, MeterClient, MeterSpec, UsageEvent
+
+__all__ = ["Recorder", "ResponseHeaders", "logger"]
+
+logger = logging.getLogger("meter.asgi")
+
+COUNTERS = (
+    "metered_requests",  # successful requests that produced at least one event
+    "events",  # events handed to the client (volume and session)
+    "untenanted",  # requests or sessions with usage but no tenant id: not metered
+    "invalid",  # usage dropped because an id, a meter or an amount was not valid
+    "errors",  # internal errors of the middleware (logged and swallowed)
+    "sessions_started",
+    "sessions_ended",
+)
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """The response headers as a read-only, case-insensitive mapping (names lower-cased,
+    values of a repeated header joined with ``", "``); what a usage callable receives.
+    Built lazily from the raw ASGI header list, only when a callable asks."""
+
+    __slots__ = ("_items", "_raw")
+
+    def __init__(self, raw: Sequence[tuple[bytes, bytes]] | None) -> None:
+        self._raw = raw or ()
+        self._items: dict[str, str] | None = None
+
+    def _data(self) -> dict[str, str]:
+        if self._items is None:
+            items: dict[str, str] = {}
+            for name, value in self._raw:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                items[key] = f"{items[key]}, {text}" if key in items else text
+            self._items = items
+        return self._items
+
+    def __getitem__(self, key: str) -> str:
+        return self._data()[key.lower()]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key.lower() in self._data()
+
+
+class Recorder:
+    """Resolves tenant and device, computes amounts, builds and enqueues events.
+
+    ``client`` given: used as is, never closed here. ``client`` None: one is built from
+    the environment (``MeterClient.from_env()``) at first need and owned (see
+    :meth:`close`); if that fails, the error is logged once and nothing is metered.
+    Counters (:attr:`counters`) are plain ints updated on the event loop.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: MeterClient | None,
+        tenant: str | None,
+        tenant_resolver: Resolver | None,
+        device: str | None,
+        device_resolver: Resolver | None,
+        allow_unknown_meters: bool,
+    ) -> None:
+        self._client = client
+        self.owns_client = client is None
+        self._client_failed = False
+        self._build_lock = threading.Lock()
+        self._tenant = tenant
+        self._tenant_resolver = tenant_resolver
+        self._device = device
+        self._device_resolver = device_resolver
+        self._allow_unknown = allow_unknown_meters
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._durable_checked: MeterClient | None = None
+        self._durable = False
+        self._untenanted_log = LogThrottle(logger)
+        self._invalid_log = LogThrottle(logger)
+        self._error_log = LogThrottle(logger)
+
+    # -- the client --------------------------------------------------------------------
+
+    def client(self) -> MeterClient | None:
+        """The client, built from the environment at the first call when not given."""
+        client = self._client
+        if client is not None or self._client_failed:
+            return client
+        with self._build_lock:
+            if self._client is None and not self._client_failed:
+                try:
+                    overrides: dict[str, Any] = {}
+                    if self._allow_unknown:
+                        overrides["allow_unknown_meters"] = True
+                    self._client = MeterClient.from_env(**overrides)
+                except Exception as exc:
+                    self._client_failed = True
+                    logger.error(
+                        "metering is off: the meter client could not be built from the "
+                        "environment (METER_* variables): %s",
+                        exc,
+                    )
+                    return None
+                if self._device is None and self._client.device_id is None:
+                    logger.error(
+                        "no device id: set METER_DEVICE_ID or pass device= to "
+                        "MeterMiddleware; requests without one are not metered"
+                    )
+            return self._client
+
+    async def close(self, timeout: float) -> None:
+        """Flush and close the client if this recorder built it (else do nothing).
+        Runs in a worker thread so the event loop keeps serving while it waits."""
+        client = self._client
+        if not self.owns_client or client is None:
+            return
+        try:
+            await asyncio.to_thread(client.close, timeout)
+        except Exception as exc:
+            self.internal_error("closing the meter client", exc)
+
+    # -- who is billed -----------------------------------------------------------------
+
+    def who(self, scope: Scope, method: str, path: str) -> tuple[str, str | None] | None:
+        """``(tenant_id, device_id)`` for this request (device None: the client's
+        default), or None when it must not be metered: no tenant (counted as
+        ``untenanted`` and logged, rate limited) or a resolver failed (logged)."""
+        tenant = self._tenant
+        try:
+            if tenant is None and self._tenant_resolver is not None:
+                tenant = self._tenant_resolver(scope)
+            device = self._device
+            if device is None and self._device_resolver is not None:
+                device = self._device_resolver(scope) or None
+        except Exception as exc:
+            self.counters["invalid"] += 1
+            self._invalid_log.log(logging.WARNING, "%s %s not metered: %s", method, path, exc)
+            return None
+        if not tenant:
+            self.counters["untenanted"] += 1
+            self._untenanted_log.log(
+                logging.WARNING, "%s %s not metered: no tenant id for the request", method, path
+            )
+            return None
+        return tenant, device
+
+    # -- how much ----------------------------------------------------------------------
+
+    def amount(
+        self,
+        spec: MeterSpec,
+        scope: Scope,
+        status: int,
+        raw_headers: Sequence[tuple[bytes, bytes]] | None,
+        header_usage: Mapping[str, str] | None,
+    ) -> int:
+        """The usage of ``spec`` for this response; 0 means nothing to record (also
+        when the amount is not valid: that is logged, rate limited)."""
+        if spec.header is not None:
+            raw = header_usage.get(spec.header) if header_usage else None
+            if raw is None:
+                return 0
+            text = raw.strip()
+            if not text.isdigit() or not text.isascii():
+                self._invalid(f"response header {spec.header!r} is not an int >= 0: {raw!r}")
+                return 0
+            return int(text)
+        usage = spec.usage
+        if type(usage) is int:
+            return usage
+        try:
+            value = usage(scope, status, ResponseHeaders(raw_headers))  # type: ignore[operator]
+        except Exception as exc:
+            self.internal_error(f"usage callable of {spec.meter_id!r}", exc)
+            return 0
+        if value is None:
+            return 0
+        if type(value) is not int or value < 0:
+            self._invalid(f"usage callable of {spec.meter_id!r} returned {value!r}, not an int")
+            return 0
+        return value
+
+    # -- handing events over -----------------------------------------------------------
+
+    async def submit(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
+        """Enqueue ``events`` (no network I/O; in durable mode the store write runs in a
+        worker thread). Never raises: a failure is logged."""
+        try:
+            if client is not self._durable_checked:
+                self._durable = bool(client.options["durable"])
+                self._durable_checked = client
+            if self._durable:
+                for event in events:
+                    await client.aenqueue(event)
+                    self.counters["events"] += 1
+            else:
+                for event in events:
+                    client.enqueue(event)
+                    self.counters["events"] += 1
+        except Exception as exc:
+            self.internal_error("enqueueing a usage event", exc)
+
+    def invalid_event(self, what: str, exc: InvalidEvent) -> None:
+        """Usage that could not become a valid event (bad tenant id, unknown meter...)."""
+        self._invalid(f"{what} not metered: {exc}")
+
+    def _invalid(self, message: str) -> None:
+        self.counters["invalid"] += 1
+        self._invalid_log.log(logging.WARNING, "%s", message)
+
+    def internal_error(self, where: str, exc: BaseException) -> None:
+        """Log an internal failure (rate limited, traceback at debug level); never raises."""
+        self.counters["errors"] += 1
+        try:
+            self._error_log.log(
+                logging.ERROR, "metering error in %s: %s: %s", where, type(exc).__name__, exc
+            )
+            logger.debug("metering error in %s", where, exc_info=exc)
+        except Exception:  # pragma: no cover - a broken handler must not break the app
+            pass

@@ -1,0 +1,167 @@
+"""Where a request's tenant and device ids come from.
+
+``MeterMiddleware(tenant=..., device=...)`` each take one of:
+
+- a constant id (``"acme"``), checked when the middleware is built;
+- a callable ``(scope) -> str | None``;
+- a resolver made here: :func:`from_user`, :func:`from_path_param`, :func:`from_header`.
+
+Resolvers run after the app has handled the request (for a websocket session: when the
+app accepts the connection), so they see what the app's routing and authentication put
+in the scope (``scope["user"]``, ``scope["path_params"]``). ``None`` or ``""`` means "no
+id": the request is not metered and is counted as untenanted.
+
+A request header is the one source a client controls completely, so :func:`from_header`
+refuses to build a resolver unless the app states that a gateway it runs sets (and
+overwrites) that header: ``from_header("x-tenant-id", trusted=True)``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from meter_asgi.types import Scope
+from meter_core import ConfigurationError, InvalidEvent, UsageEvent
+
+__all__ = ["Resolver", "from_header", "from_path_param", "from_user"]
+
+ResolverFunc = Callable[[Scope], Any]
+
+
+class Resolver:
+    """A named ``(scope) -> str | None`` function; what :func:`from_user`,
+    :func:`from_path_param` and :func:`from_header` return. Immutable and thread-safe.
+
+    ``str``, ``int`` and ``uuid.UUID`` values become ``str``; a value of any other type
+    raises ``TypeError`` (the middleware logs it and does not meter the request).
+    """
+
+    __slots__ = ("_func", "description")
+
+    def __init__(self, func: ResolverFunc, description: str) -> None:
+        self._func = func
+        self.description = description
+
+    def __call__(self, scope: Scope) -> str | None:
+        return _as_id(self._func(scope), self.description)
+
+    def __repr__(self) -> str:
+        return f"<Resolver {self.description}>"
+
+
+def _as_id(value: object, source: str) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    if isinstance(value, (int, uuid.UUID)) and not isinstance(value, bool):
+        return str(value)
+    raise TypeError(f"{source} gave {type(value).__name__} {value!r}, not an id (str)")
+
+
+def _name(what: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigurationError(f"{what}: must be a non-empty str, got {value!r}")
+    return value.strip()
+
+
+def from_user(attr: str = "tenant_id") -> Resolver:
+    """The id held by the authenticated user: ``scope["user"].<attr>`` (a mapping user
+    is read with ``user[attr]``). ``None`` when there is no user, when the user's
+    ``is_authenticated`` is false, or when it has no such attribute.
+
+    ``scope["user"]`` is what Starlette's ``AuthenticationMiddleware`` (or any other
+    middleware of the app) sets: an id the app has authenticated, which a client cannot
+    choose. This is the default tenant source (``from_user("tenant_id")``).
+    """
+    attr = _name("from_user(attr)", attr)
+
+    def resolve(scope: Scope) -> Any:
+        user = scope.get("user")
+        if user is None or not getattr(user, "is_authenticated", True):
+            return None
+        if isinstance(user, Mapping):
+            return user.get(attr)
+        return getattr(user, attr, None)
+
+    return Resolver(resolve, f"from_user({attr!r})")
+
+
+def from_path_param(name: str) -> Resolver:
+    """The id in the path parameter ``name`` of the route the framework matched
+    (``scope["path_params"]``, e.g. ``/tenants/{tenant_id}/scan``); ``None`` when absent.
+
+    The client writes the path: use this only when the app itself refuses (with a non-2xx
+    status, which is never metered) a caller who does not belong to that tenant.
+    """
+    name = _name("from_path_param(name)", name)
+
+    def resolve(scope: Scope) -> Any:
+        params = scope.get("path_params")
+        return params.get(name) if params else None
+
+    return Resolver(resolve, f"from_path_param({name!r})")
+
+
+def from_header(name: str, *, trusted: bool = False) -> Resolver:
+    """The id in request header ``name`` (case-insensitive); ``None`` when the header is
+    missing, empty, or sent more than once with different values.
+
+    Raises :class:`~meter_core.ConfigurationError` unless ``trusted=True``: any client can
+    send any header, so a tenant header is only trustworthy when a gateway of the app's
+    own sets it and drops the client's copy. Passing ``trusted=True`` states exactly that.
+    """
+    name = _name("from_header(name)", name)
+    if trusted is not True:
+        raise ConfigurationError(
+            f"from_header({name!r}): a request header can be forged by any client, so it "
+            "could bill another tenant; pass trusted=True only if a gateway you run sets "
+            "this header and strips the client's copy (or use from_user / from_path_param)"
+        )
+    key = name.lower().encode("latin-1")
+
+    def resolve(scope: Scope) -> Any:
+        found: str | None = None
+        for header, value in scope.get("headers", ()):
+            if header == key:
+                text = value.decode("latin-1").strip()
+                if found is not None and text != found:
+                    return None  # ambiguous: which copy did the gateway set?
+                found = text
+        return found or None
+
+    return Resolver(resolve, f"from_header({name!r}, trusted=True)")
+
+
+def compile_resolver(option: str, value: object) -> tuple[str | None, Resolver | None]:
+    """Compile a ``tenant=`` / ``device=`` option into ``(constant, resolver)``: exactly
+    one is set, or neither for ``None``. A plain callable is wrapped in a :class:`Resolver`
+    (so what it returns is type-checked like any resolver's). Raises ConfigurationError
+    for anything else."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        return check_id(option, value), None
+    if isinstance(value, Resolver):
+        return None, value
+    if callable(value):
+        name = getattr(value, "__qualname__", None) or repr(value)
+        return None, Resolver(value, f"{option} callable {name}")
+    raise ConfigurationError(
+        f"{option}: must be an id (str), a callable (scope) -> str | None, or a resolver "
+        f"(from_user, from_path_param, from_header), got {value!r}"
+    )
+
+
+def check_id(option: str, value: str) -> str:
+    """``value`` if it is a valid tenant/device id, else ConfigurationError naming
+    ``option``. Uses the same rules as every event (meter_core's validation)."""
+    try:
+        UsageEvent(
+            tenant_id=value, device_id=value, meter_id="meter_asgi.check", total_usage=0,
+            allow_unknown_meter=True,
+        )  # fmt: skip
+    except InvalidEvent as exc:
+        message = str(exc).split(": ", 1)[-1]
+        raise ConfigurationError(f"{option}: {value!r} is not a valid id: {message}") from None
+    return value

@@ -1,0 +1,188 @@
+"""Route rules for ASGI apps: compile the ``routes=`` option, and find the meters of a
+request from the route template the framework resolved (or from its path).
+
+Rule keys (compiled by :class:`meter_core.RouteRules`)::
+
+    "POST /documents/{doc_id}/scan"      one method and a route template
+    "GET,POST /reports/{kind}"           several methods
+    "/search"                            any HTTP method
+    "WEBSOCKET /ws/chat"                 a websocket route: AI session meters only
+
+Templates are written as the app declares its routes (``{id}``, ``{id:int}``,
+``{rest:path}``). A websocket rule's meters must all be session meters
+(``{"meter": "chat.on.time_hours", "session": True}``), and a session meter may only sit
+on a ``WEBSOCKET`` rule: everything else raises ConfigurationError naming the key.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from meter_asgi.types import Scope
+from meter_core import ConfigurationError, MeterSpec, RouteRules
+
+__all__ = ["HTTP_METHODS", "WEBSOCKET", "RouteMatcher", "compile_routes"]
+
+WEBSOCKET = "WEBSOCKET"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+_METHOD_WORD = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
+_PARAM = re.compile(r"\{([^{}]*)\}")
+_MAX_CACHED_TEMPLATES = 4096
+
+
+def compile_routes(routes: object, *, allow_unknown_meters: bool) -> RouteRules:
+    """The compiled rules of the ``routes=`` option (a mapping, a RouteRules, or None).
+
+    Raises ConfigurationError for anything :class:`~meter_core.RouteRules` refuses, an
+    unknown method word, a key that is not a route template, and a misplaced session
+    meter. A RouteRules given as is is used as is (its session meters still only ever
+    apply to websockets, its other meters to HTTP requests).
+    """
+    if routes is None:
+        return RouteRules({}, allow_unknown_meters=allow_unknown_meters)
+    if isinstance(routes, RouteRules):
+        return routes
+    if not isinstance(routes, Mapping):
+        raise ConfigurationError(f"routes: must be a mapping of rule -> meter, got {routes!r}")
+    # A one-shot iterable value would be used up by RouteRules before our own checks.
+    values = {key: _materialize(value) for key, value in routes.items()}
+    rules = RouteRules(values, allow_unknown_meters=allow_unknown_meters)
+    for key, value in values.items():
+        _check_key(key, value)
+    return rules
+
+
+def _materialize(value: Any) -> Any:
+    if isinstance(value, (str, MeterSpec, Mapping)) or not isinstance(value, Iterable):
+        return value
+    return list(value)
+
+
+def _check_key(key: str, value: Any) -> None:
+    parts = key.split(None, 1)
+    methods: set[str] = set()
+    target = key.strip()
+    if len(parts) == 2 and _METHOD_WORD.fullmatch(parts[0]):
+        methods = set(parts[0].split(","))
+        target = parts[1].strip()
+        unknown = methods - HTTP_METHODS - {WEBSOCKET}
+        if unknown:
+            raise ConfigurationError(
+                f"routes[{key!r}]: unknown method {sorted(unknown)[0]!r} (one of "
+                f"{', '.join(sorted(HTTP_METHODS))}, or {WEBSOCKET} for a websocket route)"
+            )
+    if not target.startswith("/"):
+        raise ConfigurationError(
+            f"routes[{key!r}]: {target!r} is not a route template (it must start with '/'; "
+            "view names are for meter_django)"
+        )
+    specs = [value] if isinstance(value, (str, MeterSpec, Mapping)) else list(value)
+    sessions = [_is_session(spec) for spec in specs]
+    if WEBSOCKET in methods:
+        if methods != {WEBSOCKET}:
+            raise ConfigurationError(
+                f"routes[{key!r}]: {WEBSOCKET} cannot be combined with HTTP methods"
+            )
+        if not all(sessions):
+            raise ConfigurationError(
+                f"routes[{key!r}]: a websocket rule takes session meters only "
+                '({"meter": ..., "session": True})'
+            )
+        for spec in specs:
+            if _header_of(spec) is not None:
+                raise ConfigurationError(
+                    f"routes[{key!r}]: a session meter has no response header usage"
+                )
+    elif any(sessions):
+        raise ConfigurationError(
+            f"routes[{key!r}]: a session meter must be on a websocket rule: '{WEBSOCKET} {target}'"
+        )
+
+
+def _is_session(spec: Any) -> bool:
+    if isinstance(spec, MeterSpec):
+        return spec.session
+    if isinstance(spec, Mapping):
+        return bool(spec.get("session", False))
+    return False
+
+
+def _header_of(spec: Any) -> Any:
+    if isinstance(spec, MeterSpec):
+        return spec.header
+    if isinstance(spec, Mapping):
+        return spec.get("header")
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Template:
+    normalized: str  # every parameter written {}, as RouteRules keys its templates
+    regex: re.Pattern[str]  # matches a concrete path the template describes
+
+
+def _compile_template(template: str) -> _Template:
+    normalized: list[str] = []
+    pattern: list[str] = []
+    last = 0
+    for param in _PARAM.finditer(template):
+        literal = template[last : param.start()]
+        normalized.append(literal)
+        pattern.append(re.escape(literal))
+        normalized.append("{}")
+        pattern.append(".*" if param.group(1).endswith(":path") else "[^/]+")
+        last = param.end()
+    normalized.append(template[last:])
+    pattern.append(re.escape(template[last:]))
+    return _Template("".join(normalized), re.compile("".join(pattern)))
+
+
+class RouteMatcher:
+    """Finds the meters of a request once the app has routed it.
+
+    Uses the route the framework put in ``scope["route"]`` (Starlette >= 0.33 and
+    FastAPI set it inside the router, i.e. after this middleware was entered: call
+    :meth:`specs` once the app has answered). Its template (``route.path``) is checked
+    against the request path: when it describes the whole path, the meters are one dict
+    lookup away; when it describes only the end of it (a route of a mounted app or of an
+    included router whose prefix the route does not carry), the unexplained prefix is
+    kept as a concrete path in front of the template and matched with
+    :meth:`RouteRules.match_path`. Without a route (older Starlette, a bare ASGI app,
+    Django) the request path itself is matched against the templates.
+
+    Compiled templates are cached per template string (bounded); reads are lock-free.
+    """
+
+    __slots__ = ("_rules", "_templates")
+
+    def __init__(self, rules: RouteRules) -> None:
+        self._rules = rules
+        self._templates: dict[str, _Template] = {}
+
+    def specs(self, method: str, scope: Scope, path: str, root_path: str) -> tuple[MeterSpec, ...]:
+        """The meters for ``method`` on this request. ``path`` and ``root_path`` are the
+        scope's values when the middleware was entered (a mount changes root_path)."""
+        rules = self._rules
+        if root_path and path.startswith(root_path):
+            path = path[len(root_path) :]
+        route = scope.get("route")
+        template = getattr(route, "path", None) if route is not None else None
+        # A Mount (it has .routes) stands for a whole sub-application: no template.
+        if type(template) is str and template[:1] == "/" and not hasattr(route, "routes"):
+            compiled = self._templates.get(template)
+            if compiled is None:
+                compiled = _compile_template(template)
+                if len(self._templates) < _MAX_CACHED_TEMPLATES:
+                    self._templates[template] = compiled
+            regex = compiled.regex
+            if regex.fullmatch(path) is not None:
+                return rules.match(method, compiled.normalized)
+            start = path.find("/", 1)
+            while start > 0:
+                if regex.fullmatch(path, start) is not None:
+                    return rules.match_path(method, path[:start] + compiled.normalized)
+                start = path.find("/", start + 1)
+        return rules.match_path(method, path)

@@ -1,0 +1,154 @@
+"""The client the middleware owns (built from the environment) is flushed and closed at
+shutdown: with lifespan events, and at process exit when the server sends none."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from meter_asgi import MeterMiddleware
+from meter_core import MeterClient
+from meter_core.devserver import DevServer
+from tests.asgi_mw import apps
+from tests.asgi_mw.conftest import settled, wait_for_records
+from tests.asgi_mw.live import LiveServer
+
+ROUTES = {"POST /documents/{doc_id}/scan": "page.processed.basic"}
+
+
+@pytest.fixture
+def env_for(monkeypatch: pytest.MonkeyPatch) -> Callable[[DevServer], None]:
+    def configure(backend: DevServer) -> None:
+        for name in list(os.environ):
+            if name.startswith("METER_"):
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("METER_KAFKA_URL", backend.url)
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        monkeypatch.setenv("METER_DEVICE_ID", "env-device")
+        # Long enough that only the shutdown flush can deliver within the test.
+        monkeypatch.setenv("METER_FLUSH_INTERVAL", "60")
+
+    return configure
+
+
+def test_owned_client_is_flushed_and_closed_at_lifespan_shutdown(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+    env_for: Callable[[DevServer], None],
+) -> None:
+    env_for(meter_backend)
+    app = apps.fastapi_app()
+    app.add_middleware(MeterMiddleware, routes=ROUTES, tenant="acme")
+    server = serve(app, lifespan="on")
+    for doc in ("a", "b", "c"):
+        assert http.post(f"{server.url}/documents/{doc}/scan").is_success
+    time.sleep(0.3)
+    assert meter_backend.values() == []  # still queued in the owned client
+    server.stop()
+    values = meter_backend.values()  # delivered before the server finished stopping
+    assert [v["meter_id"] for v in values] == ["page.processed.basic"] * 3
+    assert {v["device_id"] for v in values} == {"env-device"}
+
+
+def test_a_given_client_is_left_open_at_shutdown(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    app = apps.fastapi_app()
+    app.add_middleware(MeterMiddleware, client=meter_client, routes=ROUTES, tenant="acme")
+    server = serve(app, lifespan="on")
+    assert http.post(f"{server.url}/documents/a/scan").is_success
+    wait_for_records(meter_backend, 1)
+    server.stop()
+    meter_client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    assert len(settled(meter_backend, meter_client)) == 2
+    assert meter_client.failed_events() == []
+
+
+def test_owned_client_that_cannot_be_built_leaves_the_app_working(
+    serve: Callable[..., LiveServer],
+    http: httpx.Client,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("METER_"):
+            monkeypatch.delenv(name)
+    middleware = MeterMiddleware(apps.fastapi_app(), routes=ROUTES, tenant="acme")
+    with caplog.at_level("ERROR", logger="meter.asgi"):
+        server = serve(middleware, lifespan="on")
+        for _ in range(2):
+            assert http.post(f"{server.url}/documents/a/scan").is_success
+    assert middleware.client is None
+    errors = [r for r in caplog.records if "metering is off" in r.getMessage()]
+    assert len(errors) == 1 and "kafka_url" in errors[0].getMessage()
+
+
+CHILD = """
+import sys
+import uvicorn
+from meter_asgi import MeterMiddleware
+from tests.asgi_mw.apps import bare_app
+
+app = MeterMiddleware(bare_app, routes={"POST /scan": "page.processed.basic"}, tenant="acme")
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="off", log_level="warning")
+"""
+
+
+def test_without_lifespan_events_the_owned_client_is_flushed_at_process_exit(
+    meter_backend: DevServer, http: httpx.Client, tmp_path: Path
+) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    env.update(
+        METER_KAFKA_URL=meter_backend.url,
+        METER_INTERNAL_URL=meter_backend.url,
+        METER_DEVICE_ID="child",
+        METER_FLUSH_INTERVAL="60",
+        PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+    )
+    script = tmp_path / "child.py"
+    script.write_text(textwrap.dedent(CHILD))
+    child = subprocess.Popen([sys.executable, str(script), str(port)], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}/scan"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                assert http.post(url).text == "bare"
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the child server did not start"
+                time.sleep(0.05)
+        assert http.post(url).text == "bare"
+        time.sleep(0.3)
+        assert meter_backend.values() == []
+        child.send_signal(signal.SIGINT)
+        assert child.wait(15) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    values = meter_backend.values()
+    assert [(v["meter_id"], v["device_id"]) for v in values] == [
+        ("page.processed.basic", "child")
+    ] * 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

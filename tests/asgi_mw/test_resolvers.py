@@ -1,0 +1,176 @@
+"""Where tenant and device ids come from, and why a client-sent header cannot choose
+the tenant."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from meter_asgi import MeterMiddleware, Resolver, from_header, from_path_param, from_user
+from meter_core import ConfigurationError, MeterClient
+from meter_core.devserver import DevServer
+from tests.asgi_mw import apps
+from tests.asgi_mw.conftest import marker_then_values, wait_for_records
+from tests.asgi_mw.live import LiveServer
+
+SCAN = "/documents/d-1/scan"
+
+
+def serve_fastapi(serve: Callable[..., LiveServer], client: MeterClient, **options: Any) -> Any:
+    app = apps.fastapi_app()
+    app.add_middleware(apps.FakeAuth)
+    app.add_middleware(MeterMiddleware, client=client, routes=apps.FASTAPI_ROUTES, **options)
+    return serve(app)
+
+
+# -- unit: the resolvers themselves ----------------------------------------------------
+
+
+def test_from_header_without_trusted_refuses_and_says_why() -> None:
+    with pytest.raises(ConfigurationError, match="forged by any client"):
+        from_header("x-tenant-id")
+    with pytest.raises(ConfigurationError, match="trusted=True"):
+        from_header("x-tenant-id", trusted="yes")  # type: ignore[arg-type]
+
+
+def test_from_header_trusted_reads_the_header_case_insensitively() -> None:
+    resolve = from_header("X-Tenant-Id", trusted=True)
+    assert isinstance(resolve, Resolver)
+    assert resolve({"headers": [(b"x-tenant-id", b" acme ")]}) == "acme"
+    assert resolve({"headers": []}) is None
+    # two different copies: which one did the gateway set? Neither is used.
+    two = [(b"x-tenant-id", b"acme"), (b"x-tenant-id", b"evil")]
+    assert resolve({"headers": two}) is None
+
+
+def test_from_user_reads_the_authenticated_user_only() -> None:
+    resolve = from_user("tenant_id")
+    assert resolve({"user": apps.User("acme")}) == "acme"
+    assert resolve({"user": {"tenant_id": "globex"}}) == "globex"
+    assert resolve({}) is None
+
+    class Anonymous:
+        is_authenticated = False
+        tenant_id = "acme"
+
+    assert resolve({"user": Anonymous()}) is None
+
+
+def test_resolvers_turn_ints_and_uuids_into_ids_and_refuse_other_types() -> None:
+    ident = uuid.uuid4()
+    assert from_path_param("t")({"path_params": {"t": 7}}) == "7"
+    assert from_path_param("t")({"path_params": {"t": ident}}) == str(ident)
+    with pytest.raises(TypeError, match="not an id"):
+        from_path_param("t")({"path_params": {"t": 1.5}})
+
+
+@pytest.mark.parametrize("bad", ["", "  ", None, 3])
+def test_resolver_names_are_checked(bad: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        from_user(bad)
+    with pytest.raises(ConfigurationError):
+        from_path_param(bad)
+
+
+# -- served: which tenant is billed ----------------------------------------------------
+
+
+def test_default_tenant_is_the_authenticated_users(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    server = serve_fastapi(serve, meter_client)
+    assert http.post(server.url + SCAN, headers={"x-test-user": "acme"}).is_success
+    (value,) = wait_for_records(meter_backend, 1)
+    assert value["tenant_id"] == "acme"
+
+
+def test_a_forged_tenant_header_does_not_change_the_tenant(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    server = serve_fastapi(serve, meter_client, tenant=from_user("tenant_id"))
+    forged = {"x-test-user": "acme", "x-tenant-id": "victim", "x-meter-tenant": "victim"}
+    assert http.post(server.url + SCAN, headers=forged).is_success
+    (value,) = wait_for_records(meter_backend, 1)
+    assert value["tenant_id"] == "acme"
+    assert "victim" not in meter_backend.lookups
+
+
+def test_a_trusted_gateway_header_sets_the_tenant(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    server = serve_fastapi(serve, meter_client, tenant=from_header("x-gw-tenant", trusted=True))
+    assert http.post(server.url + SCAN, headers={"x-gw-tenant": "initech"}).is_success
+    (value,) = wait_for_records(meter_backend, 1)
+    assert value["tenant_id"] == "initech"
+
+
+def test_tenant_from_a_path_parameter_and_device_from_a_callable(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    app = apps.starlette_app()
+    app.add_middleware(
+        MeterMiddleware,
+        client=meter_client,
+        routes=apps.STARLETTE_ROUTES,
+        tenant=from_path_param("tenant"),
+        device=lambda scope: f"node-{scope['method'].lower()}",
+    )
+    server = serve(app)
+    assert http.post(f"{server.url}/api/tenants/umbrella/docs").is_success
+    (value,) = wait_for_records(meter_backend, 1)
+    assert (value["tenant_id"], value["device_id"]) == ("umbrella", "node-post")
+
+
+def test_a_request_without_tenant_is_not_metered_but_counted_and_logged(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = apps.FakeAuth(
+        MeterMiddleware(apps.fastapi_app(), client=meter_client, routes=apps.FASTAPI_ROUTES)
+    )
+    server = serve(app)
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        for _ in range(3):
+            assert http.post(server.url + SCAN).is_success  # no user: no tenant
+        assert marker_then_values(meter_backend, http, f"{server.url}/marker") == []
+    middleware = app.app
+    assert middleware.stats["untenanted"] == 3
+    assert middleware.stats["metered_requests"] == 1  # the marker
+    # logged once (rate limited), not once per request
+    lines = [r for r in caplog.records if "no tenant id" in r.getMessage()]
+    assert len(lines) == 1
+    assert "POST /documents/d-1/scan" in lines[0].getMessage()
+
+
+def test_an_invalid_tenant_id_is_not_metered_and_counted(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    middleware = MeterMiddleware(
+        apps.fastapi_app(), client=meter_client, routes=apps.FASTAPI_ROUTES
+    )
+    server = serve(apps.FakeAuth(middleware))
+    assert http.post(server.url + SCAN, headers={"x-test-user": "x" * 500}).is_success
+    assert marker_then_values(meter_backend, http, f"{server.url}/marker") == []
+    assert middleware.stats["invalid"] == 1

@@ -1,0 +1,73 @@
+"""Compiling the routes= option, and finding a request's meters from the route the
+framework resolved (or from its path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meter_asgi.routes import RouteMatcher, compile_routes
+from meter_core import ConfigurationError
+
+
+class FakeRoute:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def matcher(routes: dict[str, Any]) -> RouteMatcher:
+    return RouteMatcher(compile_routes(routes, allow_unknown_meters=False))
+
+
+def meters(m: RouteMatcher, method: str, path: str, template: str | None = None) -> list[str]:
+    scope: dict[str, Any] = {} if template is None else {"route": FakeRoute(template)}
+    return [spec.meter_id for spec in m.specs(method, scope, path, "")]
+
+
+@pytest.mark.parametrize(
+    ("routes", "message"),
+    [
+        ({"FETCH /a": "page.processed.basic"}, "unknown method 'FETCH'"),
+        ({"POST documents:scan": "page.processed.basic"}, "not a route template"),
+        ({"WEBSOCKET /ws": "chat.on.time_hours"}, "session meters only"),
+        ({"/chat": {"meter": "chat.on.time_hours", "session": True}}, "websocket rule"),
+        ({"GET,WEBSOCKET /ws": {"meter": "chat.on.time_hours", "session": True}}, "combined"),
+        ({"POST /a": "document.basic.page"}, "unknown meter"),
+        (["POST /a"], "mapping"),
+    ],
+)
+def test_bad_rules_raise_configuration_error_naming_the_problem(routes: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        compile_routes(routes, allow_unknown_meters=False)
+
+
+def test_unknown_meters_can_be_allowed() -> None:
+    rules = compile_routes({"POST /a": "custom.meter"}, allow_unknown_meters=True)
+    assert len(rules) == 1
+
+
+def test_the_resolved_template_is_matched_not_the_path() -> None:
+    m = matcher({"POST /items/{item_id}": "page.processed.basic"})
+    assert meters(m, "POST", "/items/42", "/items/{item_id}") == ["page.processed.basic"]
+    # /items/special is its own route in the app: the {item_id} rule does not apply
+    assert meters(m, "POST", "/items/special", "/items/special") == []
+    assert meters(m, "GET", "/items/42", "/items/{item_id}") == []
+
+
+def test_a_template_without_its_router_prefix_gets_the_prefix_from_the_path() -> None:
+    m = matcher({"GET /v1/reports/{kind}": "report.generated.small"})
+    assert meters(m, "GET", "/v1/reports/x", "/reports/{kind}") == ["report.generated.small"]
+    assert meters(m, "GET", "/v2/reports/x", "/reports/{kind}") == []
+
+
+def test_without_a_resolved_route_the_path_is_matched() -> None:
+    m = matcher({"POST /documents/{doc_id:int}/scan": "page.processed.basic"})
+    assert meters(m, "POST", "/documents/9/scan") == ["page.processed.basic"]
+    assert meters(m, "POST", "/documents/9/scan/more") == []
+
+
+def test_websocket_rules_match_the_websocket_method_only() -> None:
+    m = matcher({"WEBSOCKET /ws/chat": {"meter": "chat.on.time_hours", "session": True}})
+    assert meters(m, "WEBSOCKET", "/ws/chat", "/ws/chat") == ["chat.on.time_hours"]
+    assert meters(m, "GET", "/ws/chat", "/ws/chat") == []

@@ -1,0 +1,126 @@
+"""AI session meters on websocket routes: a start event on accept, an end event when
+the connection ends however it ends, with one session id shared by both."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from meter_asgi import MeterMiddleware
+from meter_core import MeterClient
+from meter_core.devserver import DevServer
+from tests.asgi_mw import apps
+from tests.asgi_mw.conftest import wait_for_records
+from tests.asgi_mw.live import LiveServer
+
+USER = {"x-test-user": "acme"}
+
+
+@pytest.fixture
+def server(
+    serve: Callable[..., LiveServer], meter_client: MeterClient
+) -> tuple[LiveServer, MeterMiddleware]:
+    middleware = MeterMiddleware(
+        apps.starlette_app(), client=meter_client, routes=apps.STARLETTE_ROUTES
+    )
+    return serve(apps.FakeAuth(middleware)), middleware
+
+
+def assert_one_session(values: list[dict[str, Any]]) -> None:
+    start, end = values
+    assert start["ai_event"] is True and end["ai_event"] is True
+    assert start["meter_id"] == end["meter_id"] == "chat.on.time_hours"
+    assert start["tenant_id"] == end["tenant_id"] == "acme"
+    assert "start_time" in start and "end_time" not in start
+    assert "end_time" in end and "start_time" not in end
+    assert end["end_time"] >= start["start_time"]
+    assert start["metadata"]["session_id"] == end["metadata"]["session_id"]
+    assert start["event_id"] != end["event_id"]
+
+
+def test_clean_close_sends_start_then_end_with_a_shared_session_id(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer
+) -> None:
+    live, middleware = server
+    with connect(f"{live.ws_url}/ws/chat", additional_headers=USER) as ws:
+        ws.send("hello")
+        assert ws.recv() == "echo hello"
+        (start,) = wait_for_records(meter_backend, 1)  # sent while the session is open
+        assert "start_time" in start
+    assert_one_session(wait_for_records(meter_backend, 2))
+    assert middleware.stats["sessions_started"] == middleware.stats["sessions_ended"] == 1
+
+
+def test_server_side_close_ends_the_session(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer
+) -> None:
+    live, _ = server
+    with connect(f"{live.ws_url}/ws/chat", additional_headers=USER) as ws:
+        ws.send("bye")
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+    assert_one_session(wait_for_records(meter_backend, 2))
+
+
+def test_abrupt_client_disconnect_ends_the_session(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer
+) -> None:
+    live, _ = server
+    with connect(f"{live.ws_url}/ws/chat", additional_headers=USER) as ws:
+        ws.send("hello")
+        assert ws.recv() == "echo hello"
+        ws.socket.shutdown(socket.SHUT_RDWR)  # no close frame: the TCP connection just ends
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=5)
+    assert_one_session(wait_for_records(meter_backend, 2))
+
+
+def test_an_exception_in_the_app_ends_the_session(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer
+) -> None:
+    live, _ = server
+    with connect(f"{live.ws_url}/ws/chat", additional_headers=USER) as ws:
+        ws.send("crash")
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+    assert_one_session(wait_for_records(meter_backend, 2))
+
+
+def test_a_refused_connection_is_no_session(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer, meter_client: MeterClient
+) -> None:
+    live, middleware = server
+    with (
+        pytest.raises(InvalidStatus),
+        connect(f"{live.ws_url}/ws/refuse", additional_headers=USER),
+    ):
+        pass  # pragma: no cover
+    with connect(f"{live.ws_url}/ws/chat", additional_headers=USER) as ws:
+        ws.send("bye")
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+    assert_one_session(wait_for_records(meter_backend, 2))
+    time.sleep(0.1)
+    assert meter_client.flush(5) and len(meter_backend.values()) == 2
+    assert middleware.stats["sessions_started"] == 1
+
+
+def test_a_session_without_tenant_is_not_metered_and_counted(
+    server: tuple[LiveServer, MeterMiddleware], meter_backend: DevServer, meter_client: MeterClient
+) -> None:
+    live, middleware = server
+    with connect(f"{live.ws_url}/ws/chat") as ws:  # no user
+        ws.send("hello")
+        assert ws.recv() == "echo hello"
+    deadline = time.monotonic() + 5
+    while middleware.stats["untenanted"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert middleware.stats["untenanted"] == 1
+    assert meter_client.flush(5) and meter_backend.values() == []
+    assert middleware.stats["sessions_started"] == 0
