@@ -149,16 +149,25 @@ class UsageEvent:
     allow_unknown_meter: InitVar[bool] = False
 
     def __post_init__(self, allow_unknown_meter: bool) -> None:
-        validate_identifier("tenant_id", self.tenant_id)
-        validate_identifier("device_id", self.device_id)
-        validate_identifier("meter_id", self.meter_id)
-        if not allow_unknown_meter and not is_known_meter(self.meter_id):
+        # The common case (ids seen before, a catalog meter, no session) costs set and dict
+        # lookups only: this runs on the caller's request path for every event.
+        valid = _VALID_IDS
+        if self.tenant_id not in valid:
+            validate_identifier("tenant_id", self.tenant_id)
+        if self.device_id not in valid:
+            validate_identifier("device_id", self.device_id)
+        meter_id = self.meter_id
+        if meter_id not in valid:
+            validate_identifier("meter_id", meter_id)
+        if not allow_unknown_meter and not is_known_meter(meter_id):
             raise InvalidEvent(
                 "meter_id",
-                f"unknown meter {self.meter_id!r}; use a catalog id (meter_core.METERS), "
+                f"unknown meter {meter_id!r}; use a catalog id (meter_core.METERS), "
                 "register it with register_meter(), or allow unknown meters on the client",
             )
-        _validate_epoch_ms("event_time", self.event_time)
+        event_time = self.event_time
+        if type(event_time) is not int or not MIN_EPOCH_MS <= event_time < MAX_EPOCH_MS:
+            _validate_epoch_ms("event_time", event_time)
         if self.start_time is None and self.end_time is None:
             usage = self.total_usage
             if type(usage) is not int:  # also rejects bool, a subclass of int

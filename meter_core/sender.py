@@ -135,7 +135,7 @@ class Sender:
         queue.append(event)
         if self._dropping:
             self._dropping = False
-        self._stats.add(recorded=1)
+        self._stats.count_recorded()
         if self._thread is None:
             self._start()
         if len(queue) >= self._config.batch_size:

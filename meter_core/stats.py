@@ -40,6 +40,11 @@ class DeliveryStats:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
+    def count_recorded(self) -> None:
+        """``add(recorded=1)``, for the caller's path of every event."""
+        with self._lock:
+            self.recorded += 1
+
     def error(self, text: str) -> None:
         self.last_error = text
 
