@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meter_asgi.types import Scope
-from meter_core import ConfigurationError, InvalidEvent, UsageEvent
+from meter_core import ConfigurationError, InvalidEvent, validate_identifier
 
 __all__ = ["Resolver", "from_header", "from_path_param", "from_user"]
 
@@ -157,10 +157,7 @@ def check_id(option: str, value: str) -> str:
     """``value`` if it is a valid tenant/device id, else ConfigurationError naming
     ``option``. Uses the same rules as every event (meter_core's validation)."""
     try:
-        UsageEvent(
-            tenant_id=value, device_id=value, meter_id="meter_asgi.check", total_usage=0,
-            allow_unknown_meter=True,
-        )  # fmt: skip
+        validate_identifier(option, value)
     except InvalidEvent as exc:
         message = str(exc).split(": ", 1)[-1]
         raise ConfigurationError(f"{option}: {value!r} is not a valid id: {message}") from None

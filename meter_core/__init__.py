@@ -28,7 +28,7 @@ from meter_core.errors import (
     RateLimited,
     StoreError,
 )
-from meter_core.events import UsageEvent, now_ms
+from meter_core.events import UsageEvent, now_ms, validate_identifier
 from meter_core.redeliver import RedeliveryReport, redeliver
 from meter_core.retry import RetryPolicy
 from meter_core.rules import MeterSpec, RouteRules
@@ -82,4 +82,5 @@ __all__ = [
     "post_meter_usage",
     "redeliver",
     "register_meter",
+    "validate_identifier",
 ]

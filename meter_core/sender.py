@@ -109,6 +109,7 @@ class Sender:
         self._spilled = False
         self._dropping = False
         self._busy = False
+        self._flush_waiters = 0
         self._retry_log = LogThrottle(logger, interval=10.0)
         self._failure_log = LogThrottle(logger, interval=10.0)
 
@@ -178,15 +179,21 @@ class Sender:
         durable mode, nothing due is left in the store). True when that happened within
         ``timeout`` seconds; events waiting for a retry keep it waiting."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._settled():
-                return True
-            self._wake.set()
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            with self._idle:
-                self._idle.wait(0.05 if remaining is None else min(0.05, remaining))
+        with self._state_lock:
+            self._flush_waiters += 1
+        try:
+            while True:
+                if self._settled():
+                    return True
+                self._wake.set()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                with self._idle:
+                    self._idle.wait(0.05 if remaining is None else min(0.05, remaining))
+        finally:
+            with self._state_lock:
+                self._flush_waiters -= 1
 
     def _settled(self) -> bool:
         if self._queue or self._retries or self._inflight or self._busy:
@@ -256,12 +263,16 @@ class Sender:
         return wait
 
     def _cycle(self) -> None:
-        """Send everything due now, batch by batch."""
-        while not self._stopping:
-            items = self._take_batch()
-            if not items:
-                return
+        """Send what is due. The first batch goes whatever its size (the flush interval
+        has passed, a full batch woke the sender, or a flush asked); after it, only full
+        batches, unless a flush is waiting: a busy sender must not turn a steady stream
+        of events into many small requests (each costs the app's process CPU)."""
+        limit = self._config.batch_size
+        items = self._take_batch()
+        while items and not self._stopping:
             self._deliver(items)
+            more = len(items) >= limit or len(self._queue) >= limit or self._flush_waiters > 0
+            items = self._take_batch() if more else []
 
     def _take_batch(self) -> list[_Item]:
         limit = self._config.batch_size

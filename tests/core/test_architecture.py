@@ -21,6 +21,7 @@ DOCUMENTED_API = {
     "StoredEvent", "Transport", "UsageEvent", "__version__", "capture_events",
     "is_known_meter", "now_ms", "post_ai_meter_usage", "post_meter_usage", "redeliver",
     "register_meter",
+    "validate_identifier",
 }  # fmt: skip
 
 

@@ -253,3 +253,20 @@ def test_many_threads_recording_lose_nothing(backend: DevServer, make_client: An
     assert_exactly_once(backend, ids)
     assert sorted(set(backend.lookups)) == sorted(f"t{i}" for i in range(8))
     assert client.stats()["sent"] == 1600
+
+
+def test_a_steady_stream_goes_out_in_full_batches_not_many_small_requests(
+    backend: DevServer, make_client: Any
+) -> None:
+    # One event per millisecond for a second, while each produce request takes ~5 ms: a
+    # sender that kept sending whatever had arrived would make hundreds of tiny requests.
+    client = make_client(batch_size=100, flush_interval=0.2)
+    backend.set_fault("slow", delay=0.005)
+    ids = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        ids.append(client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1))
+        time.sleep(0.001)
+    assert client.flush(10)
+    assert sorted(backend.event_ids()) == sorted(ids)
+    assert backend.produce_requests <= len(ids) // 100 + 12
