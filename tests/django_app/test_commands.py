@@ -33,7 +33,9 @@ def test_meter_status_counts_by_status_meter_and_reason(meter_settings: MeterSet
     assert "failed     1" in out
     assert "page.processed.basic" in out and "report.generated.small" in out
     assert "1 x failed: backend down" in out
-    assert "recorded" in out  # the client's counters
+    assert "Due for retry now: 3" in out
+    assert "Oldest owed event: " in out
+    assert "failure store DatabaseFailureStore" in out
     assert SECRET not in out
 
 

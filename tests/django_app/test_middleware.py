@@ -245,3 +245,11 @@ def test_internal_errors_are_logged_and_swallowed(
         assert _get("/ok/").status_code == 200
     assert list(events) == []
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_device_from_a_trusted_header_and_default_device(quiet: MeterSettings) -> None:
+    quiet(DEVICE={"header": "X-Device", "trusted": True})
+    with capture_events() as events:
+        assert _get("/documents/7/scan", HTTP_X_DEVICE="scanner-9").status_code == 200
+        assert _get("/documents/8/scan").status_code == 200  # no header: DEVICE_ID
+    assert [e.device_id for e in events] == ["scanner-9", "tests"]

@@ -1,14 +1,20 @@
-"""``manage.py meter_status``: what the FailedMeterEvent table holds, and client stats."""
+"""``manage.py meter_status``: what the FailedMeterEvent table holds (by status, meter and
+reason; how many are due now and how old the oldest owed event is) and how the client is
+configured. Delivery counters live in each web process (``get_client().stats()``, or
+the Prometheus collector), not in this command's process, so they are not shown here."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db.models import Min
+from django.utils import timezone
 
 from meter_core import ConfigurationError, StoreError
 from meter_django.client import get_client
 from meter_django.conf import conf
+from meter_django.models import PENDING_STATUSES, FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
 
 
@@ -31,6 +37,14 @@ class Command(BaseCommand):
             out.write(f"  {meter_id:<32} {n}")
         if not by_meter:
             out.write("  (none)")
+        owed = FailedMeterEvent.objects.using(conf.database).filter(status__in=PENDING_STATUSES)
+        now = timezone.now()
+        due = owed.filter(next_attempt_at__lte=now).count()
+        oldest = owed.aggregate(oldest=Min("created_at"))["oldest"]
+        out.write(f"Due for retry now: {due}")
+        if oldest is not None:
+            age = (now - oldest).total_seconds()
+            out.write(f"Oldest owed event: {age:.0f}s old (created {oldest:%Y-%m-%d %H:%M:%S} UTC)")
         out.write("Owed events by reason:")
         for reason, n in counts["by_reason"].items():
             out.write(f"  {n:>8} x {reason}")
@@ -41,6 +55,8 @@ class Command(BaseCommand):
         except ConfigurationError as exc:
             out.write(self.style.ERROR(f"Client: misconfigured: {exc}"))
             return
-        out.write(f"Client: {client!r} (enabled: {client.enabled})")
-        for name, value in client.stats().items():
-            out.write(f"  {name:<18} {value}")
+        options = client.options
+        out.write(f"Client: {client!r}")
+        out.write(f"  enabled {client.enabled}, durable {options['durable']}, "
+                  f"failure store {type(client.failure_store).__name__}")  # fmt: skip
+        out.write("  (delivery counters are per web process: get_client().stats())")
