@@ -2,7 +2,7 @@
 
 (a) events/s of record() + flush() for N events vs meter-lib 0.1.0's post_meter_usage loop
 (b) record() latency p50/p99 in microseconds, default and durable mode
-(c) RSS with the backend down while 1M events are recorded (bounded by max_queue)
+(c) RSS (at marks, and peak) with the backend down while 1M events are recorded
 (d) the outage drill: N events recorded while the backend is down, then it comes back
     and the retry command drains the spool: lost, duplicated, time to drain
 
@@ -68,7 +68,7 @@ def latencies(client: MeterClient, n: int) -> tuple[float, float]:
 
 
 RSS_CHILD = """
-import json, sys, os
+import json, sys, os, resource
 from meter_core import MeterClient
 def rss_mb():
     with open("/proc/self/statm") as f:
@@ -82,7 +82,9 @@ for i in range(1, total + 1):
     if i in (total // 10, total // 2, total):
         marks[i] = rss_mb()
 stats = client.stats()
-print(json.dumps({"marks": marks, "dropped": stats["dropped"], "queue": stats["queue_depth"],
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+print(json.dumps({"marks": marks, "peak": peak, "dropped": stats["dropped"],
+                  "queue": stats["queue_depth"],
                   "failed_in_memory": stats["failed_in_memory"]}))
 import os; os._exit(0)
 """
@@ -173,6 +175,7 @@ def main() -> None:
     assert isinstance(marks, dict)
     print("| " + " | ".join(f"{int(k):>9} ev" for k in marks) + " |")
     print("| " + " | ".join(f"{v:>9.1f} MB" for v in marks.values()) + " |")
+    print(f"peak RSS: {rss['peak']:.1f} MB")
     print(f"dropped (counted, logged): {rss['dropped']}, kept in memory: "
           f"{rss['queue']} queued + {rss['failed_in_memory']} failed")  # fmt: skip
     print()
