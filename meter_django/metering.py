@@ -17,9 +17,8 @@ from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
 from meter_core import MeterSpec, RequestUsage, RouteRules
-from meter_django.client import get_client
 from meter_django.conf import conf, parse_statuses
-from meter_django.recording import submit
+from meter_django.recording import record_usage
 from meter_django.resolvers import device_resolver, tenant_resolver
 
 __all__ = [
@@ -152,23 +151,23 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
         resolve_device = device_resolver()
         if resolve_device is not None:
             device = resolve_device(request)
-        client = get_client()
     except Exception:
-        logger.exception("metering is misconfigured: usage of this request not recorded")
+        logger.exception("the device resolver failed: usage of this request not recorded")
         return []
     ids: list[str] = []
     for meter_id, n, metadata in entries:
         try:
-            event = client.event(
-                tenant_id=tenant,
-                device_id=device,
-                meter_id=meter_id,
-                total_usage=n,
-                metadata=metadata or None,
+            # record_usage: the same transaction rules, and events kept in the database
+            # when the settings cannot build a client
+            ids.append(
+                record_usage(
+                    tenant_id=tenant,
+                    device_id=device,
+                    meter_id=meter_id,
+                    total_usage=n,
+                    metadata=metadata or None,
+                )
             )
-            submit(client, event)
         except Exception:
             logger.exception("usage of meter %r for tenant %r not recorded", meter_id, tenant)
-            continue
-        ids.append(event.event_id)
     return ids

@@ -9,8 +9,11 @@
   there after the commit.
 - The return value is the event's ``event_id`` in every case.
 - When the settings cannot build a client (``manage.py check`` reports why), the event
-  is validated, logged as lost at ERROR level (rate limited) and its id returned: the
-  caller's request goes on.
+  is validated and kept in the FailedMeterEvent table as ``failed`` with the reason, in
+  the caller's transaction (``STORE`` "database", the default), so that
+  ``retry_meter_events`` delivers it once the settings are fixed; an ERROR is logged (rate
+  limited) and the caller's request goes on. Only when that write fails too is the event
+  lost, with an ERROR line naming it.
 """
 
 from __future__ import annotations
@@ -34,8 +37,28 @@ def _client_or_none() -> MeterClient | None:
     try:
         return get_client()
     except ConfigurationError as exc:
-        _unconfigured.log(logging.ERROR, "metering is misconfigured, usage not recorded: %s", exc)
+        _unconfigured.log(
+            logging.ERROR, "metering is misconfigured, usage kept in the database: %s", exc
+        )
         return None
+
+
+def _keep_unsent(event: UsageEvent) -> None:
+    """The misconfigured case: keep the event for the retry command, or log it lost."""
+    try:
+        if conf.get("STORE") != "database":
+            raise ConfigurationError(f"METER['STORE'] is {conf.get('STORE')!r}")
+        from meter_django.store import DatabaseFailureStore
+
+        DatabaseFailureStore(conf.database).store(
+            [event], error="not sent: metering misconfigured (see manage.py check)"
+        )
+    except Exception as exc:
+        logger.error(
+            "usage event %s (%s x%s for %s) lost: metering is misconfigured and it could "
+            "not be kept: %s",
+            event.event_id, event.meter_id, event.total_usage, event.tenant_id, exc,
+        )  # fmt: skip
 
 
 def _device_default() -> str | None:
@@ -100,6 +123,7 @@ def record_usage(
                 tenant_id, device, meter_id, total_usage, timestamp,
                 metadata=metadata or {}, allow_unknown_meter=_allow_unknown(),
             )  # fmt: skip
+        _keep_unsent(event)
         return event.event_id
     event = client.event(
         tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
@@ -130,6 +154,7 @@ def record_session(
             start_time=start_time, end_time=end_time, metadata=metadata or {},
             allow_unknown_meter=_allow_unknown(),
         )  # fmt: skip
+        _keep_unsent(event)
         return event.event_id
     event = client.session_event(
         tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,

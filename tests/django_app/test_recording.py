@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from django.db import transaction
 
-from meter_core import InvalidEvent, capture_events
+from meter_core import InvalidEvent, LogThrottle, capture_events
 from meter_core.devserver import DevServer
-from meter_django import get_client, record_session, record_usage
+from meter_django import get_client, record_session, record_usage, recording
 from meter_django.models import FailedMeterEvent
 from tests.django_app.conftest import MeterSettings
 
@@ -135,13 +135,19 @@ def test_durable_mode_writes_the_outbox_row_in_the_callers_transaction(
     assert lost not in backend.event_ids()
 
 
-def test_misconfigured_settings_do_not_break_the_caller(
-    settings: Any, caplog: pytest.LogCaptureFixture
+@pytest.mark.django_db
+def test_misconfigured_settings_do_not_break_the_caller_and_keep_the_event(
+    settings: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a fresh rate limiter: an earlier test may have used up this process's ERROR line
+    monkeypatch.setattr(recording, "_unconfigured", LogThrottle(recording.logger))
     settings.METER = {"ENABLED": True, "DEVICE_ID": "tests"}  # no KAFKA_URL
     with caplog.at_level(logging.ERROR, logger="meter.django"):
         event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
     assert len(event_id) == 36
     assert "misconfigured" in caplog.text
+    row = FailedMeterEvent.objects.get(event_id=event_id)  # kept for retry_meter_events
+    assert (row.status, row.meter_id, row.total_usage) == ("failed", "page.processed.basic", 1)
+    assert "misconfigured" in row.last_error
     with pytest.raises(InvalidEvent):
         record_usage(tenant_id="acme", meter_id="nope.nope", total_usage=1)
