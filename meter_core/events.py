@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -50,13 +51,44 @@ def now_ms() -> int:
 
 
 _VARIANT = "89ab" * 4  # RFC 4122 variant: the high bits of the clock-seq nibble are 10
+_POOL_BYTES = 16 * 256
+
+
+class _RandomPool:
+    """Random bytes from ``os.urandom``, drawn 4 KiB at a time: one system call per 256
+    event ids instead of one per id (on virtual machines that call is the most expensive
+    step of recording an event). Thread-safe; after ``fork`` the child starts a new pool
+    and a new lock, so parent and child never hand out the same bytes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._pos = 0
+
+    def take16(self) -> bytes:
+        with self._lock:
+            pos = self._pos
+            if pos >= len(self._pool):
+                self._pool = os.urandom(_POOL_BYTES)
+                pos = 0
+            self._pos = pos + 16
+            return self._pool[pos : pos + 16]
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._pool = b""
+        self._pos = 0
+
+
+_RANDOM = _RandomPool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_RANDOM.reset)
 
 
 def _new_event_id() -> str:
-    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, at a third of
-    its cost (no UUID object): 16 bytes of ``os.urandom`` with the version and variant
-    bits set. Fork-safe and thread-safe, as urandom is."""
-    h = os.urandom(16).hex()
+    """A random (version 4) UUID string, as ``str(uuid.uuid4())`` gives, at a fraction of
+    its cost: 16 random bytes with the version and variant bits set, no UUID object."""
+    h = _RANDOM.take16().hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[int(h[16], 16)]}{h[17:20]}-{h[20:]}"
 
 

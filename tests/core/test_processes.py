@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meter_core import MeterClient, SQLiteSpool, redeliver
+from meter_core import MeterClient, SQLiteSpool, UsageEvent, redeliver
 from meter_core.devserver import DevServer
 
 RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
@@ -113,3 +113,22 @@ def test_durable_mode_delivers_from_the_store(
     counts = collections.Counter(backend.event_ids())
     assert set(counts) == set(ids)
     assert all(n == 1 for n in counts.values())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_never_generates_the_parents_event_ids() -> None:
+    make = lambda: UsageEvent("acme", "web", "page.processed.basic", 1).event_id  # noqa: E731
+    make()  # the parent's pool of random bytes is now filled
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        os.write(write_end, "\n".join(make() for _ in range(50)).encode())
+        os._exit(0)
+    os.close(write_end)
+    parent_ids = {make() for _ in range(50)}
+    with os.fdopen(read_end) as pipe:
+        child_ids = set(pipe.read().split("\n"))
+    os.waitpid(pid, 0)
+    assert len(child_ids) == 50
+    assert not parent_ids & child_ids
