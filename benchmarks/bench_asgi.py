@@ -13,11 +13,13 @@ The same trivial Starlette app runs under uvicorn in a subprocess, one variant a
              closed loopback port
 
 A load generator (``wrk`` when on PATH, else the keep-alive asyncio one below, in its own
-process) drives each for the same time and a table of requests/s, p50/p99 latency and
-throughput loss against the baseline is printed. Rounds interleave the variants and the
-best round of each is kept, which damps the noise of a shared machine.
+process) drives each for the same time. The app server gets a CPU of its own (the load
+generator and the local backend share the other). Each round runs every variant once;
+losses are medians over the rounds of each variant against the baseline of its own round,
+both by requests/s and by the server's CPU time per request (the steadier figure on a
+shared machine). A table of in-process costs per request (no server) follows.
 
-    .venv/bin/python benchmarks/bench_asgi.py [--duration 10] [--connections 32] [--rounds 2]
+    .venv/bin/python benchmarks/bench_asgi.py [--duration 10] [--connections 32] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -282,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--rounds", type=int, default=2, help="runs per variant (best kept)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
     parser.add_argument(
@@ -329,7 +332,7 @@ def main() -> None:
     if "baseline" not in chosen:
         chosen.insert(0, "baseline")
     best: dict[str, dict[str, Any]] = {}
-    cpus: dict[str, list[float]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     with backend_process() as backend:
         closed = f"http://127.0.0.1:{free_port()}"
         for round_ in range(args.rounds):
@@ -341,29 +344,36 @@ def main() -> None:
                     f"{result['cpu_us']:7.1f} CPU us/req",
                     flush=True,
                 )
-                cpus.setdefault(variant, []).append(result["cpu_us"])
+                runs.setdefault(variant, []).append(result)
                 if variant not in best or result["rps"] > best[variant]["rps"]:
                     best[variant] = result
         events = backend.stats()["records"]
 
-    base = best["baseline"]["rps"]
-    cpu = {variant: statistics.median(values) for variant, values in cpus.items()}
+    # Each round runs every variant once, back to back: a variant is compared with the
+    # baseline of its own round, and the median of those paired ratios is reported, so a
+    # machine that is faster in one round than in another does not bias the figures.
+    def median_loss(variant: str, loss: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        pairs = zip(runs["baseline"], runs[variant], strict=True)
+        return statistics.median(loss(base, run) for base, run in pairs) * 100
+
     print()
-    print("req/s and latency: best run; server CPU: median over the runs of the app server's")
-    print("CPU time (all threads, the sender's included) per request served. On a shared")
-    print("machine the CPU figure is the stable one: a CPU-bound server's throughput loss is")
-    print("1 - baseline CPU / variant CPU.")
+    print("req/s, p50, p99: the variant's best round. loss: median over the rounds of")
+    print("1 - variant req/s / baseline req/s of the same round. CPU us/req: the app server's")
+    print("CPU time (all threads, the meter sender's included) per request served, median;")
+    print("loss by CPU: median of 1 - baseline CPU / variant CPU in the same round, the")
+    print("steadier figure on a shared machine (a CPU-bound server's throughput loss).")
     print()
     print(f"{'variant':<17} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'loss':>7} "
           f"{'CPU us/req':>11} {'loss by CPU':>12}")  # fmt: skip
     for variant in chosen:
         r = best[variant]
-        loss = (1 - r["rps"] / base) * 100 if base else float("nan")
-        cpu_loss = (1 - cpu["baseline"] / cpu[variant]) * 100
+        cpu = statistics.median(run["cpu_us"] for run in runs[variant])
         first = variant == "baseline"
+        loss = median_loss(variant, lambda base, run: 1 - run["rps"] / base["rps"])
+        cpu_loss = median_loss(variant, lambda base, run: 1 - base["cpu_us"] / run["cpu_us"])
         print(
             f"{variant:<17} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-            f"{'-' if first else f'{loss:.1f} %':>7} {cpu[variant]:11.1f} "
+            f"{'-' if first else f'{loss:.1f} %':>7} {cpu:11.1f} "
             f"{'-' if first else f'{cpu_loss:.1f} %':>12}"
         )
     print(f"\nevents the local backend received from the meter variant: {events}")
