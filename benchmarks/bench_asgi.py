@@ -285,7 +285,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per run")
     parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
-    parser.add_argument("--rounds", type=int, default=5, help="rounds; each runs every variant once")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (each runs every variant)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio generator")
     parser.add_argument(
