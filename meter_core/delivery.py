@@ -20,6 +20,13 @@ __all__ = ["Outcome", "deliver_once"]
 logger = logging.getLogger("meter.delivery")
 
 T = TypeVar("T")
+# Whole-request refusals caused by the records themselves (bad request, body too large,
+# unprocessable record): the batch is split to isolate them. Others (401, 403, 404
+# unknown topic...) would fail every part the same way.
+_SPLIT_STATUSES = frozenset({400, 413, 422})
+# ...within a bound (about this many requests per delivery attempt): a refusal that hits
+# every record does not cost 2n requests.
+_MAX_REQUESTS_WHEN_SPLITTING = 64
 # Bytes of '{"records": [' + ']}' and of each ', ' separator in a produce body.
 _BODY_OVERHEAD = 16
 _SEPARATOR = 2
@@ -124,6 +131,19 @@ def _produce(
     try:
         result = transport.produce([record for _, record in batch])
     except DeliveryError as exc:
+        if (
+            not exc.retriable
+            and len(batch) > 1
+            and exc.status in _SPLIT_STATUSES
+            and outcome.batches < _MAX_REQUESTS_WHEN_SPLITTING
+        ):
+            # The proxy refused the request for what is in it (a record it cannot take,
+            # or a body too large): halve it until the refusal falls on the records that
+            # cause it, so the others in the batch still go through.
+            middle = len(batch) // 2
+            _produce(batch[:middle], transport, outcome)
+            _produce(batch[middle:], transport, outcome)
+            return
         outcome.add_failure(exc, items)
         return
     except Exception as exc:  # a transport bug: keep the events, try again later

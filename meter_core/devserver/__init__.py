@@ -19,7 +19,8 @@ fault mode          effect (``times=N``: only the next N requests it applies to)
 ``unknown_tenant``  every lookup answers ``[]`` (no account)
 ``malformed``       200 whose body is truncated JSON; nothing written
 ``partial_500``     writes the first ``written`` records (default half), then answers 500
-``reject``          ``status`` (default 422) with ``error_code`` (default 42201)
+``reject``          ``status`` (default 422) with ``error_code`` (default 42201); with
+                    ``event_ids``, only produce requests holding one of those records
 ==================  =====================================================================
 
 Control over HTTP (for other processes): ``GET /_records``, ``DELETE /_records`` (reset),

@@ -270,3 +270,34 @@ def test_a_steady_stream_goes_out_in_full_batches_not_many_small_requests(
     assert client.flush(10)
     assert sorted(backend.event_ids()) == sorted(ids)
     assert backend.produce_requests <= len(ids) // 100 + 12
+
+
+def test_a_rejected_batch_is_split_so_one_bad_record_does_not_hold_back_the_others(
+    backend: DevServer, spool: SQLiteSpool, make_client: Any
+) -> None:
+    client = make_client(failure_store=spool, flush_interval=5.0)
+    ids = [
+        client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=i)
+        for i in range(1, 65)
+    ]
+    poisoned = ids[37]
+    backend.set_fault("reject", status=422, event_ids=[poisoned])
+    assert client.flush(10)
+    assert sorted(backend.event_ids()) == sorted(set(ids) - {poisoned})
+    [stored] = spool.claim(10, lease_seconds=0)
+    assert stored.event.event_id == poisoned
+    assert "422" in stored.last_error
+    assert backend.produce_requests <= 1 + 2 * 6  # a bisection, not one request per event
+
+
+def test_a_refusal_of_every_record_is_not_split_without_bound(
+    backend: DevServer, spool: SQLiteSpool, make_client: Any
+) -> None:
+    client = make_client(failure_store=spool, flush_interval=5.0)
+    for i in range(500):
+        client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=i)
+    backend.set_fault("reject", status=422)
+    assert client.flush(20)
+    assert backend.event_ids() == []
+    assert spool.pending_count() == 500  # every one kept, with the reason
+    assert backend.produce_requests <= 64 + 10  # the split budget, plus the open halves
