@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from meter_core.demo import run_demo
 
-            return int(run_demo())
+            return int(run_demo(print))
     except ConfigurationError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2

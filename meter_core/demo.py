@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from meter_core.client import MeterClient
@@ -23,19 +24,20 @@ TENANTS = ("acme", "globex", "initech")
 METERS = ("page.processed.basic", "report.generated.small", "chat.query.time_secs")
 
 
-def _table(values: list[dict[str, object]]) -> None:
+def _table(values: list[dict[str, object]], out: Callable[[str], object]) -> None:
     usage: collections.Counter[tuple[str, str]] = collections.Counter()
     for value in values:
         usage[(str(value.get("tenant_id")), str(value.get("meter_id")))] += int(
             value.get("total_usage", 0)  # type: ignore[call-overload]
         )
-    print(f"    {'tenant':<10} {'meter':<26} {'usage':>6}")
+    out(f"    {'tenant':<10} {'meter':<26} {'usage':>6}")
     for (tenant, meter), total in sorted(usage.items()):
-        print(f"    {tenant:<10} {meter:<26} {total:>6}")
+        out(f"    {tenant:<10} {meter:<26} {total:>6}")
 
 
-def run_demo() -> int:
-    """Run the tour; returns 0 when every event arrived exactly once."""
+def run_demo(out: Callable[[str], object]) -> int:
+    """Run the tour, writing each line with ``out`` (the command passes ``print``); returns
+    0 when every event arrived exactly once."""
     with tempfile.TemporaryDirectory() as tmp, DevServer() as backend:
         spool = SQLiteSpool(Path(tmp) / "meter-spool.db")
         client = MeterClient(
@@ -49,7 +51,7 @@ def run_demo() -> int:
             backoff_cap=0.2,
             timeout=2.0,
         )
-        print(f"1. local backend on {backend.url}; recording usage for {len(TENANTS)} tenants")
+        out(f"1. local backend on {backend.url}; recording usage for {len(TENANTS)} tenants")
         accepted: list[str] = []
         for i in range(30):
             accepted.append(
@@ -60,10 +62,10 @@ def run_demo() -> int:
                 )
             )
         client.flush(10)
-        print(f"   the backend holds {len(backend.records)} records:")
-        _table(backend.values())
+        out(f"   the backend holds {len(backend.records)} records:")
+        _table(backend.values(), out)
 
-        print("2. the backend goes down; usage keeps coming (record() never waits)")
+        out("2. the backend goes down; usage keeps coming (record() never waits)")
         backend.set_fault("down")
         started = time.perf_counter()
         for i in range(20):
@@ -71,28 +73,28 @@ def run_demo() -> int:
                 client.record(tenant_id=TENANTS[i % 3], meter_id=METERS[0], total_usage=1)
             )
         took_ms = (time.perf_counter() - started) * 1000
-        print(f"   20 record() calls took {took_ms:.2f} ms in all")
+        out(f"   20 record() calls took {took_ms:.2f} ms in all")
         client.flush(10)
         counts = spool.counts()["by_reason"]
-        print("   undelivered events, kept in the SQLite spool:")
+        out("   undelivered events, kept in the SQLite spool:")
         for reason, n in counts.items():
-            print(f"    {n:>4}  {reason[:100]}")
+            out(f"    {n:>4}  {reason[:100]}")
 
-        print("3. the backend is back; `meter retry --spool ...` resends the stored events")
+        out("3. the backend is back; `meter retry --spool ...` resends the stored events")
         backend.clear_fault()
         report = redeliver(spool, client)
-        print(f"   {report.summary()}")
+        out(f"   {report.summary()}")
         client.close()
 
         ids = backend.event_ids()
         counted = collections.Counter(ids)
         missing = set(accepted) - set(counted)
         duplicated = [i for i, n in counted.items() if n > 1]
-        print(
+        out(
             f"4. check: {len(accepted)} events accepted, {len(set(ids))} distinct event ids "
             f"received, {len(missing)} missing, {len(duplicated)} duplicated"
         )
         ok = not missing and not duplicated
-        print("   every event arrived exactly once" if ok else "   CHECK FAILED")
-        print("next: README.md (quickstarts), `meter devserver`, `meter spool --spool PATH`")
+        out("   every event arrived exactly once" if ok else "   CHECK FAILED")
+        out("next: README.md (quickstarts), `meter devserver`, `meter spool --spool PATH`")
         return 0 if ok else 1
