@@ -19,6 +19,9 @@ from meter_django.models import FailedMeterEvent
 from meter_django.retry import retry_events
 from meter_django.store import DatabaseFailureStore
 
+#: Most events the "retry now" action resends within one admin request.
+MAX_RETRY_NOW = 5000
+
 if TYPE_CHECKING:
     _ModelAdmin = admin.ModelAdmin[FailedMeterEvent]
 else:  # ModelAdmin is generic only in the type stubs
@@ -108,7 +111,17 @@ class FailedMeterEventAdmin(_ModelAdmin):
 
     @admin.action(description="Retry now (resend the selected events)")
     def retry_now(self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]) -> None:
-        ids = [str(i) for i in queryset.values_list("event_id", flat=True)]
+        # The resend runs inside this admin request: a selection of the whole table would
+        # keep it waiting for minutes. Larger backlogs are the retry command's job.
+        ids = [str(i) for i in queryset.values_list("event_id", flat=True)[: MAX_RETRY_NOW + 1]]
+        if len(ids) > MAX_RETRY_NOW:
+            self.message_user(
+                request,
+                f"Select at most {MAX_RETRY_NOW} events to retry from here; for more, run "
+                "`python manage.py retry_meter_events` (it takes --tenant and --meter).",
+                messages.WARNING,
+            )
+            return
         try:
             report = retry_events(event_ids=ids, batch_size=500)
         except (ConfigurationError, StoreError) as exc:

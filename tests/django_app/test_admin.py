@@ -96,3 +96,20 @@ def test_discard_gives_up_on_the_selected_events(
 def test_no_adding_rows_by_hand(admin_client: Client) -> None:
     response = admin_client.get(reverse("admin:meter_django_failedmeterevent_add"))
     assert response.status_code == 403
+
+
+def test_retry_now_refuses_a_selection_too_large_for_one_request(
+    admin_client: Client,
+    meter_settings: MeterSettings,
+    backend: DevServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from meter_django import admin as meter_admin
+
+    meter_settings()
+    monkeypatch.setattr(meter_admin, "MAX_RETRY_NOW", 2)
+    ids = _stored("acme", "acme", "acme")
+    response = _action(admin_client, "retry_now", ids)
+    assert "retry_meter_events" in response.content.decode()
+    assert backend.event_ids() == []  # nothing half-done
+    assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"failed"}
