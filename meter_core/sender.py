@@ -139,8 +139,8 @@ class Sender:
         self._stats.count_recorded()
         if self._thread is None:
             self._start()
-        if len(queue) >= self._config.batch_size:
-            self._wake.set()
+        if len(queue) >= self._config.batch_size and not self._wake.is_set():
+            self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
 
     def _overflow(self, event: UsageEvent) -> None:
         if self._store is not None:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 from django.db import transaction
 
-from meter_core import ConfigurationError, InvalidEvent, LogThrottle, MeterClient, UsageEvent
+from meter_core import ConfigurationError, LogThrottle, MeterClient, UsageEvent
 from meter_django.client import get_client
 from meter_django.conf import conf
 
@@ -61,19 +61,28 @@ def _keep_unsent(event: UsageEvent) -> None:
         )  # fmt: skip
 
 
-def _device_default() -> str | None:
-    try:
-        value = conf.option("device_id")
-    except ConfigurationError:
-        return None
-    return value if isinstance(value, str) else None
+def _event_builder() -> MeterClient:
+    """What builds and validates events when the settings cannot build the real client:
+    a client that sends nothing (no I/O, no thread), with the device and meter settings
+    that can still be read. Cached until the settings change."""
 
+    def build() -> MeterClient:
+        try:
+            device = conf.option("device_id")
+        except ConfigurationError:
+            device = None
+        try:
+            allow_unknown = conf.allow_unknown_meters
+        except ConfigurationError:
+            allow_unknown = False
+        return MeterClient(
+            transport="memory",
+            enabled=False,
+            device_id=device if isinstance(device, str) and device else None,
+            allow_unknown_meters=allow_unknown,
+        )
 
-def _allow_unknown() -> bool:
-    try:
-        return conf.allow_unknown_meters
-    except ConfigurationError:
-        return False
+    return conf.cached("event_builder", build)
 
 
 def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
@@ -111,25 +120,14 @@ def record_usage(
     ms) to now. ``using`` is the database whose transaction decides (default
     ``METER["DATABASE"]``). Never does network I/O. See the module docstring."""
     client = _client_or_none()
-    if client is None:
-        device = device_id or _device_default() or ""
-        if timestamp is None:
-            event = UsageEvent(
-                tenant_id, device, meter_id, total_usage,
-                metadata=metadata or {}, allow_unknown_meter=_allow_unknown(),
-            )  # fmt: skip
-        else:
-            event = UsageEvent(
-                tenant_id, device, meter_id, total_usage, timestamp,
-                metadata=metadata or {}, allow_unknown_meter=_allow_unknown(),
-            )  # fmt: skip
-        _keep_unsent(event)
-        return event.event_id
-    event = client.event(
+    event = (client or _event_builder()).event(
         tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
         device_id=device_id, metadata=metadata, timestamp=timestamp,
     )  # fmt: skip
-    submit(client, event, using=using)
+    if client is None:
+        _keep_unsent(event)
+    else:
+        submit(client, event, using=using)
     return event.event_id
 
 
@@ -146,19 +144,12 @@ def record_session(
     """Record an AI session boundary (exactly one of ``start_time`` / ``end_time``, epoch
     ms) with the same guarantees as :func:`record_usage`; returns the ``event_id``."""
     client = _client_or_none()
-    if client is None:
-        if start_time is None and end_time is None:
-            raise InvalidEvent("start_time", "a session event needs start_time or end_time")
-        event = UsageEvent(
-            tenant_id, device_id or _device_default() or "", meter_id, None,
-            start_time=start_time, end_time=end_time, metadata=metadata or {},
-            allow_unknown_meter=_allow_unknown(),
-        )  # fmt: skip
-        _keep_unsent(event)
-        return event.event_id
-    event = client.session_event(
+    event = (client or _event_builder()).session_event(
         tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,
         start_time=start_time, end_time=end_time, metadata=metadata,
     )  # fmt: skip
-    submit(client, event, using=using)
+    if client is None:
+        _keep_unsent(event)
+    else:
+        submit(client, event, using=using)
     return event.event_id
