@@ -183,13 +183,18 @@ class MeterMiddleware:
 
         if status not in self._success or not (self._has_rules or usage.entries):
             return
+        recorder = self._recorder
         try:
             built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
             if built is not None:
-                await self._recorder.submit(*built)
-                self._recorder.counters["metered_requests"] += 1
+                client, events = built
+                if recorder.durable(client):
+                    await recorder.submit(client, events)
+                else:
+                    recorder.submit_nowait(client, events)
+                recorder.counters["metered_requests"] += 1
         except Exception as exc:
-            self._recorder.internal_error("metering a request", exc)
+            recorder.internal_error("metering a request", exc)
 
     def _events(
         self,

@@ -205,21 +205,36 @@ class Recorder:
 
     # -- handing events over -----------------------------------------------------------
 
-    async def submit(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
-        """Enqueue ``events`` (no network I/O; in durable mode the store write runs in a
-        worker thread). Never raises: a failure is logged."""
+    def durable(self, client: MeterClient) -> bool:
+        """Whether ``client`` writes each event to its store as it is enqueued (a disk
+        write: :meth:`submit` then runs it in a worker thread)."""
+        if client is not self._durable_checked:
+            self._durable = bool(client.options["durable"])
+            self._durable_checked = client
+        return self._durable
+
+    def submit_nowait(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
+        """Enqueue ``events`` on a client that is not durable: appends to its queue, no
+        I/O, no await (the request path of every metered request). Never raises: a
+        failure is logged."""
+        counters = self.counters
         try:
-            if client is not self._durable_checked:
-                self._durable = bool(client.options["durable"])
-                self._durable_checked = client
-            if self._durable:
-                for event in events:
-                    await client.aenqueue(event)
-                    self.counters["events"] += 1
-            else:
-                for event in events:
-                    client.enqueue(event)
-                    self.counters["events"] += 1
+            for event in events:
+                client.enqueue(event)
+                counters["events"] += 1
+        except Exception as exc:
+            self.internal_error("enqueueing a usage event", exc)
+
+    async def submit(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
+        """Enqueue ``events`` on any client (no network I/O; in durable mode each store
+        write runs in a worker thread). Never raises: a failure is logged."""
+        if not self.durable(client):
+            self.submit_nowait(client, events)
+            return
+        try:
+            for event in events:
+                await client.aenqueue(event)
+                self.counters["events"] += 1
         except Exception as exc:
             self.internal_error("enqueueing a usage event", exc)
 

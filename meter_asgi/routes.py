@@ -156,11 +156,12 @@ class RouteMatcher:
     Compiled templates are cached per template string (bounded); reads are lock-free.
     """
 
-    __slots__ = ("_rules", "_templates")
+    __slots__ = ("_mount_types", "_rules", "_templates")
 
     def __init__(self, rules: RouteRules) -> None:
         self._rules = rules
         self._templates: dict[str, _Template] = {}
+        self._mount_types: dict[type, bool] = {}  # route class -> stands for a sub-app
 
     def specs(self, method: str, scope: Scope, path: str, root_path: str) -> tuple[MeterSpec, ...]:
         """The meters for ``method`` on this request. ``path`` and ``root_path`` are the
@@ -170,8 +171,7 @@ class RouteMatcher:
             path = path[len(root_path) :]
         route = scope.get("route")
         template = getattr(route, "path", None) if route is not None else None
-        # A Mount (it has .routes) stands for a whole sub-application: no template.
-        if type(template) is str and template[:1] == "/" and not hasattr(route, "routes"):
+        if type(template) is str and template[:1] == "/" and not self._is_mount(route):
             compiled = self._templates.get(template)
             if compiled is None:
                 compiled = _compile_template(template)
@@ -186,3 +186,14 @@ class RouteMatcher:
                     return rules.match_path(method, path[:start] + compiled.normalized)
                 start = path.find("/", start + 1)
         return rules.match_path(method, path)
+
+    def _is_mount(self, route: object) -> bool:
+        """Whether the route stands for a whole sub-application (a Mount or a Host: it
+        has ``.routes``), whose path is no template. Known once per route class."""
+        kind = type(route)
+        mount = self._mount_types.get(kind)
+        if mount is None:
+            mount = hasattr(route, "routes")
+            if len(self._mount_types) < _MAX_CACHED_TEMPLATES:
+                self._mount_types[kind] = mount
+        return mount

@@ -41,6 +41,7 @@ BeforeSend = Callable[[UsageEvent], "UsageEvent | None"]
 OnError = Callable[[Sequence[UsageEvent], BaseException], None]
 
 _clients: weakref.WeakSet[MeterClient] = weakref.WeakSet()
+_FORK_HOOK = hasattr(os, "register_at_fork")
 
 
 class MeterClient:
@@ -245,14 +246,9 @@ class MeterClient:
         timestamp: int | None = None,
     ) -> UsageEvent:
         """A validated volume/performance event (not sent). Raises InvalidEvent."""
-        if timestamp is None:
-            return UsageEvent(
-                tenant_id, self._device(device_id), meter_id, total_usage,
-                metadata=metadata, allow_unknown_meter=self.allow_unknown_meters,  # type: ignore[arg-type]
-            )  # fmt: skip
         return UsageEvent(
-            tenant_id, self._device(device_id), meter_id, total_usage, timestamp,
-            metadata=metadata, allow_unknown_meter=self.allow_unknown_meters,  # type: ignore[arg-type]
+            tenant_id, self._device(device_id), meter_id, total_usage, timestamp, metadata,
+            allow_unknown_meter=self.allow_unknown_meters,
         )  # fmt: skip
 
     def session_event(
@@ -271,7 +267,7 @@ class MeterClient:
             raise InvalidEvent("start_time", "a session event needs start_time or end_time")
         return UsageEvent(
             tenant_id, self._device(device_id), meter_id, None,
-            metadata=metadata, start_time=start_time, end_time=end_time,  # type: ignore[arg-type]
+            metadata=metadata, start_time=start_time, end_time=end_time,
             allow_unknown_meter=self.allow_unknown_meters,
         )  # fmt: skip
 
@@ -328,7 +324,9 @@ class MeterClient:
             logger.debug("metering disabled: event %s not sent", event.event_id)
             return
         sender = self._sender
-        if sender is None or sender.pid != os.getpid():
+        # (a forked child gets a new sender from the fork hook; the pid check is for
+        # platforms without one)
+        if sender is None or (not _FORK_HOOK and sender.pid != os.getpid()):
             sender = self._get_sender()
         sender.enqueue(event)
 
@@ -434,8 +432,8 @@ class MeterClient:
     def stats(self) -> dict[str, Any]:
         """Counters (see :class:`~meter_core.stats.DeliveryStats`) plus ``queue_depth``
         (events waiting in memory) and ``failed_in_memory`` (the in-memory failure list)."""
-        data = self._stats.snapshot()
         sender = self._sender
+        data = self._stats.snapshot(sender.queued if sender is not None else None)
         data["queue_depth"] = sender.depth() if sender is not None else 0
         data["failed_in_memory"] = len(self._fallback)
         return data

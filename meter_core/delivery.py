@@ -14,6 +14,7 @@ from meter_core.customers import CustomerCache
 from meter_core.errors import BackendUnavailable, DeliveryError
 from meter_core.events import UsageEvent
 from meter_core.transport import Transport
+from meter_core.wire import RecordEncoder
 
 __all__ = ["Outcome", "deliver_once"]
 
@@ -64,8 +65,10 @@ def deliver_once(
     in produce requests of at most ``max_records`` records and ``max_batch_bytes`` bytes.
     A per-record error of a 200 fails that record alone. Never raises DeliveryError."""
     outcome: Outcome[T] = Outcome()
-    batch: list[tuple[T, dict[str, Any]]] = []
+    batch: list[tuple[T, Any]] = []
     size = _BODY_OVERHEAD
+    produce_encoded = getattr(transport, "produce_encoded", None)
+    encode = _ENCODER.encode if callable(produce_encoded) else None
     # One answer per tenant per attempt: a failed lookup is not cached by the customer
     # cache, and asking again for each of a tenant's events would only multiply the wait.
     answers: dict[str, Any] = {}
@@ -81,16 +84,24 @@ def deliver_once(
         if isinstance(customer, DeliveryError):
             outcome.add_failure(customer, [item])
             continue
-        record = {"key": customer, "value": event.record_value(customer)}
-        record_size = _encoded_size_bound(event, customer, record) + _SEPARATOR
+        record: Any
+        if encode is not None:
+            record = encode(event, customer)
+            record_size = len(record) + _SEPARATOR  # ASCII: characters are bytes
+        else:
+            record = {"key": customer, "value": event.record_value(customer)}
+            record_size = _encoded_size_bound(event, customer, record) + _SEPARATOR
         if batch and (size + record_size > max_batch_bytes or len(batch) >= max_records):
-            _produce(batch, transport, outcome)
+            _produce(batch, transport, outcome, encoded=encode is not None)
             batch, size = [], _BODY_OVERHEAD
         batch.append((item, record))
         size += record_size
     if batch:
-        _produce(batch, transport, outcome)
+        _produce(batch, transport, outcome, encoded=encode is not None)
     return outcome
+
+
+_ENCODER = RecordEncoder()
 
 
 def _skeleton_size() -> int:
@@ -124,12 +135,18 @@ def _encoded_size_bound(event: UsageEvent, customer: Any, record: dict[str, Any]
 
 
 def _produce(
-    batch: list[tuple[T, dict[str, Any]]], transport: Transport, outcome: Outcome[T]
+    batch: list[tuple[T, Any]], transport: Transport, outcome: Outcome[T], *, encoded: bool
 ) -> None:
     items = [item for item, _ in batch]
+    records = [record for _, record in batch]
     outcome.batches += 1
     try:
-        result = transport.produce([record for _, record in batch])
+        produce = transport.produce_encoded if encoded else transport.produce  # type: ignore[attr-defined]
+        result = produce(records)
+        if len(result.records) != len(records):
+            raise BackendUnavailable(
+                f"the transport answered {len(result.records)} results for {len(records)} records"
+            )
     except DeliveryError as exc:
         if (
             not exc.retriable
@@ -141,8 +158,8 @@ def _produce(
             # or a body too large): halve it until the refusal falls on the records that
             # cause it, so the others in the batch still go through.
             middle = len(batch) // 2
-            _produce(batch[:middle], transport, outcome)
-            _produce(batch[middle:], transport, outcome)
+            _produce(batch[:middle], transport, outcome, encoded=encoded)
+            _produce(batch[middle:], transport, outcome, encoded=encoded)
             return
         outcome.add_failure(exc, items)
         return
@@ -150,7 +167,11 @@ def _produce(
         logger.exception("transport raised unexpectedly")
         outcome.add_failure(BackendUnavailable(f"transport error: {exc!r}"), items)
         return
-    for item, record_result in zip(items, result.records, strict=False):
+    results = result.records
+    if all(r.error_code is None for r in results):
+        outcome.delivered.extend(items)
+        return
+    for item, record_result in zip(items, results, strict=True):
         if record_result.ok:
             outcome.delivered.append(item)
         else:

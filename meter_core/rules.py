@@ -36,6 +36,7 @@ __all__ = ["MeterSpec", "RouteRules", "normalize_template"]
 _PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
 _METHOD = re.compile(r"[A-Z]+")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
+_MAX_CACHED_METHODS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,9 @@ class RouteRules:
         if not isinstance(rules, Mapping):
             raise ConfigurationError(f"routes: must be a mapping of rule -> meter, got {rules!r}")
         self._by_target: dict[str, list[_Rule]] = {}
+        # method -> {target: meters}, filled at first use of each method: a match is then
+        # one dict lookup (requests of unusual methods are not cached, see _for_method)
+        self._by_method: dict[str, dict[str, tuple[MeterSpec, ...]]] = {}
         self._path_rules: list[_Rule] = []
         self.has_header_usage = False
         self.has_sessions = False
@@ -176,10 +180,21 @@ class RouteRules:
         name) and ``method``; empty when none. One dict lookup when nothing matches."""
         if target is None:
             return ()
-        rules = self._by_target.get(target)
-        if not rules:
-            return ()
-        return _collect(rules, method)
+        table = self._by_method.get(method)
+        if table is None:
+            table = self._for_method(method)
+        return table.get(target, ())
+
+    def _for_method(self, method: str) -> dict[str, tuple[MeterSpec, ...]]:
+        table = {}
+        for target, rules in self._by_target.items():
+            meters = _collect(rules, method)
+            if meters:
+                table[target] = meters
+        # Any method word a client sends reaches here: keep the table bounded.
+        if len(self._by_method) < _MAX_CACHED_METHODS:
+            self._by_method[method] = table
+        return table
 
     def match_route(self, method: str, template: str | None) -> tuple[MeterSpec, ...]:
         """Meters for a framework's route template in any supported syntax."""

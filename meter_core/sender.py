@@ -97,6 +97,8 @@ class Sender:
         self._stats = stats
         self._on_error = on_error
         self._queue: deque[UsageEvent] = deque()
+        self._max_queue = config.max_queue
+        self._batch_size = config.batch_size
         self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
         self._seq = itertools.count()
         self._inflight: list[_Item] = []
@@ -130,16 +132,15 @@ class Sender:
             self._wake.set()
             return
         queue = self._queue
-        if len(queue) >= self._config.max_queue:
+        if len(queue) >= self._max_queue:
             self._overflow(event)
             return
-        queue.append(event)
+        queue.append(event)  # counted as recorded when taken off (see DeliveryStats.lock)
         if self._dropping:
             self._dropping = False
-        self._stats.count_recorded()
         if self._thread is None:
             self._start()
-        if len(queue) >= self._config.batch_size and not self._wake.is_set():
+        if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
 
     def _overflow(self, event: UsageEvent) -> None:
@@ -169,6 +170,10 @@ class Sender:
             if self._thread is None and not self._closed:
                 self._thread = threading.Thread(target=self._run, name="meter-sender", daemon=True)
                 self._thread.start()
+
+    def queued(self) -> int:
+        """Events in the queue, not yet taken by the sender thread."""
+        return len(self._queue)
 
     def depth(self) -> int:
         """Events waiting in memory: queued, scheduled for retry, or in flight."""
@@ -228,8 +233,7 @@ class Sender:
                 self._store.release(leased)
             except StoreError:
                 logger.exception("could not release %d leased events", len(leased))
-        while self._queue:
-            leftover.append(_Item(self._queue.popleft()))
+        self._take_from_queue(leftover, None)
         for _, _, batch in self._retries:
             leftover.extend(batch)
         self._retries.clear()
@@ -282,8 +286,8 @@ class Sender:
             _, _, batch = heapq.heappop(self._retries)
             items.extend(batch)
         queue = self._queue
-        while queue and len(items) < limit:
-            items.append(_Item(queue.popleft()))
+        if queue and len(items) < limit:
+            self._take_from_queue(items, limit)
         if (
             len(items) < limit
             and self._store is not None
@@ -291,6 +295,15 @@ class Sender:
         ):
             items.extend(self._claim_from_store(limit - len(items)))
         return items
+
+    def _take_from_queue(self, items: list[_Item], limit: int | None) -> None:
+        """Move queued events to ``items`` (until it holds ``limit``; None: all)."""
+        queue = self._queue
+        with self._stats.lock:
+            before = len(items)
+            while queue and (limit is None or len(items) < limit):
+                items.append(_Item(queue.popleft()))
+            self._stats.recorded += len(items) - before
 
     def _claim_from_store(self, limit: int) -> list[_Item]:
         assert self._store is not None

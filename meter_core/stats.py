@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -13,7 +14,8 @@ __all__ = ["DeliveryStats"]
 class DeliveryStats:
     """Counters since the client was created (in this process).
 
-    - ``recorded``: events accepted by ``record()``;
+    - ``recorded``: events accepted by ``record()`` (a queued event is counted when the
+      sender takes it off the queue; :meth:`snapshot` adds those still queued);
     - ``sent``: events the backend confirmed;
     - ``retried``: event retries scheduled (one event retried twice counts 2);
     - ``failed``: events that failed for good (non-retriable, or out of retries);
@@ -40,14 +42,22 @@ class DeliveryStats:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
-    def count_recorded(self) -> None:
-        """``add(recorded=1)``, for the caller's path of every event."""
-        with self._lock:
-            self.recorded += 1
+    @property
+    def lock(self) -> threading.Lock:
+        """The lock of the counters. The sender holds it while it takes events off its
+        queue and counts them as recorded, so that :meth:`snapshot` sees each queued
+        event exactly once (in the queue or in the count) without the caller's path
+        taking a lock for every event."""
+        return self._lock
 
     def error(self, text: str) -> None:
         self.last_error = text
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, queued: Callable[[], int] | None = None) -> dict[str, Any]:
+        """The counters; ``queued`` gives the events accepted but not yet taken off the
+        queue (counted in ``recorded``)."""
         with self._lock:
-            return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+            data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
+            if queued is not None:
+                data["recorded"] += queued()
+            return data

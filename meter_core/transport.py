@@ -31,6 +31,7 @@ from meter_core.wire import (
     ProduceResult,
     RecordResult,
     encode_records,
+    join_encoded_records,
     parse_customer_account,
     parse_produce_response,
 )
@@ -44,7 +45,13 @@ CustomerId = Any  # a str or int, exactly as the lookup API returned it
 
 @runtime_checkable
 class Transport(Protocol):
-    """What the client needs from the backend. Implementations must be thread-safe."""
+    """What the client needs from the backend. Implementations must be thread-safe.
+
+    A transport may also offer ``produce_encoded(records: Sequence[str]) ->
+    ProduceResult``, taking records already encoded as JSON text (by
+    :class:`~meter_core.wire.RecordEncoder`); the sender then uses it instead of
+    :meth:`produce`, which saves building a dict per record. :class:`HTTPTransport` does.
+    """
 
     def lookup_customer(self, tenant_id: str) -> CustomerId:
         """The customer id of ``tenant_id``. Raises CustomerNotFound when the tenant has no
@@ -134,9 +141,11 @@ class HTTPTransport:
         self._timeout = timeout
         self._pool_maxsize = pool_maxsize
         self._pid = os.getpid()
+        self._produce_base: tuple[requests.PreparedRequest, dict[str, Any]] | None = None
         self._session = self._new_session()
 
     def _new_session(self) -> requests.Session:
+        self._produce_base = None
         session = requests.Session()
         retry = Retry(
             total=2,
@@ -196,20 +205,43 @@ class HTTPTransport:
             )
 
     def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
-        body = encode_records(records)
+        return self._post_records(encode_records(records), len(records))
+
+    def produce_encoded(self, records: Sequence[str]) -> ProduceResult:
+        """:meth:`produce` for records already encoded as JSON text."""
+        return self._post_records(join_encoded_records(records), len(records))
+
+    def _post_records(self, body: bytes, count: int) -> ProduceResult:
         what = f"produce to {redact_url(self._produce_url)}"
         try:
-            response = self.session.post(
-                self._produce_url, data=body, headers=PRODUCE_HEADERS, timeout=self._timeout
-            )
+            session = self.session
+            base = self._produce_base
+            if base is None:
+                base = self._produce_base = self._prepare_produce(session)
+            template, settings = base
+            request = template.copy()
+            request.prepare_body(body, None)
+            response = session.send(request, timeout=self._timeout, **settings)
         except requests.Timeout as exc:
             raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
         except requests.RequestException as exc:
             raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
         with response:
             return parse_produce_response(
-                response.status_code, response.headers, response.content, len(records)
+                response.status_code, response.headers, response.content, count
             )
+
+    def _prepare_produce(
+        self, session: requests.Session
+    ) -> tuple[requests.PreparedRequest, dict[str, Any]]:
+        """The produce request without its body, and the session's settings from the
+        environment (proxies, CA bundle), both made once per session: ``session.post``
+        would read the environment and ``~/.netrc`` again for every batch."""
+        template = session.prepare_request(
+            requests.Request("POST", self._produce_url, headers=dict(PRODUCE_HEADERS))
+        )
+        settings = session.merge_environment_settings(self._produce_url, {}, None, None, None)
+        return template, dict(settings)
 
     def close(self) -> None:
         self._session.close()

@@ -20,14 +20,17 @@ from meter_core.errors import (
     DeliveryRejected,
     RateLimited,
 )
+from meter_core.events import UsageEvent
 from meter_core.retry import parse_retry_after
 
 __all__ = [
     "PRODUCE_HEADERS",
     "ProduceResult",
+    "RecordEncoder",
     "RecordResult",
     "encode_records",
     "error_for_status",
+    "join_encoded_records",
     "parse_customer_account",
     "parse_produce_response",
 ]
@@ -84,6 +87,56 @@ def encode_records(records: Sequence[Mapping[str, Any]]) -> bytes:
     """The produce request body. ``json.dumps`` with its default separators, as meter-lib
     0.1.0 sent through ``requests``, so the bytes of each value are the same."""
     return json.dumps({"records": records}).encode("utf-8")
+
+
+def join_encoded_records(records: Sequence[str]) -> bytes:
+    """The produce request body from records already encoded by :class:`RecordEncoder`:
+    the same bytes as :func:`encode_records` of the records they encode."""
+    return ('{"records": [' + ", ".join(records) + "]}").encode("ascii")
+
+
+_MAX_CACHED_FRAGMENTS = 10_000
+
+
+class RecordEncoder:
+    """Encodes the record of an event as ``json.dumps({"key": customer, "value":
+    event.record_value(customer)})`` does, byte for byte, at a fraction of its cost.
+
+    Tenants, devices, meters and customers repeat from event to event, so the JSON text
+    around the per-event fields (usage, time, metadata, id) is built once per
+    combination and cached (bounded). Session events are encoded by ``json.dumps``.
+    Safe to share between threads (a cache miss only builds a fragment twice).
+    """
+
+    def __init__(self) -> None:
+        self._fragments: dict[tuple[Any, str, str, str], tuple[str, str]] = {}
+
+    def encode(self, event: UsageEvent, customer: Any) -> str:
+        """The JSON text of the record (ASCII only: non-ASCII is escaped)."""
+        if event.total_usage is None or type(customer) not in (str, int):
+            return json.dumps({"key": customer, "value": event.record_value(customer)})
+        key = (customer, event.meter_id, event.tenant_id, event.device_id)
+        fragments = self._fragments.get(key)
+        if fragments is None:
+            fragments = self._build(key)
+        head, tail = fragments
+        metadata = event.metadata
+        meta = json.dumps(dict(metadata)) if metadata else "{}"
+        return (
+            f'{head}{event.total_usage}, "event_time": {event.event_time}, '
+            f'"metadata": {meta}, "event_id": "{event.event_id}{tail}'
+        )
+
+    def _build(self, key: tuple[Any, str, str, str]) -> tuple[str, str]:
+        customer, meter_id, tenant_id, device_id = key
+        c = json.dumps(customer)
+        m = json.dumps(meter_id)
+        head = f'{{"key": {c}, "value": {{"meter_id": {m}, "customer_id": {c}, "total_usage": '
+        tail = f'", "tenant_id": {json.dumps(tenant_id)}, "device_id": {json.dumps(device_id)}}}}}'
+        if len(self._fragments) >= _MAX_CACHED_FRAGMENTS:
+            self._fragments.clear()
+        self._fragments[key] = (head, tail)
+        return head, tail
 
 
 def _describe_body(content_type: str, body: bytes) -> str:
@@ -147,8 +200,13 @@ def parse_produce_response(
             f"produce answered HTTP {status} with {got} offsets for {record_count} records",
             status=status,
         )
-    results = []
+    results: list[RecordResult] = []
+    append = results.append
+    ok = RecordResult._make  # (tuple.__new__: a tenth of the cost of the constructor)
     for entry in offsets:
+        if type(entry) is dict and entry.get("error_code") is None:
+            append(ok((None, None, entry.get("partition"), entry.get("offset"))))
+            continue
         if not isinstance(entry, dict):
             results.append(RecordResult(error_code=50001, error=f"unreadable offset {entry!r}"))
             continue

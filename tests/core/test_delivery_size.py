@@ -34,12 +34,28 @@ def test_size_bound_stays_close_for_plain_events() -> None:
     assert _encoded_size_bound(event, "cust-1", record) <= 2 * len(json.dumps(record))
 
 
-def test_generated_event_ids_are_distinct_version_4_uuids() -> None:
+def test_generated_event_ids_are_distinct_canonical_uuids() -> None:
     import uuid
 
     ids = {UsageEvent("acme", "web", "page.processed.basic", 1).event_id for _ in range(20_000)}
     assert len(ids) == 20_000
     for text in list(ids)[:200]:
         parsed = uuid.UUID(text)
-        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.version == 8
         assert str(parsed) == text
+
+
+def test_event_ids_take_a_new_prefix_when_the_counter_would_wrap() -> None:
+    import itertools
+
+    from meter_core import events
+
+    ids = events._EventIds()
+    prefix, _ = ids.state
+    ids.state = (prefix, itertools.count(events._COUNTER_LIMIT - 1))
+    last = ids.new()
+    assert last == f"{prefix}{events._COUNTER_LIMIT - 1:012x}"
+    wrapped = ids.new()
+    assert not wrapped.startswith(prefix)
+    assert len(wrapped) == 36 and wrapped != last

@@ -113,3 +113,11 @@ def test_callable_usage_is_kept() -> None:
         "GET", "/x"
     )
     assert spec.usage is pages
+
+
+def test_lookups_by_method_stay_bounded_whatever_methods_clients_send() -> None:
+    rules = RouteRules({"POST /documents/{id}/scan": "page.processed.basic"})
+    for i in range(200):
+        assert rules.match(f"X{i}", "/documents/{}/scan") == ()
+    assert rules.match("POST", "/documents/{}/scan")[0].meter_id == "page.processed.basic"
+    assert len(rules._by_method) <= 32

@@ -318,10 +318,71 @@ def test_stats_report_queue_depth() -> None:
     for _ in range(7):
         client.record(**RECORD)
     assert client.stats()["queue_depth"] == 7
+    assert client.stats()["recorded"] == 7  # counted while still queued
     transport.gate.set()
     assert client.flush(5)
     assert client.stats()["queue_depth"] == 0
+    assert client.stats()["recorded"] == 7  # and not again once taken off the queue
+    assert client.stats()["sent"] == 7
     client.close()
+
+
+class EncodedTransport(MemoryTransport):
+    """Takes records as JSON text, as HTTPTransport does; keeps each request's body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[bytes] = []
+
+    def produce_encoded(self, records: Sequence[str]) -> ProduceResult:
+        from meter_core.wire import join_encoded_records
+
+        self.bodies.append(join_encoded_records(records))
+        return self.produce([json.loads(r) for r in records])
+
+
+def test_encoded_records_respect_max_batch_bytes_and_read_back_the_same() -> None:
+    transport = EncodedTransport()
+    client = client_with(transport, max_batch_bytes=4096)
+    try:
+        for i in range(60):
+            client.record(**RECORD, metadata={"note": "é" * 150, "i": str(i)})
+        assert client.flush(5)
+    finally:
+        client.close()
+    assert len(transport.bodies) > 1
+    assert max(len(b) for b in transport.bodies) <= 4096
+    notes = [v["metadata"]["i"] for v in transport.values()]
+    assert sorted(notes, key=int) == [str(i) for i in range(60)]
+
+
+class ShortAnswerTransport(MemoryTransport):
+    """Answers the first produce with one result fewer than it was given records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        self.calls += 1
+        result = super().produce(records)
+        if self.calls == 1:
+            return ProduceResult(body=result.body, records=result.records[:-1])
+        return result
+
+
+def test_a_transport_answering_too_few_results_gets_the_batch_retried_not_lost() -> None:
+    transport = ShortAnswerTransport()
+    client = client_with(transport, backoff_base=0.01, backoff_cap=0.02)
+    try:
+        ids = [client.record(**RECORD) for _ in range(5)]
+        assert client.flush(5)
+        stats = client.stats()
+    finally:
+        client.close()
+    assert stats["retried"] == 5 and stats["sent"] == 5 and stats["failed"] == 0
+    # all five were resent: the last write of each id is what the backend keeps
+    assert {v["event_id"] for v in transport.values()} == set(ids)
 
 
 def test_sender_thread_starts_lazily() -> None:

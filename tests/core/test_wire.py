@@ -10,9 +10,18 @@ from meter_core import (
     BackendUnavailable,
     CustomerNotFound,
     DeliveryRejected,
+    MeterClient,
     RateLimited,
+    UsageEvent,
 )
-from meter_core.wire import encode_records, parse_customer_account, parse_produce_response
+from meter_core.devserver import DevServer
+from meter_core.wire import (
+    RecordEncoder,
+    encode_records,
+    join_encoded_records,
+    parse_customer_account,
+    parse_produce_response,
+)
 
 JSON = {"Content-Type": "application/vnd.kafka.v2+json"}
 
@@ -104,3 +113,43 @@ def test_body_encoding_matches_json_dumps_defaults() -> None:
     records = [{"value": {"a": 1, "b": "é"}}]
     assert encode_records(records) == json.dumps({"records": records}).encode()
     assert encode_records(records) == b'{"records": [{"value": {"a": 1, "b": "\\u00e9"}}]}'
+
+
+ENCODER_CASES = [
+    (UsageEvent("acme", "web-1", "page.processed.basic", 3), "cust-1"),
+    (UsageEvent("acme", "web-1", "page.processed.basic", 0, 1_700_000_000_000), 42),
+    (UsageEvent('ténant "q" \\', "dév", "page.processed.basic", 10**15), "çust"),
+    (UsageEvent("acme", "web-1", "page.processed.basic", 1, metadata={"é": "\u2603"}), "c"),
+    (UsageEvent("acme", "web-1", "chat.on.time_hours", start_time=1_700_000_000_000), "c"),
+    (UsageEvent("acme", "web-1", "chat.on.time_hours", end_time=1_700_000_000_000), "c"),
+]
+
+
+@pytest.mark.parametrize(("event", "customer"), ENCODER_CASES)
+def test_record_encoder_gives_the_bytes_of_json_dumps(event: UsageEvent, customer: object) -> None:
+    encoder = RecordEncoder()
+    record = {"key": customer, "value": event.record_value(customer)}  # type: ignore[arg-type]
+    for _ in range(2):  # the second time from the cached fragments
+        text = encoder.encode(event, customer)
+        assert text == json.dumps(record)
+        assert text.isascii()
+    body = join_encoded_records([encoder.encode(event, customer)] * 2)
+    assert body == encode_records([record, record])
+
+
+def test_the_sender_posts_exactly_what_json_dumps_would(backend: DevServer) -> None:
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="dév-1")
+    try:
+        for i in range(20):
+            client.record(
+                tenant_id="acmé" if i % 2 else "acme", meter_id="page.processed.basic",
+                total_usage=i, metadata={"i": str(i)} if i % 3 else None,
+            )  # fmt: skip
+        assert client.flush(10)
+    finally:
+        client.close()
+    bodies = backend.raw_bodies
+    assert bodies
+    for raw in bodies:
+        assert raw == json.dumps(json.loads(raw)).encode()
+    assert sorted(v["total_usage"] for v in backend.values()) == list(range(20))
