@@ -221,33 +221,30 @@ class MeterMiddleware:
         if who is None:
             return None
         tenant, device = who
+        if device is None:
+            device = client.device_id
+        allow_unknown = client.allow_unknown_meters
         events: list[UsageEvent] = []
         try:
+            if device is None:
+                raise InvalidEvent("device_id", "is required (no resolver, no client default)")
+            # UsageEvent directly rather than client.event(): the same checks, one call less
+            # on the path of every metered request.
             for spec in specs:
                 amount = spec.usage
                 if spec.header is not None or type(amount) is not int:
                     amount = recorder.amount(spec, scope, status, raw_headers, header_usage)
                 if amount:
                     events.append(
-                        client.event(
-                            tenant_id=tenant,
-                            device_id=device,
-                            meter_id=spec.meter_id,
-                            total_usage=amount,
-                            metadata=spec.metadata or None,
-                        )
-                    )
+                        UsageEvent(tenant, device, spec.meter_id, amount, None,
+                                   spec.metadata or None, allow_unknown_meter=allow_unknown)
+                    )  # fmt: skip
             for meter_id, amount, metadata in usage.entries:
                 if amount:
                     events.append(
-                        client.event(
-                            tenant_id=tenant,
-                            device_id=device,
-                            meter_id=meter_id,
-                            total_usage=amount,
-                            metadata=metadata or None,
-                        )
-                    )
+                        UsageEvent(tenant, device, meter_id, amount, None, metadata or None,
+                                   allow_unknown_meter=allow_unknown)
+                    )  # fmt: skip
         except InvalidEvent as exc:
             # All or nothing: a request is never billed for part of its usage.
             recorder.invalid_event(f"{method} {path}", exc)
