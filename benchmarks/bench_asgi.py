@@ -38,9 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from _backend import backend_process, free_port
-
 ROOT = Path(__file__).resolve().parents[1]
+# The in-process table imports the packages here: measure this checkout's code, not
+# whichever copy is installed in the environment.
+sys.path.insert(0, str(ROOT))
+
+from _backend import backend_process, free_port  # noqa: E402
+
 PATH = "/documents/42/scan"
 SERVER_CPU = 0
 VARIANTS = ("baseline", "meter", "meter-nodelivery", "meter-idle", "moesif")
@@ -243,6 +247,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def sender_cpu_seconds(pid: int) -> float:
+    """CPU time used so far by the process's threads other than the main one (the event
+    loop's): in the meter variants, the meter sender thread."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if task.name == str(pid):
+            continue
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[str, Any]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
@@ -263,9 +282,11 @@ def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[st
                 capture_output=True, check=True,
             )  # fmt: skip
             cpu_before = cpu_seconds(server.pid)
+            sender_before = sender_cpu_seconds(server.pid)
             result = run_wrk(port, args.duration, args.connections)
         else:
             cpu_before = cpu_seconds(server.pid)
+            sender_before = sender_cpu_seconds(server.pid)
             load = subprocess.run(
                 [sys.executable, me, "--load", "--port", str(port), "--duration",
                  str(args.duration), "--connections", str(args.connections), "--warmup", "0"],
@@ -274,7 +295,9 @@ def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[st
             result = dict(json.loads(load.stdout))
         requests_served = result["rps"] * args.duration
         cpu = cpu_seconds(server.pid) - cpu_before
+        sender = sender_cpu_seconds(server.pid) - sender_before
         result["cpu_us"] = cpu / requests_served * 1e6 if requests_served else float("nan")
+        result["sender_us"] = sender / requests_served * 1e6 if requests_served else float("nan")
         return result
     finally:
         server.terminate()
@@ -341,7 +364,8 @@ def main() -> None:
                 result = measure(variant, args, url)
                 print(
                     f"  round {round_ + 1} {variant:<17} {result['rps']:9.0f} req/s "
-                    f"{result['cpu_us']:7.1f} CPU us/req",
+                    f"{result['cpu_us']:7.1f} CPU us/req "
+                    f"(sender thread {result['sender_us']:.1f})",
                     flush=True,
                 )
                 runs.setdefault(variant, []).append(result)
@@ -362,18 +386,21 @@ def main() -> None:
     print("CPU time (all threads, the meter sender's included) per request served, median;")
     print("loss by CPU: median of 1 - baseline CPU / variant CPU in the same round, the")
     print("steadier figure on a shared machine (a CPU-bound server's throughput loss).")
+    print("sender: the part of CPU us/req spent off the event loop's thread (in the meter")
+    print("variants, by the meter sender thread: delivery).")
     print()
     print(f"{'variant':<17} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'loss':>7} "
-          f"{'CPU us/req':>11} {'loss by CPU':>12}")  # fmt: skip
+          f"{'CPU us/req':>11} {'sender':>7} {'loss by CPU':>12}")  # fmt: skip
     for variant in chosen:
         r = best[variant]
         cpu = statistics.median(run["cpu_us"] for run in runs[variant])
+        sender = statistics.median(run["sender_us"] for run in runs[variant])
         first = variant == "baseline"
         loss = median_loss(variant, lambda base, run: 1 - run["rps"] / base["rps"])
         cpu_loss = median_loss(variant, lambda base, run: 1 - base["cpu_us"] / run["cpu_us"])
         print(
             f"{variant:<17} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-            f"{'-' if first else f'{loss:.1f} %':>7} {cpu:11.1f} "
+            f"{'-' if first else f'{loss:.1f} %':>7} {cpu:11.1f} {sender:7.1f} "
             f"{'-' if first else f'{cpu_loss:.1f} %':>12}"
         )
     print(f"\nevents the local backend received from the meter variant: {events}")

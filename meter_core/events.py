@@ -260,6 +260,11 @@ class UsageEvent:
     def __hash__(self) -> int:
         return hash(self.event_id)
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        # Pickle (and deepcopy) through to_dict(): the metadata mapping proxy cannot be
+        # pickled itself. The copy keeps the event_id.
+        return UsageEvent.from_dict, (self.to_dict(),)
+
     @property
     def is_session(self) -> bool:
         """True for an AI session boundary event (start or end)."""

@@ -150,3 +150,14 @@ def test_dict_round_trip_keeps_every_field_and_skips_the_catalog() -> None:
 def test_events_hash_by_event_id() -> None:
     event = make()
     assert {event: 1}[event] == 1
+
+
+def test_events_pickle_and_copy_with_their_id_and_metadata() -> None:
+    import copy
+    import pickle
+
+    for event in (make(metadata={"k": "v"}), make(meter_id="x.custom", allow_unknown_meter=True)):
+        for clone in (pickle.loads(pickle.dumps(event)), copy.deepcopy(event), copy.copy(event)):
+            assert clone == event
+            assert clone.event_id == event.event_id
+            assert dict(clone.metadata) == dict(event.metadata)
