@@ -147,11 +147,12 @@ class RouteMatcher:
     FastAPI set it inside the router, i.e. after this middleware was entered: call
     :meth:`specs` once the app has answered). Its template (``route.path``) is checked
     against the request path: when it describes the whole path, the meters are one dict
-    lookup away; when it describes only the end of it (a route of a mounted app or of an
-    included router whose prefix the route does not carry), the unexplained prefix is
-    kept as a concrete path in front of the template and matched with
-    :meth:`RouteRules.match_path`. Without a route (older Starlette, a bare ASGI app,
-    Django) the request path itself is matched against the templates.
+    lookup away; when it describes only the end of it (a route of a mounted app), the
+    prefix the mounts added to ``root_path`` is kept as a concrete path in front of the
+    template and matched with :meth:`RouteRules.match_path` (without such a root_path,
+    the prefix is the shortest one after which the template fits). Without a route
+    (older Starlette, a bare ASGI app, Django) the request path itself is matched
+    against the templates.
 
     Compiled templates are cached per template string (bounded); reads are lock-free.
     """
@@ -178,8 +179,18 @@ class RouteMatcher:
                 if len(self._templates) < _MAX_CACHED_TEMPLATES:
                     self._templates[template] = compiled
             regex = compiled.regex
+            # A route of a mounted app: Starlette's Mount has added its prefix to the
+            # scope's root_path, which says exactly where the template starts (a
+            # {rest:path} template would also describe the whole path).
+            mounted = scope.get("root_path", "")
+            if type(mounted) is str and len(mounted) > len(root_path):
+                prefix = mounted[len(root_path) :] if mounted.startswith(root_path) else ""
+                if prefix and path.startswith(prefix) and regex.fullmatch(path, len(prefix)):
+                    return rules.match_path(method, prefix + compiled.normalized)
             if regex.fullmatch(path) is not None:
                 return rules.match(method, compiled.normalized)
+            # Otherwise (an app that does not keep root_path), the first place in the
+            # path from which the template describes the rest of it.
             start = path.find("/", 1)
             while start > 0:
                 if regex.fullmatch(path, start) is not None:

@@ -199,6 +199,39 @@ def test_route_of_a_mounted_app_matches_its_full_template(
     assert value["meter_id"] == "page.processed.basic"
 
 
+def test_a_path_route_in_nested_mounts_gets_the_rule_of_its_full_template(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def download(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.path_params["rest"])
+
+    files = Starlette(routes=[Route("/{rest:path}", download)])
+    app = Starlette(routes=[Mount("/api", routes=[Mount("/files", app=files)])])
+    app.add_middleware(
+        MeterMiddleware,
+        client=meter_client,
+        tenant="acme",
+        routes={
+            "GET /api/files/{rest:path}": "page.processed.basic",
+            # the template alone also fits after /api: this rule must not be the one used
+            "GET /api/{x}": "page.processed.advanced",
+        },
+    )
+    server = serve(app)
+    assert http.get(f"{server.url}/api/files/a/b").text == "a/b"
+    assert http.get(f"{server.url}/api/files/c").text == "c"
+    values = wait_for_records(meter_backend, 2)
+    assert [v["meter_id"] for v in values] == ["page.processed.basic"] * 2
+
+
 def test_bare_asgi_app_is_matched_by_path(
     serve: Callable[..., LiveServer],
     meter_client: MeterClient,

@@ -61,6 +61,18 @@ def test_a_template_without_its_router_prefix_gets_the_prefix_from_the_path() ->
     assert meters(m, "GET", "/v2/reports/x", "/reports/{kind}") == []
 
 
+def test_the_prefix_of_a_mounted_route_comes_from_the_root_path_the_mounts_set() -> None:
+    m = matcher(
+        {"/api/files/{rest:path}": "page.processed.basic", "/api/{x}": "page.processed.advanced"}
+    )
+    route = FakeRoute("/{rest:path}")
+    # the mounts (/api, then /files) added their prefixes to root_path; the template alone
+    # would also fit after /api, which would be the wrong rule
+    scope: dict[str, Any] = {"route": route, "root_path": "/base/api/files"}
+    found = m.specs("GET", scope, "/base/api/files/a/b", "/base")
+    assert [s.meter_id for s in found] == ["page.processed.basic"]
+
+
 def test_without_a_resolved_route_the_path_is_matched() -> None:
     m = matcher({"POST /documents/{doc_id:int}/scan": "page.processed.basic"})
     assert meters(m, "POST", "/documents/9/scan") == ["page.processed.basic"]
