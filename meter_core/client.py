@@ -413,6 +413,15 @@ class MeterClient:
             return True
         return sender.flush(timeout)
 
+    def wake(self) -> None:
+        """Ask the background sender to look for work now, without waiting. For durable
+        events written inside a transaction: the sender looked when they were recorded,
+        before they were committed, and would otherwise find them only at its next poll
+        (``flush_interval``)."""
+        sender = self._sender
+        if sender is not None and sender.pid == os.getpid():
+            sender.wake()
+
     async def aflush(self, timeout: float | None = 10.0) -> bool:
         """:meth:`flush` without blocking the event loop."""
         return await asyncio.to_thread(self.flush, timeout)

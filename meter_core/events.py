@@ -82,6 +82,11 @@ class _EventIds:
         with self._lock:
             self.state = self._draw()
 
+    def reset_after_fork(self) -> None:
+        # A new lock, not the inherited one: a thread of the parent may have held it.
+        self._lock = threading.Lock()
+        self.state = self._draw()
+
     def new(self) -> str:
         prefix, counter = self.state
         n = next(counter)
@@ -93,7 +98,7 @@ class _EventIds:
 
 _EVENT_IDS = _EventIds()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_EVENT_IDS.renew)
+    os.register_at_fork(after_in_child=_EVENT_IDS.reset_after_fork)
 _new_event_id = _EVENT_IDS.new
 
 

@@ -171,6 +171,10 @@ class Sender:
                 self._thread = threading.Thread(target=self._run, name="meter-sender", daemon=True)
                 self._thread.start()
 
+    def wake(self) -> None:
+        """Make the sender thread run a cycle now (no-op before it started)."""
+        self._wake.set()
+
     def queued(self) -> int:
         """Events in the queue, not yet taken by the sender thread."""
         return len(self._queue)

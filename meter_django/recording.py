@@ -91,6 +91,9 @@ def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) 
     db = using or conf.database
     if client.enabled and conf.durable:
         client.enqueue(event)  # the store write joins the caller's transaction
+        if transaction.get_connection(db).in_atomic_block:
+            # the sender cannot see the row before the commit: tell it when there is one
+            transaction.on_commit(client.wake, using=db)
         return
     if transaction.get_connection(db).in_atomic_block:
         transaction.on_commit(lambda: _enqueue_after_commit(client, event), using=db)

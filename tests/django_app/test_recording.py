@@ -151,3 +151,16 @@ def test_misconfigured_settings_do_not_break_the_caller_and_keep_the_event(
     assert "misconfigured" in row.last_error
     with pytest.raises(InvalidEvent):
         record_usage(tenant_id="acme", meter_id="nope.nope", total_usage=1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_durable_events_go_out_at_the_commit_not_at_the_next_poll(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    meter_settings(DURABLE=True, FLUSH_INTERVAL=60)
+    with transaction.atomic():
+        first = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        # the sender is awake now, but the row is not committed: it sees nothing yet
+        time.sleep(0.3)
+    # woken by the commit: well before the next poll, 60 s away
+    _wait_for(lambda: backend.event_ids() == [first], timeout=10)
