@@ -1,6 +1,7 @@
 """Overhead of MeterMiddleware under load, against no middleware and against moesifasgi.
 
-The same trivial Starlette app runs under uvicorn in a subprocess, one variant at a time:
+The same trivial app (a Starlette route, or with ``--framework fastapi`` the same endpoint
+as a FastAPI path operation) runs under uvicorn in a subprocess, one variant at a time:
 
   baseline   no middleware
   meter      MeterMiddleware on the metered route, recording into the local backend
@@ -53,16 +54,28 @@ VARIANTS = ("baseline", "meter", "meter-nodelivery", "meter-idle", "moesif")
 # -- the server (child process) --------------------------------------------------------
 
 
-def build_app(variant: str, backend_url: str) -> Any:
+def build_app(variant: str, backend_url: str, framework: str = "starlette") -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
-    async def scan(request: Request) -> PlainTextResponse:
-        return PlainTextResponse("scanned")
+    app: Any
+    if framework == "fastapi":
+        from fastapi import FastAPI
 
-    app = Starlette(routes=[Route("/documents/{doc_id}/scan", scan)])
+        app = FastAPI()
+
+        @app.get("/documents/{doc_id}/scan", response_class=PlainTextResponse)
+        async def scan_doc(doc_id: int) -> str:
+            return "scanned"
+
+    else:
+
+        async def scan(request: Request) -> PlainTextResponse:
+            return PlainTextResponse("scanned")
+
+        app = Starlette(routes=[Route("/documents/{doc_id}/scan", scan)])
     if variant.startswith("meter"):
         from meter_asgi import MeterMiddleware
         from meter_core import MeterClient
@@ -88,11 +101,11 @@ def build_app(variant: str, backend_url: str) -> Any:
     return app
 
 
-def serve(variant: str, port: int, backend_url: str) -> None:
+def serve(variant: str, port: int, backend_url: str, framework: str) -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(variant, backend_url),
+        build_app(variant, backend_url, framework),
         host="127.0.0.1",
         port=port,
         log_level="error",
@@ -267,7 +280,18 @@ def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[st
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'benchmarks'}"}
     me = str(Path(__file__).resolve())
     server = subprocess.Popen(
-        [sys.executable, me, "--serve", variant, "--port", str(port), "--backend", backend_url],
+        [
+            sys.executable,
+            me,
+            "--serve",
+            variant,
+            "--port",
+            str(port),
+            "--backend",
+            backend_url,
+            "--framework",
+            args.framework,
+        ],
         env=env,
         preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CPU})) if args.pin else None,
         # moesifasgi configures the root logger and logs every failed send: keep it quiet
@@ -321,6 +345,12 @@ def main() -> None:
         "--variants", default=",".join(VARIANTS), help="comma-separated subset to run"
     )
     parser.add_argument("--costs-only", action="store_true", help="only the in-process table")
+    parser.add_argument(
+        "--framework",
+        choices=("starlette", "fastapi"),
+        default="starlette",
+        help="the app: a Starlette route, or the same endpoint as a FastAPI path operation",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -328,7 +358,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.serve:
-        serve(args.serve, args.port, args.backend)
+        serve(args.serve, args.port, args.backend, args.framework)
         return
     if args.load:
         print(json.dumps(asyncio.run(_load(args.port, args.duration, args.connections,
@@ -349,7 +379,7 @@ def main() -> None:
         print(f"app server pinned to CPU {SERVER_CPU}; load generator and backend on the others")
     print(
         f"{args.duration:g}s per run, {args.connections} connections, {args.rounds} round(s), "
-        f"load generator: {generator}, {os.cpu_count()} CPUs"
+        f"load generator: {generator}, {os.cpu_count()} CPUs, app: {args.framework}"
     )
     chosen = [v for v in VARIANTS if v in args.variants.split(",")]
     if "baseline" not in chosen:
