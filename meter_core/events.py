@@ -61,7 +61,7 @@ class _EventIds:
     ``os.urandom`` once per process, then a 48-bit counter that starts at a random
     offset. Two processes share a prefix with odds of about 1 in 10^22, and one process
     would need 2^47 events to wrap its counter (it then draws a new prefix). Formatting
-    one id costs a counter step and one string format, a tenth of a ``uuid4()``: this
+    one id costs a counter step and one string format, a fraction of a ``uuid4()``: this
     runs on the request path for every event. Thread-safe (``next()`` on a counter is
     atomic, and prefix and counter are swapped together); after ``fork`` the child draws
     its own prefix, so parent and child never make the same id.
