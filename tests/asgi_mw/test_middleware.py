@@ -310,3 +310,34 @@ def test_a_broken_usage_callable_is_logged_and_never_breaks_the_request(
     assert value["device_id"] == "web-1"
     assert app.stats["errors"] == 1
     assert "ZeroDivisionError" in caplog.text
+
+
+def test_djangos_asgi_handler_is_metered_by_path(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    from django.core.asgi import get_asgi_application
+
+    # Django puts no route in the scope: the request path is matched against the rules
+    app = MeterMiddleware(
+        get_asgi_application(),
+        client=meter_client,
+        tenant="acme",
+        routes={
+            "GET /ok/": "page.processed.basic",
+            "/documents/{pk}/scan": "page.processed.advanced",
+            "/failing/": "report.generated.small",
+        },
+    )
+    server = serve(app, lifespan="off")
+    # not metered first, so that they were handled when the metered ones' records arrive
+    assert http.get(f"{server.url}/failing/").status_code == 400  # not a success
+    assert http.post(f"{server.url}/ok/").is_success  # another method
+    assert http.get(f"{server.url}/ok/").text == "ok"
+    assert http.get(f"{server.url}/documents/7/scan").text == "scanned"
+    wait_for_records(meter_backend, 2)
+    values = settled(meter_backend, meter_client)
+    assert [v["meter_id"] for v in values] == ["page.processed.basic", "page.processed.advanced"]
+    assert app.stats["metered_requests"] == 2
