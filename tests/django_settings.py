@@ -7,6 +7,7 @@ server at ``METER_TEST_PG_HOST`` (default 127.0.0.1:5432, user postgres, trust a
 from __future__ import annotations
 
 import os
+import tempfile
 
 SECRET_KEY = "tests-only-not-secret"
 DEBUG = False
@@ -60,7 +61,21 @@ if os.environ.get("METER_TEST_DB") == "postgres":
         }
     }
 else:
-    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    # A file, not ":memory:": Django's in-memory test database uses SQLite's shared cache,
+    # where a table another connection (the meter sender thread's) has locked fails at
+    # once instead of waiting for the busy timeout as a file database, the one apps
+    # run on, does.
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": ":memory:",
+            "TEST": {
+                "NAME": os.path.join(
+                    tempfile.gettempdir(), f"litewave-meter-tests-{os.getpid()}.sqlite3"
+                )
+            },
+        }
+    }
 
 # The tests point the client at the local backend per test; this default keeps the app
 # quiet (no network) wherever a test does not.
