@@ -4,6 +4,8 @@ The same trivial app (a Starlette route, or with ``--framework fastapi`` the sam
 as a FastAPI path operation) runs under uvicorn in a subprocess, one variant at a time:
 
   baseline   no middleware
+  floor      a pure ASGI middleware that only reads the response status (StatusObserver
+             below): the least any middleware metering by status can cost
   meter      MeterMiddleware on the metered route, recording into the local backend
              (its own process, see _backend.py); every request becomes one event
   meter-nodelivery  the same, with a disabled client: each event is built and validated,
@@ -48,7 +50,33 @@ from _backend import backend_process, free_port  # noqa: E402
 
 PATH = "/documents/42/scan"
 SERVER_CPU = 0
-VARIANTS = ("baseline", "meter", "meter-nodelivery", "meter-idle", "moesif")
+VARIANTS = ("baseline", "floor", "meter", "meter-nodelivery", "meter-idle", "moesif")
+
+
+class StatusObserver:
+    """The least a metering middleware must do: a pure ASGI wrapper that reads the
+    response status from ``send``. No route lookup, no event: the reference for the
+    cost of any middleware of this kind (variant ``floor``)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.statuses = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def observe(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        await self.app(scope, receive, observe)
+        if 200 <= status < 300:
+            self.statuses += 1
 
 
 # -- the server (child process) --------------------------------------------------------
@@ -93,6 +121,8 @@ def build_app(variant: str, backend_url: str, framework: str = "starlette") -> A
             routes={metered: "page.processed.basic"},
             tenant="bench-tenant",
         )
+    elif variant == "floor":
+        app.add_middleware(StatusObserver)
     elif variant == "moesif":
         from moesifasgi import MoesifMiddleware
 

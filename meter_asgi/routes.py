@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from meter_asgi.types import Scope
@@ -31,6 +31,8 @@ HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTI
 _METHOD_WORD = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _MAX_CACHED_TEMPLATES = 4096
+_MAX_METHODS_PER_ROUTE = 16  # any method word a client sends reaches the cache
+_PATH_PARAM = re.compile(r"\{[^{}]*:path\}")
 
 
 def compile_routes(routes: object, *, allow_unknown_meters: bool) -> RouteRules:
@@ -118,6 +120,14 @@ def _header_of(spec: Any) -> Any:
     return None
 
 
+@dataclass(slots=True)
+class _KnownRoute:
+    route: object  # the framework's route object (kept: its id is the cache key)
+    slashes: int  # "/" in its template, which has no {x:path} parameter
+    normalized: str
+    by_method: dict[str, tuple[MeterSpec, ...]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class _Template:
     normalized: str  # every parameter written {}, as RouteRules keys its templates
@@ -154,15 +164,19 @@ class RouteMatcher:
     (older Starlette, a bare ASGI app, Django) the request path itself is matched
     against the templates.
 
-    Compiled templates are cached per template string (bounded); reads are lock-free.
+    Compiled templates are cached per template string, and the answer for a route object
+    that described the whole path is cached per route and method (both bounded): the
+    next request routed to it costs a few dict lookups (see :meth:`_remember`). Reads are
+    lock-free.
     """
 
-    __slots__ = ("_mount_types", "_rules", "_templates")
+    __slots__ = ("_mount_types", "_routes", "_rules", "_templates")
 
     def __init__(self, rules: RouteRules) -> None:
         self._rules = rules
         self._templates: dict[str, _Template] = {}
         self._mount_types: dict[type, bool] = {}  # route class -> stands for a sub-app
+        self._routes: dict[int, _KnownRoute] = {}  # id(route) -> its template and meters
 
     def specs(self, method: str, scope: Scope, path: str, root_path: str) -> tuple[MeterSpec, ...]:
         """The meters for ``method`` on this request. ``path`` and ``root_path`` are the
@@ -171,7 +185,22 @@ class RouteMatcher:
         if root_path and path.startswith(root_path):
             path = path[len(root_path) :]
         route = scope.get("route")
-        template = getattr(route, "path", None) if route is not None else None
+        if route is None:
+            return rules.match_path(method, path)
+        known = self._routes.get(id(route))
+        if (
+            known is not None
+            and known.route is route
+            and known.slashes == path.count("/")
+            and scope.get("root_path", "") == root_path
+        ):
+            found = known.by_method.get(method)
+            if found is None:
+                found = rules.match(method, known.normalized)
+                if len(known.by_method) < _MAX_METHODS_PER_ROUTE:
+                    known.by_method[method] = found
+            return found
+        template = getattr(route, "path", None)
         if type(template) is str and template[:1] == "/" and not self._is_mount(route):
             compiled = self._templates.get(template)
             if compiled is None:
@@ -188,6 +217,8 @@ class RouteMatcher:
                 if prefix and path.startswith(prefix) and regex.fullmatch(path, len(prefix)):
                     return rules.match_path(method, prefix + compiled.normalized)
             if regex.fullmatch(path) is not None:
+                if mounted == root_path:
+                    self._remember(route, template, compiled)
                 return rules.match(method, compiled.normalized)
             # Otherwise (an app that does not keep root_path), the first place in the
             # path from which the template describes the rest of it.
@@ -197,6 +228,19 @@ class RouteMatcher:
                     return rules.match_path(method, path[:start] + compiled.normalized)
                 start = path.find("/", start + 1)
         return rules.match_path(method, path)
+
+    def _remember(self, route: object, template: str, compiled: _Template) -> None:
+        """Keep the route's normalized template for the next requests routed to it.
+
+        Only a template without ``{x:path}`` parameters: it matches paths of exactly as
+        many slashes as it has, so a later path with that many slashes, which the
+        framework routed to this route, is described by the template as a whole (a
+        prefix before it would add a slash). Such paths skip the regex."""
+        if _PATH_PARAM.search(template) or len(self._routes) >= _MAX_CACHED_TEMPLATES:
+            return
+        # The route object itself is kept with its id: an id is only reused once the
+        # object is gone, and this reference keeps it alive.
+        self._routes[id(route)] = _KnownRoute(route, template.count("/"), compiled.normalized)
 
     def _is_mount(self, route: object) -> bool:
         """Whether the route stands for a whole sub-application (a Mount or a Host: it

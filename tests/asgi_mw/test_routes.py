@@ -73,6 +73,45 @@ def test_the_prefix_of_a_mounted_route_comes_from_the_root_path_the_mounts_set()
     assert [s.meter_id for s in found] == ["page.processed.basic"]
 
 
+def test_a_route_seen_before_gives_the_same_meters_per_method() -> None:
+    m = matcher({"POST /items/{item_id}": "page.processed.basic"})
+    route = FakeRoute("/items/{item_id}")
+    for _ in range(3):  # the first call compiles and remembers, the others hit the cache
+        for method, expected in (("POST", ["page.processed.basic"]), ("GET", [])):
+            found = m.specs(method, {"route": route}, "/items/7", "")
+            assert [s.meter_id for s in found] == expected
+
+
+def test_a_remembered_route_reached_under_a_prefix_is_not_taken_as_the_whole_path() -> None:
+    m = matcher(
+        {
+            "GET /reports/{kind}": "report.generated.small",
+            "GET /v1/reports/{kind}": "page.processed.basic",
+        }
+    )
+    route = FakeRoute("/reports/{kind}")
+    assert [s.meter_id for s in m.specs("GET", {"route": route}, "/reports/x", "")] == [
+        "report.generated.small"
+    ]
+    # the same route object, reached by an app that strips /v1 without setting root_path
+    found = m.specs("GET", {"route": route}, "/v1/reports/x", "")
+    assert [s.meter_id for s in found] == ["page.processed.basic"]
+    # ...and by a mount that did set root_path
+    found = m.specs("GET", {"route": route, "root_path": "/v1"}, "/v1/reports/x", "")
+    assert [s.meter_id for s in found] == ["page.processed.basic"]
+
+
+def test_the_per_route_cache_stays_bounded_whatever_methods_clients_send() -> None:
+    m = matcher({"POST /items/{item_id}": "page.processed.basic"})
+    route = FakeRoute("/items/{item_id}")
+    for n in range(200):
+        assert m.specs(f"X{n}", {"route": route}, "/items/7", "") == ()
+    assert [s.meter_id for s in m.specs("POST", {"route": route}, "/items/7", "")] == [
+        "page.processed.basic"
+    ]
+    assert all(len(known.by_method) <= 16 for known in m._routes.values())
+
+
 def test_without_a_resolved_route_the_path_is_matched() -> None:
     m = matcher({"POST /documents/{doc_id:int}/scan": "page.processed.basic"})
     assert meters(m, "POST", "/documents/9/scan") == ["page.processed.basic"]
