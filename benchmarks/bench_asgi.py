@@ -1,7 +1,9 @@
 """Overhead of MeterMiddleware under load, against no middleware and against moesifasgi.
 
 The same trivial app (a Starlette route, or with ``--framework fastapi`` the same endpoint
-as a FastAPI path operation) runs under uvicorn in a subprocess, one variant at a time:
+as a FastAPI path operation) runs under uvicorn in a subprocess, one variant at a time.
+``--work-us N`` makes the endpoint spend N µs of CPU per request first (an endpoint that
+does some work, against the trivial one). The variants:
 
   baseline   no middleware
   floor      a pure ASGI middleware that only reads the response status (StatusObserver
@@ -82,7 +84,20 @@ class StatusObserver:
 # -- the server (child process) --------------------------------------------------------
 
 
-def build_app(variant: str, backend_url: str, framework: str = "starlette") -> Any:
+def burn_cpu(micros: float) -> None:
+    """Spend ``micros`` µs of this thread's CPU time (not wall time: time spent waiting
+    for the GIL, while another thread runs, does not count)."""
+    if micros <= 0:
+        return
+    clock = time.thread_time
+    end = clock() + micros / 1e6
+    while clock() < end:
+        pass
+
+
+def build_app(
+    variant: str, backend_url: str, framework: str = "starlette", work_us: float = 0.0
+) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import PlainTextResponse
@@ -96,11 +111,13 @@ def build_app(variant: str, backend_url: str, framework: str = "starlette") -> A
 
         @app.get("/documents/{doc_id}/scan", response_class=PlainTextResponse)
         async def scan_doc(doc_id: int) -> str:
+            burn_cpu(work_us)
             return "scanned"
 
     else:
 
         async def scan(request: Request) -> PlainTextResponse:
+            burn_cpu(work_us)
             return PlainTextResponse("scanned")
 
         app = Starlette(routes=[Route("/documents/{doc_id}/scan", scan)])
@@ -131,11 +148,11 @@ def build_app(variant: str, backend_url: str, framework: str = "starlette") -> A
     return app
 
 
-def serve(variant: str, port: int, backend_url: str, framework: str) -> None:
+def serve(variant: str, port: int, backend_url: str, framework: str, work_us: float) -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(variant, backend_url, framework),
+        build_app(variant, backend_url, framework, work_us),
         host="127.0.0.1",
         port=port,
         log_level="error",
@@ -321,6 +338,8 @@ def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[st
             backend_url,
             "--framework",
             args.framework,
+            "--work-us",
+            str(args.work_us),
         ],
         env=env,
         preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CPU})) if args.pin else None,
@@ -381,6 +400,12 @@ def main() -> None:
         default="starlette",
         help="the app: a Starlette route, or the same endpoint as a FastAPI path operation",
     )
+    parser.add_argument(
+        "--work-us",
+        type=float,
+        default=0.0,
+        help="µs of CPU the endpoint spends per request (default 0: the trivial endpoint)",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -388,7 +413,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.serve:
-        serve(args.serve, args.port, args.backend, args.framework)
+        serve(args.serve, args.port, args.backend, args.framework, args.work_us)
         return
     if args.load:
         print(json.dumps(asyncio.run(_load(args.port, args.duration, args.connections,
@@ -410,6 +435,7 @@ def main() -> None:
     print(
         f"{args.duration:g}s per run, {args.connections} connections, {args.rounds} round(s), "
         f"load generator: {generator}, {os.cpu_count()} CPUs, app: {args.framework}"
+        + (f", endpoint work {args.work_us:g} µs CPU" if args.work_us else "")
     )
     chosen = [v for v in VARIANTS if v in args.variants.split(",")]
     if "baseline" not in chosen:
