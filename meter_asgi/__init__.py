@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from meter_asgi.middleware import MeterMiddleware
-from meter_asgi.resolvers import Resolver, from_header, from_path_param, from_user
+from meter_asgi.resolvers import Resolver, from_header, from_path_param, from_state, from_user
 
 if TYPE_CHECKING:
     from meter_asgi.dependencies import meter_usage
@@ -30,6 +30,7 @@ __all__ = [
     "Resolver",
     "from_header",
     "from_path_param",
+    "from_state",
     "from_user",
     "meter_usage",
 ]

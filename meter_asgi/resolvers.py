@@ -4,12 +4,13 @@
 
 - a constant id (``"acme"``), checked when the middleware is built;
 - a callable ``(scope) -> str | None``;
-- a resolver made here: :func:`from_user`, :func:`from_path_param`, :func:`from_header`.
+- a resolver made here: :func:`from_user`, :func:`from_state`, :func:`from_path_param`,
+  :func:`from_header`.
 
 Resolvers run after the app has handled the request (for a websocket session: when the
 app accepts the connection), so they see what the app's routing and authentication put
-in the scope (``scope["user"]``, ``scope["path_params"]``). ``None`` or ``""`` means "no
-id": the request is not metered and is counted as untenanted.
+in the scope (``scope["user"]``, ``request.state``, ``scope["path_params"]``). ``None``
+or ``""`` means "no id": the request is not metered and is counted as untenanted.
 
 A request header is the one source a client controls completely, so :func:`from_header`
 refuses to build a resolver unless the app states that a gateway it runs sets (and
@@ -25,7 +26,7 @@ from typing import Any
 from meter_asgi.types import Scope
 from meter_core import ConfigurationError, InvalidEvent, validate_identifier
 
-__all__ = ["Resolver", "from_header", "from_path_param", "from_user"]
+__all__ = ["Resolver", "from_header", "from_path_param", "from_state", "from_user"]
 
 ResolverFunc = Callable[[Scope], Any]
 
@@ -85,6 +86,33 @@ def from_user(attr: str = "tenant_id") -> Resolver:
         return getattr(user, attr, None)
 
     return Resolver(resolve, f"from_user({attr!r})")
+
+
+def from_state(attr: str) -> Resolver:
+    """The id the app put on ``request.state`` while handling the request, as a FastAPI
+    dependency or a Starlette middleware that authenticates the caller does
+    (``request.state.tenant_id = ...``). A dotted ``attr`` follows attributes (or
+    mapping keys) from there: ``from_state("user.tenant_id")`` reads
+    ``request.state.user.tenant_id``. ``None`` when any step is missing.
+
+    ``request.state`` is the scope's ``"state"`` dict (Starlette and FastAPI keep it
+    there), which the middleware makes sure exists before the app runs. The app writes
+    it, not the client: an id found there is as trustworthy as the code that set it.
+    """
+    attr = _name("from_state(attr)", attr)
+    steps = attr.split(".")
+    if not all(step.strip() for step in steps):
+        raise ConfigurationError(f"from_state(attr): {attr!r} has an empty step")
+
+    def resolve(scope: Scope) -> Any:
+        value: Any = scope.get("state")
+        for step in steps:
+            if value is None:
+                return None
+            value = value.get(step) if isinstance(value, Mapping) else getattr(value, step, None)
+        return value
+
+    return Resolver(resolve, f"from_state({attr!r})")
 
 
 def from_path_param(name: str) -> Resolver:
@@ -149,7 +177,7 @@ def compile_resolver(option: str, value: object) -> tuple[str | None, Resolver |
         return None, Resolver(value, f"{option} callable {name}")
     raise ConfigurationError(
         f"{option}: must be an id (str), a callable (scope) -> str | None, or a resolver "
-        f"(from_user, from_path_param, from_header), got {value!r}"
+        f"(from_user, from_state, from_path_param, from_header), got {value!r}"
     )
 
 

@@ -9,8 +9,16 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI, Request
 
-from meter_asgi import MeterMiddleware, Resolver, from_header, from_path_param, from_user
+from meter_asgi import (
+    MeterMiddleware,
+    Resolver,
+    from_header,
+    from_path_param,
+    from_state,
+    from_user,
+)
 from meter_core import ConfigurationError, MeterClient
 from meter_core.devserver import DevServer
 from tests.asgi_mw import apps
@@ -74,6 +82,21 @@ def test_resolver_names_are_checked(bad: Any) -> None:
         from_user(bad)
     with pytest.raises(ConfigurationError):
         from_path_param(bad)
+    with pytest.raises(ConfigurationError):
+        from_state(bad)
+
+
+def test_from_state_reads_what_the_app_put_on_request_state() -> None:
+    assert from_state("tenant_id")({"state": {"tenant_id": "acme"}}) == "acme"
+    nested = from_state("user.tenant_id")
+    assert nested({"state": {"user": apps.User("globex")}}) == "globex"
+    assert nested({"state": {"user": {"tenant_id": "initech"}}}) == "initech"
+    # any missing step: no id (the request is counted as untenanted)
+    assert nested({"state": {}}) is None
+    assert nested({"state": {"user": None}}) is None
+    assert nested({}) is None
+    with pytest.raises(ConfigurationError, match="empty step"):
+        from_state("user..tenant_id")
 
 
 # -- served: which tenant is billed ----------------------------------------------------
@@ -115,6 +138,39 @@ def test_a_trusted_gateway_header_sets_the_tenant(
     assert http.post(server.url + SCAN, headers={"x-gw-tenant": "initech"}).is_success
     (value,) = wait_for_records(meter_backend, 1)
     assert value["tenant_id"] == "initech"
+
+
+def test_tenant_set_on_request_state_by_a_fastapi_dependency(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    def authenticate(request: Request) -> None:  # stands in for checking a token
+        tenant = request.headers.get("x-test-user")
+        request.state.user = apps.User(tenant) if tenant else None
+
+    app = FastAPI(dependencies=[Depends(authenticate)])
+
+    @app.post("/documents/{doc_id}/scan")
+    async def scan(doc_id: str) -> dict[str, str]:
+        return {"scanned": doc_id}
+
+    app.add_middleware(
+        MeterMiddleware,
+        client=meter_client,
+        routes={"POST /documents/{doc_id}/scan": "page.processed.basic"},
+        tenant=from_state("user.tenant_id"),
+    )
+    server = serve(app)
+    assert http.post(server.url + SCAN, headers={"x-test-user": "hooli"}).is_success
+    assert http.post(server.url + SCAN).is_success  # no user: not metered
+    (value,) = wait_for_records(meter_backend, 1)
+    assert value["tenant_id"] == "hooli"
+    middleware = app.middleware_stack
+    while not isinstance(middleware, MeterMiddleware):
+        middleware = middleware.app
+    assert middleware.stats["untenanted"] == 1
 
 
 def test_tenant_from_a_path_parameter_and_device_from_a_callable(
