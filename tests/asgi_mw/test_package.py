@@ -16,8 +16,8 @@ from tests.asgi_mw import apps
 
 def test_all_is_exactly_the_documented_api() -> None:
     assert sorted(meter_asgi.__all__) == sorted(
-        ["MeterMiddleware", "meter_usage", "from_header", "from_user", "from_path_param",
-         "Resolver"]
+        ["MeterMiddleware", "meter_usage", "from_header", "from_user", "from_state",
+         "from_path_param", "Resolver"]
     )  # fmt: skip
     for name in meter_asgi.__all__:
         assert getattr(meter_asgi, name) is not None
