@@ -10,7 +10,10 @@ Both framework adapters compile their settings here, once, at start-up:
     })
 
 A key is an optional method list (``GET`` or ``GET,POST``) and either a route template
-starting with ``/`` or a view name. Templates may be written in Starlette (``{id}``,
+starting with ``/`` or a view name. A key without methods applies to every method except
+``OPTIONS``: a CORS preflight or a capability probe, which a CORS middleware or Django's
+class-based views answer with a 200, never does the route's work and must not be billed
+(write ``"OPTIONS /x"`` to meter one). Templates may be written in Starlette (``{id}``,
 ``{id:int}``) or Django (``<int:id>``) syntax; both compile to the same form, so a rule
 matches the template a framework resolved with one dict lookup. For apps without a
 router, :meth:`RouteRules.match_path` matches a concrete path against the templates.
@@ -37,6 +40,8 @@ _PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
 _METHOD = re.compile(r"[A-Z]+")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _MAX_CACHED_METHODS = 32
+# Methods a rule without a method list does not apply to (see the module docstring).
+_NOT_IMPLIED_METHODS = frozenset({"OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +219,9 @@ class RouteRules:
 
 def _collect(rules: list[_Rule], method: str) -> tuple[MeterSpec, ...]:
     out: list[MeterSpec] = []
+    implied = method not in _NOT_IMPLIED_METHODS
     for rule in rules:
-        if rule.methods is None or method in rule.methods:
+        if method in rule.methods if rule.methods is not None else implied:
             out.extend(rule.meters)
     return tuple(out)
 

@@ -341,3 +341,40 @@ def test_djangos_asgi_handler_is_metered_by_path(
     values = settled(meter_backend, meter_client)
     assert [v["meter_id"] for v in values] == ["page.processed.basic", "page.processed.advanced"]
     assert app.stats["metered_requests"] == 2
+
+
+def test_a_cors_preflight_is_not_billed_by_a_rule_without_methods(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    origin = "https://app.example"
+    app = apps.fastapi_app()
+    # inside the metering middleware, so it answers the preflight before any route runs
+    app.add_middleware(CORSMiddleware, allow_origins=[origin], allow_methods=["*"],
+                       allow_headers=["*"])  # fmt: skip
+    app.add_middleware(apps.FakeAuth)
+    app.add_middleware(
+        MeterMiddleware,
+        client=meter_client,
+        routes={
+            "/documents/{doc_id}/scan": "page.processed.basic",  # any method...
+            "POST /marker": "template.licensed.total",
+        },
+    )
+    server = serve(app)
+    url = f"{server.url}/documents/d-1/scan"
+    preflight = http.options(
+        url,
+        headers={"origin": origin, "access-control-request-method": "POST",
+                 "access-control-request-headers": "x-test-user", **ACME},
+    )  # fmt: skip
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == origin
+    assert http.post(url, headers={"origin": origin, **ACME}).is_success
+    values = marker_then_values(meter_backend, http, f"{server.url}/marker")
+    # ...but OPTIONS: the preflight did no work, only the call itself is billed
+    assert [(v["meter_id"], v["tenant_id"]) for v in values] == [("page.processed.basic", "acme")]

@@ -70,6 +70,16 @@ def test_view_name_rule_and_method_restriction(quiet: MeterSettings) -> None:
     ]
 
 
+def test_options_requests_are_not_billed_by_a_rule_without_methods(quiet: MeterSettings) -> None:
+    quiet()
+    with capture_events() as events:
+        # a CORS preflight or a probe: the view answers 200, but bills nothing
+        probe = Client().options("/documents/7/export", headers={"X-Tenant": "acme"})
+        _get("/documents/7/export")
+    assert probe.status_code == 200
+    assert [e.meter_id for e in events] == ["report.generated.large"]
+
+
 def test_usage_callable_rule(quiet: MeterSettings) -> None:
     quiet(RULES={"/ok/": {"meter": "report.generated.small", "usage": lambda rq, rs: 6}})
     with capture_events() as events:
