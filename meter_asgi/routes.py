@@ -5,7 +5,7 @@ Rule keys (compiled by :class:`meter_core.RouteRules`)::
 
     "POST /documents/{doc_id}/scan"      one method and a route template
     "GET,POST /reports/{kind}"           several methods
-    "/search"                            any HTTP method but OPTIONS
+    "/search"                            any HTTP method but HEAD and OPTIONS
     "WEBSOCKET /ws/chat"                 a websocket route: AI session meters only
 
 Templates are written as the app declares its routes (``{id}``, ``{id:int}``,

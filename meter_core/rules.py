@@ -11,12 +11,15 @@ Both framework adapters compile their settings here, once, at start-up:
 
 A key is an optional method list (``GET`` or ``GET,POST``) and either a route template
 starting with ``/`` or a view name. A key without methods applies to every method except
-``OPTIONS``: a CORS preflight or a capability probe, which a CORS middleware or Django's
-class-based views answer with a 200, never does the route's work and must not be billed
-(write ``"OPTIONS /x"`` to meter one). Templates may be written in Starlette (``{id}``,
-``{id:int}``) or Django (``<int:id>``) syntax; both compile to the same form, so a rule
-matches the template a framework resolved with one dict lookup. For apps without a
-router, :meth:`RouteRules.match_path` matches a concrete path against the templates.
+``HEAD`` and ``OPTIONS``: neither gives the caller the route's result (a HEAD answer has
+no body; an OPTIONS one is a CORS preflight or a probe, which a CORS middleware or
+Django's class-based views answer with a 200), so uptime checks and preflights are not
+billed. Write ``"HEAD /x"`` or ``"OPTIONS /x"`` to meter them.
+
+Templates may be written in Starlette (``{id}``, ``{id:int}``) or Django (``<int:id>``)
+syntax; both compile to the same form, so a rule matches the template a framework
+resolved with one dict lookup. For apps without a router, :meth:`RouteRules.match_path`
+matches a concrete path against the templates.
 
 A value is a meter id, a dict ``{"meter", "usage", "header", "metadata", "session"}``,
 a :class:`MeterSpec`, or a list of them (several meters per route).
@@ -41,7 +44,7 @@ _METHOD = re.compile(r"[A-Z]+")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _MAX_CACHED_METHODS = 32
 # Methods a rule without a method list does not apply to (see the module docstring).
-_NOT_IMPLIED_METHODS = frozenset({"OPTIONS"})
+_NOT_IMPLIED_METHODS = frozenset({"HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True, slots=True)

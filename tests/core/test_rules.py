@@ -39,22 +39,23 @@ def test_match_route_by_template_and_method() -> None:
     assert rules.match_route("GET", None) == ()
 
 
-def test_a_rule_without_methods_does_not_bill_options_requests() -> None:
+def test_a_rule_without_methods_does_not_bill_head_or_options_requests() -> None:
     rules = RouteRules(
-        {"/search": "report.generated.dataquery", "OPTIONS /probe": "rule.executed.small"}
+        {"/search": "report.generated.dataquery", "HEAD,OPTIONS /probe": "rule.executed.small"}
     )
-    for method in ("GET", "POST", "HEAD", "DELETE"):
+    for method in ("GET", "POST", "PUT", "DELETE"):
         assert [s.meter_id for s in rules.match_route(method, "/search")] == [
             "report.generated.dataquery"
         ]
         assert [s.meter_id for s in rules.match_path(method, "/search")] == [
             "report.generated.dataquery"
         ]
-    # a CORS preflight or an OPTIONS probe does not do the route's work...
-    assert rules.match_route("OPTIONS", "/search") == ()
-    assert rules.match_path("OPTIONS", "/search") == ()
-    # ...unless a rule names OPTIONS itself
-    assert [s.meter_id for s in rules.match_route("OPTIONS", "/probe")] == ["rule.executed.small"]
+    # an uptime check or a CORS preflight does not get the route's result...
+    for method in ("HEAD", "OPTIONS"):
+        assert rules.match_route(method, "/search") == ()
+        assert rules.match_path(method, "/search") == ()
+        # ...unless a rule names the method itself
+        assert [s.meter_id for s in rules.match_route(method, "/probe")] == ["rule.executed.small"]
 
 
 def test_several_methods_and_several_meters() -> None:

@@ -70,13 +70,15 @@ def test_view_name_rule_and_method_restriction(quiet: MeterSettings) -> None:
     ]
 
 
-def test_options_requests_are_not_billed_by_a_rule_without_methods(quiet: MeterSettings) -> None:
+def test_head_and_options_are_not_billed_by_a_rule_without_methods(quiet: MeterSettings) -> None:
     quiet()
+    tenant = {"X-Tenant": "acme"}
     with capture_events() as events:
-        # a CORS preflight or a probe: the view answers 200, but bills nothing
-        probe = Client().options("/documents/7/export", headers={"X-Tenant": "acme"})
+        # a CORS preflight, an uptime check: the view answers 200, but bills nothing
+        preflight = Client().options("/documents/7/export", headers=tenant)
+        check = Client().head("/documents/7/export", headers=tenant)
         _get("/documents/7/export")
-    assert probe.status_code == 200
+    assert (preflight.status_code, check.status_code) == (200, 200)
     assert [e.meter_id for e in events] == ["report.generated.large"]
 
 
