@@ -55,8 +55,8 @@ class MeterMiddleware:
       (see :mod:`meter_asgi.routes`), or a :class:`~meter_core.RouteRules`.
     - ``tenant`` / ``device``: a constant id, a callable ``(scope) -> str | None`` or a
       resolver (:func:`from_user`, :func:`from_state`, :func:`from_path_param`,
-      :func:`from_header`). They run after the app has handled the request. ``tenant`` defaults to
-      ``from_user("tenant_id")``; ``device`` to the client's ``device_id``
+      :func:`from_header`). They run after the app has handled the request. ``tenant``
+      defaults to ``from_user("tenant_id")``; ``device`` to the client's ``device_id``
       (``METER_DEVICE_ID``).
     - ``success_statuses``: statuses that are metered (default ``range(200, 300)``).
     - ``allow_unknown_meters``: accept meter ids outside the catalog (default: the

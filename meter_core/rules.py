@@ -224,7 +224,8 @@ def _collect(rules: list[_Rule], method: str) -> tuple[MeterSpec, ...]:
     out: list[MeterSpec] = []
     implied = method not in _NOT_IMPLIED_METHODS
     for rule in rules:
-        if method in rule.methods if rule.methods is not None else implied:
+        applies = implied if rule.methods is None else method in rule.methods
+        if applies:
             out.extend(rule.meters)
     return tuple(out)
 
