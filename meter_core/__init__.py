@@ -31,7 +31,7 @@ from meter_core.errors import (
 from meter_core.events import UsageEvent, now_ms, validate_identifier
 from meter_core.redeliver import RedeliveryReport, redeliver
 from meter_core.retry import RetryPolicy
-from meter_core.rules import MeterSpec, RouteRules
+from meter_core.rules import METHODS_WITHOUT_RESULT, MeterSpec, RouteRules
 from meter_core.spool import SQLiteSpool
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
 from meter_core.transport import HTTPTransport, LogTransport, MemoryTransport, Transport
@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CLIENT_OPTIONS",
     "METERS",
+    "METHODS_WITHOUT_RESULT",
     "BackendUnavailable",
     "CapturedEvents",
     "ClientOption",

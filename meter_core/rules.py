@@ -37,14 +37,16 @@ from meter_core.catalog import is_known_meter
 from meter_core.errors import ConfigurationError, InvalidEvent
 from meter_core.events import validate_identifier
 
-__all__ = ["MeterSpec", "RouteRules", "normalize_template"]
+__all__ = ["METHODS_WITHOUT_RESULT", "MeterSpec", "RouteRules", "normalize_template"]
 
 _PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
 _METHOD = re.compile(r"[A-Z]+")
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _MAX_CACHED_METHODS = 32
-# Methods a rule without a method list does not apply to (see the module docstring).
-_NOT_IMPLIED_METHODS = frozenset({"HEAD", "OPTIONS"})
+METHODS_WITHOUT_RESULT: frozenset[str] = frozenset({"HEAD", "OPTIONS"})
+"""HTTP methods whose answer gives the caller no result of the route (no body; a CORS
+preflight or a probe). A rule without a method list, or an adapter's per-view
+declaration, does not meter them; a rule that names one does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +224,7 @@ class RouteRules:
 
 def _collect(rules: list[_Rule], method: str) -> tuple[MeterSpec, ...]:
     out: list[MeterSpec] = []
-    implied = method not in _NOT_IMPLIED_METHODS
+    implied = method not in METHODS_WITHOUT_RESULT
     for rule in rules:
         applies = implied if rule.methods is None else method in rule.methods
         if applies:

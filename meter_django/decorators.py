@@ -4,12 +4,13 @@
     def scan(request, pk): ...
 
 After the view returns a successful response (``METER["METER_STATUSES"]``, 2xx by
-default), the usage (an int, a callable ``(request, response) -> int``, or the integer in
-the response ``header``, which is then removed) is added to ``request.meter``; the
-middleware records it for the request's tenant. Without the middleware installed the
-decorator records it itself. A bad ``meter_id`` or ``usage`` raises
-:class:`meter_core.ConfigurationError` when the module is imported; errors while the
-request is metered are logged and never break the response.
+default) to any method but ``HEAD`` and ``OPTIONS`` (an uptime check or a CORS preflight
+gets no result, as with a rule without methods), the usage (an int, a callable
+``(request, response) -> int``, or the integer in the response ``header``, which is then
+removed) is added to ``request.meter``; the middleware records it for the request's
+tenant. Without the middleware installed the decorator records it itself. A bad
+``meter_id`` or ``usage`` raises :class:`meter_core.ConfigurationError` when the module
+is imported; errors while the request is metered are logged and never break the response.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import MeterSpec, RequestUsage
+from meter_core import METHODS_WITHOUT_RESULT, MeterSpec, RequestUsage
 from meter_django.metering import Entry, record_request, success_statuses, usage_of
 
 __all__ = ["meter"]
@@ -37,7 +38,10 @@ UsageArg = int | Callable[[HttpRequest, HttpResponseBase], "int | None"]
 def _metered(spec: MeterSpec, request: HttpRequest, response: HttpResponseBase) -> list[Entry]:
     """Entries to record directly (middleware absent); [] when added to request.meter."""
     try:
-        if response.status_code not in success_statuses():
+        if (
+            response.status_code not in success_statuses()
+            or request.method in METHODS_WITHOUT_RESULT
+        ):
             if spec.header:
                 response.headers.pop(spec.header, None)
             return []

@@ -12,7 +12,8 @@ import meter_core
 ROOT = Path(__file__).resolve().parents[2]
 
 DOCUMENTED_API = {
-    "CLIENT_OPTIONS", "METERS", "BackendUnavailable", "CapturedEvents", "ClientOption",
+    "CLIENT_OPTIONS", "METERS", "METHODS_WITHOUT_RESULT", "BackendUnavailable",
+    "CapturedEvents", "ClientOption",
     "ConfigurationError", "CustomerNotFound", "DeliveryError", "DeliveryRejected",
     "FailureStore", "HTTPTransport", "InvalidEvent", "LogThrottle", "LogTransport",
     "MemoryFailureStore", "MemoryTransport", "Meter", "MeterClient", "MeterError",

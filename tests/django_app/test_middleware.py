@@ -122,6 +122,17 @@ def test_decorator_on_sync_and_async_views(quiet: MeterSettings) -> None:
     ]
 
 
+def test_decorator_does_not_bill_head_or_options(quiet: MeterSettings) -> None:
+    quiet()
+    tenant = {"X-Tenant": "acme"}
+    with capture_events() as events:
+        check = Client().head("/decorated/", headers=tenant)
+        preflight = Client().options("/decorated/", headers=tenant)
+        _get("/decorated/")
+    assert (check.status_code, preflight.status_code) == (200, 200)
+    assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.advanced", 5)]
+
+
 def test_decorator_records_by_itself_without_the_middleware(
     quiet: MeterSettings, settings: Any
 ) -> None:
