@@ -12,7 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from meter_core.customers import CustomerCache
 from meter_core.errors import BackendUnavailable, DeliveryError
-from meter_core.events import UsageEvent
+from meter_core.events import MAX_USAGE, UsageEvent
 from meter_core.transport import Transport
 from meter_core.wire import RecordEncoder
 
@@ -105,9 +105,9 @@ _ENCODER = RecordEncoder()
 
 
 def _skeleton_size() -> int:
-    """Bytes of the largest record with empty strings and 20-digit numbers."""
-    number = 10**19
-    volume = UsageEvent("t", "d", "m", number, 4_000_000_000_000, allow_unknown_meter=True)
+    """Bytes of the largest record with empty strings: the largest usage (19 digits),
+    13-digit times, plus 20 characters of margin."""
+    volume = UsageEvent("t", "d", "m", MAX_USAGE, 4_000_000_000_000, allow_unknown_meter=True)
     session = UsageEvent("t", "d", "m", start_time=4_000_000_000_000, allow_unknown_meter=True)
     sizes = []
     for event in (volume, session):
@@ -115,7 +115,7 @@ def _skeleton_size() -> int:
         for name in ("meter_id", "tenant_id", "device_id"):
             value[name] = ""
         record = {"key": "", "value": value}
-        sizes.append(len(json.dumps(record)) + 20)  # + the 20 digits of a second number
+        sizes.append(len(json.dumps(record)) + 20)
     return max(sizes)
 
 

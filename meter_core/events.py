@@ -27,6 +27,7 @@ __all__ = [
     "MAX_METADATA_KEYS",
     "MAX_METADATA_KEY_LENGTH",
     "MAX_METADATA_VALUE_LENGTH",
+    "MAX_USAGE",
     "UsageEvent",
     "now_ms",
     "validate_identifier",
@@ -36,6 +37,9 @@ MAX_ID_LENGTH = 128
 MAX_METADATA_KEYS = 50
 MAX_METADATA_KEY_LENGTH = 64
 MAX_METADATA_VALUE_LENGTH = 1024
+# The largest signed 64-bit integer: what a backend consumer reads total_usage into. A
+# larger value (an app bug) would make a record the billing pipeline cannot read.
+MAX_USAGE = 2**63 - 1
 # Plausible epoch-millisecond range (2000-01-01 .. 2100-01-01): rejects seconds and
 # microseconds, the two usual unit mistakes, which fall far outside it.
 MIN_EPOCH_MS = 946_684_800_000
@@ -125,6 +129,12 @@ def validate_identifier(name: str, value: object) -> str:
         _VALID_IDS.clear()
     _VALID_IDS.add(value)
     return value
+
+
+def _usage_range_error(usage: int) -> str:
+    if usage < 0:
+        return f"must not be negative, got {usage}"
+    return f"must be at most {MAX_USAGE} (a signed 64-bit integer), got {usage}"
 
 
 def _validate_epoch_ms(name: str, value: object) -> int:
@@ -228,8 +238,8 @@ class UsageEvent:
         if start_time is None and end_time is None:
             if type(total_usage) is not int:  # also rejects bool, a subclass of int
                 raise InvalidEvent("total_usage", f"must be an int, got {total_usage!r}")
-            if total_usage < 0:
-                raise InvalidEvent("total_usage", f"must not be negative, got {total_usage}")
+            if not 0 <= total_usage <= MAX_USAGE:
+                raise InvalidEvent("total_usage", _usage_range_error(total_usage))
         else:
             if start_time is not None and end_time is not None:
                 raise InvalidEvent(

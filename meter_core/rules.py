@@ -35,7 +35,7 @@ from typing import Any, Union
 
 from meter_core.catalog import is_known_meter
 from meter_core.errors import ConfigurationError, InvalidEvent
-from meter_core.events import validate_identifier
+from meter_core.events import MAX_USAGE, validate_identifier
 
 __all__ = ["METHODS_WITHOUT_RESULT", "MeterSpec", "RouteRules", "normalize_template"]
 
@@ -72,10 +72,10 @@ class MeterSpec:
         except InvalidEvent as exc:
             raise ConfigurationError(f"meter rule: {exc}") from None
         usage = self.usage
-        if not callable(usage) and (type(usage) is not int or usage < 0):
+        if not callable(usage) and (type(usage) is not int or not 0 <= usage <= MAX_USAGE):
             raise ConfigurationError(
-                f"meter rule {self.meter_id!r}: usage must be an int >= 0 or a callable, "
-                f"got {usage!r}"
+                f"meter rule {self.meter_id!r}: usage must be an int from 0 to {MAX_USAGE} "
+                f"or a callable, got {usage!r}"
             )
         if self.header is not None:
             if not isinstance(self.header, str) or not self.header.strip():

@@ -12,7 +12,7 @@ from typing import Any
 
 from meter_core.catalog import is_known_meter
 from meter_core.errors import InvalidEvent
-from meter_core.events import validate_identifier
+from meter_core.events import MAX_USAGE, validate_identifier
 
 __all__ = ["LogThrottle", "RequestUsage"]
 
@@ -38,8 +38,8 @@ class RequestUsage:
         validate_identifier("meter_id", meter_id)
         if not self._allow_unknown and not is_known_meter(meter_id):
             raise InvalidEvent("meter_id", f"unknown meter {meter_id!r}")
-        if type(n) is not int or n < 0:
-            raise InvalidEvent("total_usage", f"must be an int >= 0, got {n!r}")
+        if type(n) is not int or not 0 <= n <= MAX_USAGE:
+            raise InvalidEvent("total_usage", f"must be an int from 0 to {MAX_USAGE}, got {n!r}")
         self.entries.append((meter_id, n, metadata if metadata is not None else _EMPTY))
 
     def __bool__(self) -> bool:

@@ -13,7 +13,7 @@ from meter_core.delivery import _encoded_size_bound
 CASES = [
     UsageEvent("acme", "web-1", "page.processed.basic", 3),
     UsageEvent('a"b\\c', 'd"\\"', "page.processed.basic", 2**62),
-    UsageEvent("t" * 128, "d" * 128, "m" * 128, 10**19, allow_unknown_meter=True),
+    UsageEvent("t" * 128, "d" * 128, "m" * 128, 2**63 - 1, allow_unknown_meter=True),
     UsageEvent("acme", "web", "chat.on.time_hours", start_time=4_000_000_000_000 - 1),
     UsageEvent("acme", "web", "chat.on.time_hours", end_time=1_700_000_000_000),
     UsageEvent("müller", "gerät", "page.processed.basic", 1),

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from meter_core import InvalidEvent, UsageEvent, now_ms
+from meter_core import InvalidEvent, RequestUsage, UsageEvent, now_ms
 
 BASE = {"tenant_id": "acme", "device_id": "web-1", "meter_id": "page.processed.basic"}
 
@@ -64,6 +64,24 @@ def test_usage_must_be_a_non_negative_int_and_not_a_bool(usage: object) -> None:
 
 def test_zero_usage_is_accepted() -> None:
     assert make(total_usage=0).total_usage == 0
+
+
+def test_usage_a_handler_adds_is_checked_at_once() -> None:
+    usage = RequestUsage()
+    usage.add("page.processed.basic", 2**63 - 1)
+    for bad in (2**63, -1, 1.0):
+        with pytest.raises(InvalidEvent, match="must be an int from 0 to 9223372036854775807"):
+            usage.add("page.processed.basic", bad)  # type: ignore[arg-type]
+    assert usage.entries == [("page.processed.basic", 2**63 - 1, {})]
+
+
+def test_usage_must_fit_a_signed_64_bit_integer() -> None:
+    assert make(total_usage=2**63 - 1).total_usage == 2**63 - 1
+    with pytest.raises(InvalidEvent, match="at most 9223372036854775807") as raised:
+        make(total_usage=2**63)
+    assert raised.value.field == "total_usage"
+    with pytest.raises(InvalidEvent, match="must not be negative"):
+        make(total_usage=-5)
 
 
 @pytest.mark.parametrize(

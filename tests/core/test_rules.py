@@ -107,6 +107,7 @@ def test_header_and_session_specs_are_flagged() -> None:
         ({"/x": {"meter": "page.processed.basic", "pages": 1}}, "unknown spec keys"),
         ({"/x": {"meter": "page.processed.basic", "usage": -1}}, "usage must be"),
         ({"/x": {"meter": "page.processed.basic", "usage": "1"}}, "usage must be"),
+        ({"/x": {"meter": "page.processed.basic", "usage": 2**63}}, "usage must be an int from 0"),
         ({"/x": []}, "no meter"),
         ({"": "page.processed.basic"}, "rule key"),
         ({"/x": 5}, "expected"),
