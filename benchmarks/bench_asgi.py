@@ -3,7 +3,8 @@
 The same trivial app (a Starlette route, or with ``--framework fastapi`` the same endpoint
 as a FastAPI path operation) runs under uvicorn in a subprocess, one variant at a time.
 ``--work-us N`` makes the endpoint spend N µs of CPU per request first (an endpoint that
-does some work, against the trivial one). The variants:
+does some work, against the trivial one); ``--batch-size N`` sets the meter client's
+``batch_size`` (events per produce request). The variants:
 
   baseline   no middleware
   floor      a pure ASGI middleware that only reads the response status (StatusObserver
@@ -96,7 +97,11 @@ def burn_cpu(micros: float) -> None:
 
 
 def build_app(
-    variant: str, backend_url: str, framework: str = "starlette", work_us: float = 0.0
+    variant: str,
+    backend_url: str,
+    framework: str = "starlette",
+    work_us: float = 0.0,
+    batch_size: int | None = None,
 ) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -130,6 +135,7 @@ def build_app(
         client = MeterClient(
             backend_url, internal_url=backend_url, device_id="bench",
             enabled=variant != "meter-nodelivery",
+            **({"batch_size": batch_size} if batch_size else {}),
         )  # fmt: skip
         metered = "POST /other" if variant == "meter-idle" else "GET /documents/{doc_id}/scan"
         app.add_middleware(
@@ -148,13 +154,13 @@ def build_app(
     return app
 
 
-def serve(variant: str, port: int, backend_url: str, framework: str, work_us: float) -> None:
+def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(variant, backend_url, framework, work_us),
+        build_app(args.serve, args.backend, args.framework, args.work_us, args.batch_size),
         host="127.0.0.1",
-        port=port,
+        port=args.port,
         log_level="error",
         access_log=False,
         lifespan="on",
@@ -340,6 +346,7 @@ def measure(variant: str, args: argparse.Namespace, backend_url: str) -> dict[st
             args.framework,
             "--work-us",
             str(args.work_us),
+            *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         ],
         env=env,
         preexec_fn=(lambda: os.sched_setaffinity(0, {SERVER_CPU})) if args.pin else None,
@@ -406,6 +413,12 @@ def main() -> None:
         default=0.0,
         help="µs of CPU the endpoint spends per request (default 0: the trivial endpoint)",
     )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="the meter client's batch_size (default: the client's default, 500)",
+    )
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -413,7 +426,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.serve:
-        serve(args.serve, args.port, args.backend, args.framework, args.work_us)
+        serve(args)
         return
     if args.load:
         print(json.dumps(asyncio.run(_load(args.port, args.duration, args.connections,
@@ -436,6 +449,7 @@ def main() -> None:
         f"{args.duration:g}s per run, {args.connections} connections, {args.rounds} round(s), "
         f"load generator: {generator}, {os.cpu_count()} CPUs, app: {args.framework}"
         + (f", endpoint work {args.work_us:g} µs CPU" if args.work_us else "")
+        + (f", batch_size {args.batch_size}" if args.batch_size else "")
     )
     chosen = [v for v in VARIANTS if v in args.variants.split(",")]
     if "baseline" not in chosen:
