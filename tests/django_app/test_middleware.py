@@ -70,16 +70,25 @@ def test_view_name_rule_and_method_restriction(quiet: MeterSettings) -> None:
     ]
 
 
-def test_head_and_options_are_not_billed_by_a_rule_without_methods(quiet: MeterSettings) -> None:
+@pytest.mark.parametrize(
+    ("path", "billed"),
+    [
+        ("/documents/7/export", ("report.generated.large", 1)),  # a rule without methods
+        ("/decorated/", ("page.processed.advanced", 5)),  # @meter
+    ],
+)
+def test_head_and_options_are_not_billed_without_a_method_named(
+    quiet: MeterSettings, path: str, billed: tuple[str, int]
+) -> None:
     quiet()
     tenant = {"X-Tenant": "acme"}
     with capture_events() as events:
         # a CORS preflight, an uptime check: the view answers 200, but bills nothing
-        preflight = Client().options("/documents/7/export", headers=tenant)
-        check = Client().head("/documents/7/export", headers=tenant)
-        _get("/documents/7/export")
+        preflight = Client().options(path, headers=tenant)
+        check = Client().head(path, headers=tenant)
+        _get(path)
     assert (preflight.status_code, check.status_code) == (200, 200)
-    assert [e.meter_id for e in events] == ["report.generated.large"]
+    assert [(e.meter_id, e.total_usage) for e in events] == [billed]
 
 
 def test_usage_callable_rule(quiet: MeterSettings) -> None:
@@ -120,17 +129,6 @@ def test_decorator_on_sync_and_async_views(quiet: MeterSettings) -> None:
         ("page.processed.advanced", 5),
         ("template.processed.small", 3),
     ]
-
-
-def test_decorator_does_not_bill_head_or_options(quiet: MeterSettings) -> None:
-    quiet()
-    tenant = {"X-Tenant": "acme"}
-    with capture_events() as events:
-        check = Client().head("/decorated/", headers=tenant)
-        preflight = Client().options("/decorated/", headers=tenant)
-        _get("/decorated/")
-    assert (check.status_code, preflight.status_code) == (200, 200)
-    assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.advanced", 5)]
 
 
 def test_decorator_records_by_itself_without_the_middleware(
