@@ -4,7 +4,6 @@ and a loopback URL where nothing listens."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 
 import pytest
 
@@ -12,12 +11,10 @@ from meter_core.devserver import DevServer
 
 
 @pytest.fixture
-def backend() -> Iterator[DevServer]:
-    server = DevServer().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def backend(meter_backend: DevServer) -> DevServer:
+    """The local backend (the ``meter_backend`` fixture meter_core ships), by its short
+    name."""
+    return meter_backend
 
 
 @pytest.fixture
