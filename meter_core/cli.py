@@ -11,10 +11,12 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,19 +92,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _devserver(args: argparse.Namespace) -> int:
-    from meter_core.devserver import serve
+    from meter_core.devserver import DevServer
 
     def show(record: dict[str, Any]) -> None:
         print(json.dumps(record.get("value")), flush=True)
 
-    print(f"local metering backend on http://{args.host}:{args.port} (Ctrl-C stops it)")
-    print(f"  METER_KAFKA_URL=http://{args.host}:{args.port}  "
-          f"METER_INTERNAL_URL=http://{args.host}:{args.port}", flush=True)  # fmt: skip
-    serve(args.host, args.port, topic=args.topic, on_record=None if args.quiet else show)
+    server = DevServer(
+        args.host, args.port, topic=args.topic, on_record=None if args.quiet else show
+    )
+    try:
+        server.start()  # binds here, so the banner below is only shown once it listens
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(f"error: port {args.port} on {args.host} is already in use; "
+                  "choose another with --port", file=sys.stderr)  # fmt: skip
+        else:
+            print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    print(f"local metering backend on {server.url} (Ctrl-C stops it)")
+    print(f"  METER_KAFKA_URL={server.url}  METER_INTERNAL_URL={server.url}", flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
     return 0
 
 
 def _retry(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.spool):
+        # SQLiteSpool would create the file (and its folders) for a mistyped path
+        print(f"no spool at {args.spool}", file=sys.stderr)
+        return 1
     options = options_from_env(os.environ)
     for flag in ("kafka_url", "portal_url", "internal_url", "topic", "timeout"):
         value = getattr(args, flag)
@@ -110,7 +132,9 @@ def _retry(args: argparse.Namespace) -> int:
             options[flag] = value
     for hook in ("durable", "spool_path"):
         options.pop(hook, None)
-    client = MeterClient(**options)
+    _check_can_resend(options)
+    # A dry run only claims, counts and gives back: it needs no client, so no backend URL.
+    client = None if args.dry_run else MeterClient(**options)
     spool = SQLiteSpool(args.spool)
     total = spool.pending_count()
     show_progress = total > args.batch_size
@@ -135,6 +159,23 @@ def _retry(args: argparse.Namespace) -> int:
     remaining = spool.pending_count()
     print(f"{remaining} events still in the spool")
     return 0 if report.ok else 1
+
+
+def _check_can_resend(options: dict[str, Any]) -> None:
+    """Raise ConfigurationError when the environment makes a client that would not send:
+    events "resent" through it would be deleted from the spool without reaching the
+    backend. Checked for a dry run too, so that it reports what the real run would do."""
+    transport = options.get("transport", "http")
+    if transport != "http":
+        raise ConfigurationError(
+            f"METER_TRANSPORT={transport} sends nothing, so resent events would be lost; "
+            "unset METER_TRANSPORT or set METER_TRANSPORT=http"
+        )
+    if not options.get("enabled", True):
+        raise ConfigurationError(
+            "METER_ENABLED is false: a disabled client sends nothing, so nothing is resent; "
+            "unset METER_ENABLED or set METER_ENABLED=true"
+        )
 
 
 def _spool(args: argparse.Namespace) -> int:

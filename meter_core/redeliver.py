@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from meter_core.client import MeterClient
 from meter_core.delivery import deliver_once
+from meter_core.errors import ConfigurationError
 from meter_core.retry import RetryPolicy
 from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
 
@@ -51,7 +52,7 @@ class RedeliveryReport:
 
 def redeliver(
     store: FailureStore,
-    client: MeterClient,
+    client: MeterClient | None,
     *,
     limit: int | None = None,
     batch_size: int = 500,
@@ -69,9 +70,24 @@ def redeliver(
     request. Events with ``max_attempts`` attempts or more are left alone. A failed event
     gets ``attempts + 1`` and is due again after the ``backoff`` policy's delay, so one run
     never sends the same event twice. ``dry_run`` claims and counts, sends nothing, and
-    gives every claim back at the end. ``progress`` is called after each batch.
+    gives every claim back at the end; it never uses the client, so ``client`` may then
+    be None. ``progress`` is called after each batch.
+
+    Raises ConfigurationError, before claiming anything, when ``client`` is disabled
+    (``enabled=False``): a disabled client must send nothing, resent events included.
+    Raises ValueError when ``client`` is None and this is not a dry run.
     """
-    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=3600.0)
+    if client is not None and not client.enabled:
+        raise ConfigurationError(
+            "the client is disabled (enabled=False): it sends nothing, so no stored event "
+            "is resent; resend with an enabled client"
+        )
+    if client is None and not dry_run:
+        raise ValueError("redeliver: a client is required to resend (only a dry run needs none)")
+    # Events reach the store after the sender's own retries, so their attempt count is
+    # already high and a resend that fails is due again after the cap: 10 minutes, so that
+    # a retry command run every few minutes delivers them soon after the backend is back.
+    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=600.0)
     report = RedeliveryReport(dry_run=dry_run)
     held: list[str] = []
     try:
@@ -87,10 +103,10 @@ def redeliver(
             if not claimed:
                 break
             report.claimed += len(claimed)
-            if dry_run:
+            if client is None or dry_run:
                 held.extend(s.event.event_id for s in claimed)
             else:
-                _resend(claimed, store, client, policy, report, batch_size)
+                _resend(claimed, store, client, policy, report, batch_size, lease_seconds)
             if progress is not None:
                 progress(report)
     finally:
@@ -106,7 +122,11 @@ def _resend(
     policy: RetryPolicy,
     report: RedeliveryReport,
     batch_size: int,
+    lease_seconds: float,
 ) -> None:
+    # Start no request once the rest of the lease could not cover one (up to 3 tries of
+    # up to 2 timeouts each): the events must not outlive their lease while being sent.
+    budget = max(lease_seconds - 6 * client.options["timeout"] - 5, lease_seconds / 2)
     outcome = deliver_once(
         claimed,
         lambda s: s.event,
@@ -114,6 +134,7 @@ def _resend(
         customers=client.customer_cache,
         max_batch_bytes=client.options["max_batch_bytes"],
         max_records=batch_size,
+        deadline=time.monotonic() + budget,
     )
     report.batches += outcome.batches
     if outcome.delivered:

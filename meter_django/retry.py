@@ -33,13 +33,24 @@ def retry_events(
 ) -> RedeliveryReport:
     """Resend due events (or exactly ``event_ids``, due or not) from the table.
 
-    Raises ConfigurationError when the settings cannot build a client or metering is
-    disabled (a disabled client sends nothing, so nothing could be marked delivered).
+    Raises ConfigurationError, dry run or not, when the settings cannot build a client,
+    when metering is disabled, or when ``TRANSPORT`` names a transport that sends nothing
+    (``"log"``, ``"memory"``): through those, events would be marked delivered without
+    reaching the backend. A Transport object given in ``TRANSPORT`` is used as it is:
+    whoever wires one in code (a test with its own MemoryTransport, say) chose where the
+    events go, while a name in the settings is easily left over from development.
     """
     client = get_client()
     if not client.enabled:
         raise ConfigurationError(
             "metering is disabled (METER['ENABLED'] is False): nothing can be resent"
+        )
+    transport = client.options["transport"]
+    if isinstance(transport, str) and transport != "http":
+        raise ConfigurationError(
+            f"METER['TRANSPORT'] (or METER_TRANSPORT) is {transport!r}, which sends nothing: "
+            "resent events would be marked delivered without reaching the backend; set it "
+            "to 'http' (with KAFKA_URL) to resend"
         )
     store = DatabaseFailureStore(conf.database)
     if event_ids is not None:

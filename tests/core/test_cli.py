@@ -87,9 +87,68 @@ def test_retry_reads_the_environment(
 def test_retry_without_a_backend_url_is_a_clear_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    fill(tmp_path / "s.db", 1)
     monkeypatch.delenv("METER_KAFKA_URL", raising=False)
     assert main(["retry", "--spool", str(tmp_path / "s.db")]) == 2
     assert "kafka_url" in capsys.readouterr().err
+    assert SQLiteSpool(tmp_path / "s.db").pending_count() == 1
+
+
+@pytest.mark.parametrize("transport", ["log", "memory"])
+def test_retry_refuses_a_transport_from_the_environment_that_sends_nothing(
+    backend: DevServer,
+    tmp_path: Path,
+    transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    ids = fill(tmp_path / "s.db", 3)
+    monkeypatch.setenv("METER_TRANSPORT", transport)
+    assert main(retry_args(backend.url, tmp_path / "s.db")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"METER_TRANSPORT={transport}" in err and "METER_TRANSPORT=http" in err
+    assert backend.records == []
+    left = SQLiteSpool(tmp_path / "s.db").claim(10)
+    assert sorted(s.event.event_id for s in left) == sorted(ids)
+    assert {s.attempts for s in left} == {6}
+
+
+def test_retry_refuses_when_metering_is_disabled(
+    backend: DevServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fill(tmp_path / "s.db", 3)
+    monkeypatch.setenv("METER_ENABLED", "false")
+    assert main(retry_args(backend.url, tmp_path / "s.db")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "METER_ENABLED" in err
+    assert backend.records == []
+    assert len(SQLiteSpool(tmp_path / "s.db").claim(10)) == 3
+
+
+def test_retry_of_a_missing_spool_fails_and_creates_nothing(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "nowhere" / "s.db"
+    assert main(retry_args(backend.url, path)) == 1
+    assert f"no spool at {path}" in capsys.readouterr().err
+    assert not path.parent.exists()
+
+
+def test_retry_dry_run_needs_no_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 4)
+    for name in ("METER_KAFKA_URL", "METER_INTERNAL_URL", "METER_PORTAL_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["retry", "--spool", str(tmp_path / "s.db"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would resend 4 events" in out
+    assert "4 events still in the spool" in out
+    assert len(SQLiteSpool(tmp_path / "s.db").claim(10)) == 4  # every claim given back
 
 
 def test_spool_shows_counts_by_status_and_reason(
@@ -144,7 +203,24 @@ def test_devserver_command_serves_both_protocols(tmp_path: Path) -> None:
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=10)
+    assert f"local metering backend on http://127.0.0.1:{port}" in output
     assert '"total_usage": 4' in output  # each record is printed as it arrives
+
+
+def test_devserver_on_a_port_in_use_is_a_one_line_error() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "meter_core", "devserver", "--port", str(port)],
+            capture_output=True, text=True, cwd=ROOT, timeout=30,
+        )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == ""  # no banner for a server that never listened
+    assert result.stderr.count("\n") == 1
+    assert f"port {port}" in result.stderr and "already in use" in result.stderr
+    assert "--port" in result.stderr
 
 
 def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from django.core.management import CommandError, call_command
 
-from meter_core import UsageEvent
+from meter_core import MemoryTransport, UsageEvent
 from meter_core.devserver import DevServer
 from meter_django import get_client, record_usage
 from meter_django.models import FailedMeterEvent
@@ -123,3 +123,24 @@ def test_refuses_when_metering_is_disabled(settings: Any) -> None:
         _run()
     with pytest.raises(CommandError, match="at least 1"):
         _run("--limit", "0")
+
+
+@pytest.mark.parametrize("transport", ["log", "memory"])
+def test_refuses_a_transport_that_sends_nothing(settings: Any, transport: str) -> None:
+    settings.METER = {"TRANSPORT": transport, "DEVICE_ID": "tests"}
+    ids = _stored(2)
+    for args in ((), ("--dry-run",)):
+        with pytest.raises(CommandError, match=f"TRANSPORT.*{transport}.*sends nothing"):
+            _run(*args)
+    rows = list(FailedMeterEvent.objects.all())
+    assert {str(r.event_id) for r in rows} == set(ids)
+    assert {(r.status, r.attempts, r.claim_token) for r in rows} == {("failed", 2, "")}
+
+
+def test_a_transport_object_from_code_is_used_to_resend(settings: Any) -> None:
+    transport = MemoryTransport()
+    settings.METER = {"TRANSPORT": transport, "DEVICE_ID": "tests"}
+    ids = _stored(2)
+    assert "2 delivered" in _run()
+    assert sorted(v["event_id"] for v in transport.values()) == sorted(ids)
+    assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"delivered"}
