@@ -54,7 +54,7 @@ class MeterClient:
 
     ``transport`` is ``"http"`` (default; needs ``kafka_url``), ``"memory"``, ``"log"``,
     or any :class:`~meter_core.Transport`. ``enabled=False`` validates and captures
-    events, then discards them.
+    events, then discards them; it needs no ``kafka_url``.
     """
 
     def __init__(
@@ -139,9 +139,12 @@ class MeterClient:
             flush_interval=opts["flush_interval"],
             max_queue=opts["max_queue"],
             durable=opts["durable"],
-            # long enough for one send attempt (lookup + produce), so no other worker
-            # takes the events while this one may still deliver them
-            lease_seconds=3 * opts["timeout"] + 5,
+            # An attempt starts no request after attempt_seconds; one request may then
+            # take up to 3 tries (urllib3's retries) of up to 2 timeouts each (connect,
+            # then read). The lease outlasts that, so no other worker claims the events
+            # while this one may still deliver them.
+            attempt_seconds=3 * opts["timeout"],
+            lease_seconds=9 * opts["timeout"] + 5,
         )
         self._lock = threading.Lock()
         self._reset_process_state()
@@ -178,6 +181,8 @@ class MeterClient:
             raise ConfigurationError(
                 f"transport: must be 'http', 'memory', 'log' or a Transport, got {transport!r}"
             )
+        if opts["kafka_url"] is None and not opts["enabled"]:
+            return MemoryTransport()  # a disabled client sends nothing: no backend URL needed
         if opts["kafka_url"] is None:
             raise ConfigurationError(
                 "kafka_url: is required (the Kafka REST Proxy base URL; env METER_KAFKA_URL)"

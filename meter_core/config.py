@@ -211,6 +211,13 @@ def coerce_option(
             return value
         if not isinstance(value, str):
             raise ConfigurationError(f"{label}: must be a str, got {type(value).__name__}")
+        if value and (value != value.strip() or not value.isprintable()):
+            # It goes into an HTTP header, where such a value is refused with an error that
+            # quotes it: say so now, without the value.
+            raise ConfigurationError(
+                f"{label}: must not contain whitespace at its ends or control characters "
+                "(a newline read from a secret file?)"
+            )
         return Secret(value) if value else None
     if kind == "str":
         if option.name == "transport" and not isinstance(value, str):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -31,6 +32,9 @@ _MAX_REQUESTS_WHEN_SPLITTING = 64
 # Bytes of '{"records": [' + ']}' and of each ', ' separator in a produce body.
 _BODY_OVERHEAD = 16
 _SEPARATOR = 2
+_OUT_OF_TIME = BackendUnavailable(
+    "delivery attempt ran out of time (slow backend): the rest is sent at the next attempt"
+)
 
 
 @dataclass
@@ -42,8 +46,14 @@ class Outcome(Generic[T]):
     retriable: list[tuple[DeliveryError, list[T]]] = field(default_factory=list)
     final: list[tuple[DeliveryError, list[T]]] = field(default_factory=list)
     batches: int = 0
+    deadline: float | None = None
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def add_failure(self, error: DeliveryError, items: list[T]) -> None:
+        if not items:
+            return
         bucket = self.retriable if error.retriable else self.final
         for known, group in bucket:
             if known is error or str(known) == str(error):
@@ -60,11 +70,17 @@ def deliver_once(
     customers: CustomerCache,
     max_batch_bytes: int,
     max_records: int = 500,
+    deadline: float | None = None,
 ) -> Outcome[T]:
     """Try each item's event once. Customer ids come through ``customers``; records go
     in produce requests of at most ``max_records`` records and ``max_batch_bytes`` bytes.
-    A per-record error of a 200 fails that record alone. Never raises DeliveryError."""
-    outcome: Outcome[T] = Outcome()
+    A per-record error of a 200 fails that record alone. Never raises DeliveryError.
+
+    ``deadline`` (a ``time.monotonic()`` value): no request starts after it; the items
+    not sent by then fail as retriable. With a request's longest duration added, it bounds
+    the attempt, so that it ends within the lease of events claimed from a store (after
+    which another worker may claim and send them)."""
+    outcome: Outcome[T] = Outcome(deadline=deadline)
     batch: list[tuple[T, Any]] = []
     size = _BODY_OVERHEAD
     produce_encoded = getattr(transport, "produce_encoded", None)
@@ -72,10 +88,14 @@ def deliver_once(
     # One answer per tenant per attempt: a failed lookup is not cached by the customer
     # cache, and asking again for each of a tenant's events would only multiply the wait.
     answers: dict[str, Any] = {}
-    for item in items:
+    for index, item in enumerate(items):
         event = event_of(item)
         tenant = event.tenant_id
         if tenant not in answers:
+            if outcome.out_of_time():
+                outcome.add_failure(_OUT_OF_TIME, [i for i, _ in batch])
+                outcome.add_failure(_OUT_OF_TIME, list(items[index:]))
+                return outcome
             try:
                 answers[tenant] = customers.get(tenant)
             except DeliveryError as exc:  # CustomerNotFound is final, a failed lookup retriable
@@ -138,6 +158,9 @@ def _produce(
     batch: list[tuple[T, Any]], transport: Transport, outcome: Outcome[T], *, encoded: bool
 ) -> None:
     items = [item for item, _ in batch]
+    if outcome.out_of_time():
+        outcome.add_failure(_OUT_OF_TIME, items)
+        return
     records = [record for _, record in batch]
     outcome.batches += 1
     try:

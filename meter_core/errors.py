@@ -36,7 +36,9 @@ class MeterError(Exception):
 
 
 class ConfigurationError(MeterError, ValueError):
-    """A client option is missing or malformed. Raised at construction, never later."""
+    """A client option or an adapter setting is missing or malformed, or a call needs
+    what the configuration rules out (resending through a disabled client). Raised when
+    the client or adapter is built, or by the call that needs the setting."""
 
 
 class InvalidEvent(MeterError, ValueError):

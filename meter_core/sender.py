@@ -39,6 +39,11 @@ __all__ = ["Sender", "SenderConfig"]
 
 logger = logging.getLogger("meter.sender")
 
+_ONLY_IN_MEMORY = (
+    "kept only in memory (client.failed_events()): no failure store is set, so they are "
+    "lost when the process exits; set failure_store= or spool_path="
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
@@ -48,6 +53,7 @@ class SenderConfig:
     max_queue: int = 100_000
     durable: bool = False
     lease_seconds: float = 60.0
+    attempt_seconds: float | None = None  # no new request after this long into an attempt
 
 
 class _Item:
@@ -100,6 +106,7 @@ class Sender:
         self._max_queue = config.max_queue
         self._batch_size = config.batch_size
         self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
+        self._retrying = 0  # events in self._retries: they count against max_queue too
         self._seq = itertools.count()
         self._inflight: list[_Item] = []
         self._wake = threading.Event()
@@ -132,7 +139,10 @@ class Sender:
             self._wake.set()
             return
         queue = self._queue
-        if len(queue) >= self._max_queue:
+        # max_queue bounds every event held in memory, those waiting for a retry included:
+        # during an outage new events go to the store (or are dropped, counted) instead of
+        # piling up in memory, where a crash would take them.
+        if len(queue) + self._retrying >= self._max_queue:
             self._overflow(event)
             return
         queue.append(event)  # counted as recorded when taken off (see DeliveryStats.lock)
@@ -181,7 +191,7 @@ class Sender:
 
     def depth(self) -> int:
         """Events waiting in memory: queued, scheduled for retry, or in flight."""
-        return len(self._queue) + sum(len(b) for _, _, b in self._retries) + len(self._inflight)
+        return len(self._queue) + self._retrying + len(self._inflight)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Send what is waiting now and wait until nothing is pending in memory (and, in
@@ -241,8 +251,13 @@ class Sender:
         for _, _, batch in self._retries:
             leftover.extend(batch)
         self._retries.clear()
+        self._retrying = 0
         if leftover:
             self._store_final(leftover, "undelivered at close", count_failed=False)
+            if self._store is None:
+                logger.error(
+                    "%d usage events undelivered at close, %s", len(leftover), _ONLY_IN_MEMORY
+                )
 
     def flush_for_close(self, timeout: float | None) -> None:
         if not self._settled():
@@ -288,6 +303,7 @@ class Sender:
         now = time.monotonic()
         while self._retries and self._retries[0][0] <= now and len(items) < limit:
             _, _, batch = heapq.heappop(self._retries)
+            self._retrying -= len(batch)
             items.extend(batch)
         queue = self._queue
         if queue and len(items) < limit:
@@ -327,6 +343,7 @@ class Sender:
 
     def _deliver(self, items: list[_Item]) -> None:
         self._inflight = items
+        attempt = self._config.attempt_seconds
         try:
             outcome = deliver_once(
                 items,
@@ -335,6 +352,7 @@ class Sender:
                 customers=self._customers,
                 max_batch_bytes=self._config.max_batch_bytes,
                 max_records=self._config.batch_size,
+                deadline=None if attempt is None else time.monotonic() + attempt,
             )
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
@@ -395,6 +413,7 @@ class Sender:
         if in_memory:
             due = time.monotonic() + delay
             heapq.heappush(self._retries, (due, next(self._seq), in_memory))
+            self._retrying += len(in_memory)
         self._retry_log.log(
             logging.WARNING,
             "delivery of %d events failed (%s); retry %d in %.2fs",
@@ -409,8 +428,9 @@ class Sender:
         if not attempts_done:
             for item in items:
                 item.attempts += 1
+        kept = "kept for the retry command" if self._store is not None else _ONLY_IN_MEMORY
         self._failure_log.log(
-            logging.ERROR, "%d usage events not delivered, kept for retry: %s", len(items), error
+            logging.ERROR, "%d usage events not delivered, %s: %s", len(items), kept, error
         )
         self._stats.error(str(error))
         self._store_final(items, str(error), count_failed=True)

@@ -54,7 +54,8 @@ class RequestUsage:
 
 class LogThrottle:
     """Logs a repeating condition at most once per ``interval`` seconds, with the count
-    of occurrences since the last line. Thread-safe; :attr:`count` is the total."""
+    of occurrences since the last line when there was more than one. Thread-safe;
+    :attr:`count` is the total."""
 
     def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
         self._logger = logger
@@ -72,6 +73,9 @@ class LogThrottle:
             if now - self._last < self._interval:
                 return
             since, self._since, self._last = self._since, 0, now
-        self._logger.log(
-            level, "%s (%d times in the last %.0fs)", message % args, since, self._interval
-        )
+        if since == 1:
+            self._logger.log(level, message, *args)
+        else:
+            self._logger.log(
+                level, "%s (%d times in the last %gs)", message % args, since, self._interval
+            )

@@ -104,6 +104,19 @@ def test_api_key_is_in_no_traceback_local_of_a_failed_construction() -> None:
             assert KEY not in repr(value), f"{name} in {frame.f_code.co_name}"
 
 
+@pytest.mark.parametrize("bad", [KEY + "\n", " " + KEY, KEY[:5] + "\x00" + KEY[5:]])
+def test_an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it(bad: str) -> None:
+    # A key read from a file often ends with a newline; sent as is, the HTTP library would
+    # refuse the header with an error quoting the key, which then reaches logs and stores.
+    for build in (
+        lambda: MeterClient("http://kafka:8082", "https://portal.example", bad),
+        lambda: MeterClient.from_env({"METER_KAFKA_URL": "http://k:1", "METER_API_KEY": bad}),
+    ):
+        with pytest.raises(ConfigurationError, match="api_key|METER_API_KEY") as info:
+            build()
+        assert KEY not in str(info.value) and "secret file" in str(info.value)
+
+
 def test_secret_refuses_to_be_pickled() -> None:
     import pickle
 

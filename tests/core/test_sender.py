@@ -190,6 +190,35 @@ def test_full_queue_spills_to_the_store_and_the_sender_drains_it(tmp_path: Path)
         client.close()
 
 
+def test_events_waiting_for_a_retry_count_against_max_queue(tmp_path: Path) -> None:
+    transport = DownTransport()
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    client = client_with(
+        transport, max_queue=10, batch_size=10, failure_store=spool,
+        backoff_base=30, backoff_cap=60,
+    )  # fmt: skip
+    try:
+        first = [client.record(**RECORD) for _ in range(10)]
+        deadline = time.monotonic() + 5
+        while client.stats()["retried"] < 10 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.stats()["retried"] == 10  # all ten now wait in memory for a retry
+        transport.up.set()
+        later = [client.record(**RECORD) for _ in range(15)]
+        stats = client.stats()
+        # memory holds no more than max_queue: every new event went to the store
+        assert stats["stored"] == 15 and stats["dropped"] == 0
+        deadline = time.monotonic() + 5
+        while len(transport.records) < 15 and time.monotonic() < deadline:
+            client.flush(0.05)  # wakes the sender: the store's events go out, retries wait
+        assert {v["event_id"] for v in transport.values()} == set(later)
+    finally:
+        transport.up.set()
+        client.close(0)
+    leftover = {s.event.event_id for s in spool.claim(100, lease_seconds=0, max_attempts=100)}
+    assert leftover == set(first)  # kept for the retry command, not lost
+
+
 def test_before_send_can_change_or_drop_events() -> None:
     def hook(event: UsageEvent) -> UsageEvent | None:
         if event.total_usage == 0:
@@ -244,6 +273,22 @@ def test_close_stores_what_is_undelivered_and_is_idempotent(tmp_path: Path) -> N
     assert late in {s.event.event_id for s in spool.claim(100)}
 
 
+def test_close_without_a_store_says_the_undelivered_events_are_only_in_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = DownTransport()
+    client = client_with(transport, backoff_base=30, backoff_cap=60)
+    ids = {client.record(**RECORD) for _ in range(5)}
+    deadline = time.monotonic() + 5
+    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close(timeout=0.1)
+    assert {s.event.event_id for s in client.failed_events()} == ids
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any(m.startswith("5 usage events undelivered at close") and "lost when the "
+               "process exits" in m for m in errors), errors  # fmt: skip
+
+
 def test_close_from_many_threads_at_once() -> None:
     client = client_with(MemoryTransport())
     for _ in range(10):
@@ -276,6 +321,18 @@ def test_disabled_client_validates_captures_and_sends_nothing() -> None:
     assert client.flush(1)
     assert transport.records == []
     client.close()
+
+
+def test_a_disabled_client_needs_no_backend_url() -> None:
+    client = MeterClient(enabled=False, device_id="dev-1")
+    with capture_events() as captured:
+        event_id = client.record(**RECORD)
+    assert [e.event_id for e in captured] == [event_id]
+    assert client.send(**RECORD) == {"offsets": [], "disabled": True}
+    client.close()
+    env_client = MeterClient.from_env({"METER_ENABLED": "false", "METER_DEVICE_ID": "d"})
+    assert env_client.enabled is False
+    env_client.close()
 
 
 def test_capture_collects_events_of_every_client() -> None:
