@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from meter_core.errors import CustomerNotFound, DeliveryError
+from meter_core.errors import BackendUnavailable, CustomerNotFound, DeliveryError
 
 __all__ = ["CustomerCache"]
 
@@ -76,7 +76,7 @@ class CustomerCache:
         if leader:
             return self._lead(tenant_id, flight)
         if not flight.done.wait(self._wait_timeout):
-            raise DeliveryError(f"customer lookup of {tenant_id!r} did not finish in time")
+            raise BackendUnavailable(f"customer lookup of {tenant_id!r} did not finish in time")
         if flight.error is not None:
             raise _copy_error(flight.error)
         return flight.customer
@@ -93,7 +93,8 @@ class CustomerCache:
             flight.error = exc
             raise
         except Exception as exc:  # a broken lookup must not leave waiters hanging
-            flight.error = DeliveryError(f"customer lookup of {tenant_id!r} failed: {exc!r}")
+            # retriable, like any failure that is not an answer of the backend
+            flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} failed: {exc!r}")
             raise flight.error from exc
         else:
             self._put(tenant_id, customer, self._ttl)

@@ -118,3 +118,30 @@ def test_cache_is_bounded() -> None:
     for i in range(100):
         cache.get(str(i))
     assert len(cache._entries) <= 10
+
+
+def test_a_lookup_that_breaks_or_does_not_finish_is_a_retriable_failure() -> None:
+    def broken(tenant: str) -> str:
+        raise RuntimeError("bug in a lookup")
+
+    with pytest.raises(BackendUnavailable, match="bug in a lookup") as info:
+        CustomerCache(broken).get("acme")
+    assert info.value.retriable
+
+    release = threading.Event()
+
+    def stuck(tenant: str) -> str:
+        release.wait(5)
+        return "cust-1"
+
+    cache = CustomerCache(stuck, wait_timeout=0.05)
+    leader = threading.Thread(target=cache.get, args=("acme",))
+    leader.start()
+    time.sleep(0.02)
+    try:
+        with pytest.raises(BackendUnavailable, match="did not finish in time") as waited:
+            cache.get("acme")  # waits for the leader's lookup, which is stuck
+        assert waited.value.retriable
+    finally:
+        release.set()
+        leader.join()
