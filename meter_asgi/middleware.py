@@ -47,10 +47,12 @@ class MeterMiddleware:
     Options (keyword-only, all checked here; a bad one raises
     :class:`~meter_core.ConfigurationError`):
 
-    - ``client``: the :class:`~meter_core.MeterClient` to record with (not closed by the
-      middleware). ``None``: one is built from the environment with
+    - ``client``: the :class:`~meter_core.MeterClient` to record with (never closed nor
+      replaced by the middleware). ``None``: one is built from the environment with
       ``MeterClient.from_env()`` at first need, owned by the middleware, flushed and
-      closed at lifespan shutdown (and at process exit by the client itself).
+      closed at lifespan shutdown (and at process exit by the client itself). A later
+      lifespan startup of the same app (served again, e.g. one test client per test)
+      builds a new one from the environment as it is then.
     - ``routes``: ``{"POST /documents/{doc_id}/scan": "page.processed.basic", ...}``
       (see :mod:`meter_asgi.routes`), or a :class:`~meter_core.RouteRules`.
     - ``tenant`` / ``device``: a constant id, a callable ``(scope) -> str | None`` or a
@@ -67,8 +69,8 @@ class MeterMiddleware:
     nothing. Handlers add usage through ``request.state.meter`` (a
     :class:`~meter_core.RequestUsage`, also given by ``Depends(meter_usage)``). Recording
     does no network I/O on the request path. An internal failure is logged on the
-    ``meter.asgi`` logger and swallowed; a request without a tenant is not metered and is
-    counted (:attr:`stats`).
+    ``meter.asgi`` logger and swallowed; a request without a tenant, or one that comes
+    while there is no client, is not metered and is counted (:attr:`stats`).
     """
 
     def __init__(
@@ -131,8 +133,11 @@ class MeterMiddleware:
     @property
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters: ``metered_requests``, ``events``, ``untenanted``
-        (usage not recorded for want of a tenant id), ``invalid``, ``errors``,
-        ``sessions_started``, ``sessions_ended``."""
+        (usage not recorded for want of a tenant id), ``unconfigured`` (successful
+        requests and sessions with usage not recorded because there is no client: the
+        owned one could not be built from the environment), ``invalid`` (usage dropped
+        because an id, a meter or an amount was not valid: a bad usage header drops its
+        meter only), ``errors``, ``sessions_started``, ``sessions_ended``."""
         return dict(self._recorder.counters)
 
     @property
@@ -216,6 +221,7 @@ class MeterMiddleware:
         recorder = self._recorder
         client = recorder.client()
         if client is None:
+            recorder.counters["unconfigured"] += 1
             return None
         who = recorder.who(scope, method, path)
         if who is None:
@@ -256,8 +262,10 @@ class MeterMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through; build the owned client at startup (so a configuration
         error shows in the log at once) and flush and close it before the server is told
-        that shutdown is complete."""
+        that shutdown is complete. A new lifespan (the app served again) starts with a
+        new owned client if the last one was closed or could not be built."""
         recorder = self._recorder
+        recorder.renew()
 
         async def observe(message: Message) -> None:
             kind = message["type"]

@@ -16,7 +16,15 @@ from typing import Any
 
 from meter_asgi.resolvers import Resolver
 from meter_asgi.types import Scope
-from meter_core import InvalidEvent, LogThrottle, MeterClient, MeterSpec, UsageEvent
+from meter_core import (
+    MAX_USAGE,
+    InvalidEvent,
+    LogThrottle,
+    MeterClient,
+    MeterSpec,
+    UsageEvent,
+    parse_usage_header,
+)
 
 __all__ = ["Recorder", "ResponseHeaders", "logger"]
 
@@ -26,6 +34,7 @@ COUNTERS = (
     "metered_requests",  # successful requests that produced at least one event
     "events",  # events handed to the client (volume and session)
     "untenanted",  # requests or sessions with usage but no tenant id: not metered
+    "unconfigured",  # requests or sessions with usage but no client (not built): not metered
     "invalid",  # usage dropped because an id, a meter or an amount was not valid
     "errors",  # internal errors of the middleware (logged and swallowed)
     "sessions_started",
@@ -70,10 +79,11 @@ class ResponseHeaders(Mapping[str, str]):
 class Recorder:
     """Resolves tenant and device, computes amounts, builds and enqueues events.
 
-    ``client`` given: used as is, never closed here. ``client`` None: one is built from
-    the environment (``MeterClient.from_env()``) at first need and owned (see
-    :meth:`close`); if that fails, the error is logged once and nothing is metered.
-    Counters (:attr:`counters`) are plain ints updated on the event loop.
+    ``client`` given: used as is, never closed nor replaced here. ``client`` None: one is
+    built from the environment (``MeterClient.from_env()``) at first need and owned (see
+    :meth:`close` and :meth:`renew`); if that fails, the error is logged once and nothing
+    is metered until the next lifespan startup. Counters (:attr:`counters`) are plain
+    ints updated on the event loop.
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class Recorder:
         self._client = client
         self.owns_client = client is None
         self._client_failed = False
+        self._client_closed = False  # the owned client was closed by close()
         self._build_lock = threading.Lock()
         self._tenant = tenant
         self._tenant_resolver = tenant_resolver
@@ -131,12 +142,28 @@ class Recorder:
                     )
             return self._client
 
+    def renew(self) -> None:
+        """At a lifespan startup: forget an owned client that :meth:`close` closed, or
+        that could not be built, so that the next :meth:`client` call builds one from the
+        environment as it is now (an app object served again, e.g. one test client or
+        server per test). A given client, or an owned one still open, is kept."""
+        if not self.owns_client:
+            return
+        with self._build_lock:
+            if self._client_closed or self._client_failed:
+                self._client = None
+                self._client_closed = False
+                self._client_failed = False
+
     async def close(self, timeout: float) -> None:
         """Flush and close the client if this recorder built it (else do nothing).
-        Runs in a worker thread so the event loop keeps serving while it waits."""
+        Runs in a worker thread so the event loop keeps serving while it waits. The
+        closed client stays in use (events recorded later go to its failure store)
+        until :meth:`renew`."""
         client = self._client
         if not self.owns_client or client is None:
             return
+        self._client_closed = True
         try:
             await asyncio.to_thread(client.close, timeout)
         except Exception as exc:
@@ -178,16 +205,17 @@ class Recorder:
         header_usage: Mapping[str, str] | None,
     ) -> int:
         """The usage of ``spec`` for this response; 0 means nothing to record (also
-        when the amount is not valid: that is logged, rate limited)."""
+        when the amount is not valid: that is counted as ``invalid`` and logged, rate
+        limited, and only this meter is dropped)."""
         if spec.header is not None:
             raw = header_usage.get(spec.header) if header_usage else None
             if raw is None:
                 return 0
-            text = raw.strip()
-            if not text.isdigit() or not text.isascii():
-                self._invalid(f"response header {spec.header!r} is not an int >= 0: {raw!r}")
+            try:
+                return parse_usage_header(spec.header, raw)
+            except InvalidEvent as exc:
+                self._invalid(f"usage of {spec.meter_id!r} not recorded: {exc}")
                 return 0
-            return int(text)
         usage = spec.usage
         if type(usage) is int:
             return usage
@@ -198,8 +226,8 @@ class Recorder:
             return 0
         if value is None:
             return 0
-        if type(value) is not int or value < 0:
-            self._invalid(f"usage callable of {spec.meter_id!r} returned {value!r}, not an int")
+        if type(value) is not int or not 0 <= value <= MAX_USAGE:
+            self._invalid(f"usage callable of {spec.meter_id!r} returned {value!r}, not an int from 0 to {MAX_USAGE}")
             return 0
         return value
 

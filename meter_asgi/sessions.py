@@ -92,6 +92,7 @@ def _open(
         return None
     client = recorder.client()
     if client is None:
+        recorder.counters["unconfigured"] += 1
         return None
     who = recorder.who(scope, "websocket session", path)
     if who is None:

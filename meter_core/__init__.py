@@ -28,10 +28,10 @@ from meter_core.errors import (
     RateLimited,
     StoreError,
 )
-from meter_core.events import UsageEvent, now_ms, validate_identifier
+from meter_core.events import MAX_USAGE, UsageEvent, now_ms, validate_identifier
 from meter_core.redeliver import RedeliveryReport, redeliver
 from meter_core.retry import RetryPolicy
-from meter_core.rules import METHODS_WITHOUT_RESULT, MeterSpec, RouteRules
+from meter_core.rules import METHODS_WITHOUT_RESULT, MeterSpec, RouteRules, parse_usage_header
 from meter_core.spool import SQLiteSpool
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
 from meter_core.transport import HTTPTransport, LogTransport, MemoryTransport, Transport
@@ -42,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLIENT_OPTIONS",
+    "MAX_USAGE",
     "METERS",
     "METHODS_WITHOUT_RESULT",
     "BackendUnavailable",
@@ -79,6 +80,7 @@ __all__ = [
     "capture_events",
     "is_known_meter",
     "now_ms",
+    "parse_usage_header",
     "post_ai_meter_usage",
     "post_meter_usage",
     "redeliver",

@@ -9,20 +9,23 @@ Both framework adapters compile their settings here, once, at start-up:
         "documents:export": "report.generated.large",        # a view name (Django)
     })
 
-A key is an optional method list (``GET`` or ``GET,POST``) and either a route template
-starting with ``/`` or a view name. A key without methods applies to every method except
-``HEAD`` and ``OPTIONS``: neither gives the caller the route's result (a HEAD answer has
-no body; an OPTIONS one is a CORS preflight or a probe, which a CORS middleware or
-Django's class-based views answer with a 200), so uptime checks and preflights are not
-billed. Write ``"HEAD /x"`` or ``"OPTIONS /x"`` to meter them.
+A key is an optional method list (``GET`` or ``GET,POST``, upper-case: ``"post /x"``
+raises) and either a route template starting with ``/`` or a view name. A key without
+methods applies to every method except ``HEAD`` and ``OPTIONS``: neither gives the caller
+the route's result (a HEAD answer has no body; an OPTIONS one is a CORS preflight or a
+probe, which a CORS middleware or Django's class-based views answer with a 200), so
+uptime checks and preflights are not billed. Write ``"HEAD /x"`` or ``"OPTIONS /x"`` to
+meter them.
 
 Templates may be written in Starlette (``{id}``, ``{id:int}``) or Django (``<int:id>``)
 syntax; both compile to the same form, so a rule matches the template a framework
-resolved with one dict lookup. For apps without a router, :meth:`RouteRules.match_path`
-matches a concrete path against the templates.
+resolved with one dict lookup (an unbalanced brace or an unnamed ``{}`` raises). For apps
+without a router, :meth:`RouteRules.match_path` matches a concrete path against the
+templates.
 
 A value is a meter id, a dict ``{"meter", "usage", "header", "metadata", "session"}``,
-a :class:`MeterSpec`, or a list of them (several meters per route).
+a :class:`MeterSpec`, or a list of them (several meters per route). A usage header's
+value is read with :func:`parse_usage_header`, the same way in every adapter.
 """
 
 from __future__ import annotations
@@ -37,10 +40,23 @@ from meter_core.catalog import is_known_meter
 from meter_core.errors import ConfigurationError, InvalidEvent
 from meter_core.events import MAX_USAGE, validate_identifier
 
-__all__ = ["METHODS_WITHOUT_RESULT", "MeterSpec", "RouteRules", "normalize_template"]
+__all__ = [
+    "METHODS_WITHOUT_RESULT",
+    "MeterSpec",
+    "RouteRules",
+    "normalize_template",
+    "parse_usage_header",
+]
 
 _PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
+_BRACE_PARAM = re.compile(r"\{([^{}]*)\}")
 _METHOD = re.compile(r"[A-Z]+")
+_METHOD_LIST_ANY_CASE = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*")
+# Method words a rule may name; only used to recognise one written in lower case.
+_METHOD_WORDS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "WEBSOCKET"}
+)
+_MAX_USAGE_DIGITS = len(str(MAX_USAGE))
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _MAX_CACHED_METHODS = 32
 METHODS_WITHOUT_RESULT: frozenset[str] = frozenset({"HEAD", "OPTIONS"})
@@ -103,6 +119,46 @@ def normalize_template(template: str) -> str:
     if not template.startswith("/"):
         template = "/" + template
     return _PARAM.sub("{}", template)
+
+
+def parse_usage_header(header: str, value: str) -> int:
+    """The usage a response header states. ``value`` must be ASCII digits only, with
+    optional spaces or tabs around them (HTTP's optional whitespace), and at most
+    ``MAX_USAGE`` (a signed 64-bit integer); leading zeros are fine.
+
+    Anything else (``"2.5"``, ``"-1"``, ``"+3"``, ``"1_000"``, ``"abc"``, ``""``, a larger
+    number) raises :class:`~meter_core.InvalidEvent` (field ``total_usage``) naming
+    ``header`` and quoting ``value``. Both adapters read usage headers through this
+    function, so they accept and refuse exactly the same strings."""
+    text = value.strip(" \t")
+    if text.isascii() and text.isdigit():
+        # Leading zeros stripped first: int() of a very long string raises ValueError.
+        significant = text.lstrip("0")
+        if len(significant) <= _MAX_USAGE_DIGITS:
+            usage = int(significant) if significant else 0
+            if usage <= MAX_USAGE:
+                return usage
+    raise InvalidEvent(
+        "total_usage",
+        f"response header {header!r} must be an int from 0 to {MAX_USAGE} (digits only), "
+        f"got {value!r}",
+    )
+
+
+def _check_target(key: str, target: str) -> None:
+    """Refuse a route template whose ``{...}`` parameters are unbalanced or unnamed."""
+    for param in _BRACE_PARAM.finditer(target):
+        if not param.group(1).split(":", 1)[0].strip():
+            raise ConfigurationError(
+                f"routes[{key!r}]: parameter {param.group(0)!r} of {target!r} has no name "
+                "(write e.g. '{id}')"
+            )
+    rest = _BRACE_PARAM.sub("", target)
+    if "{" in rest or "}" in rest:
+        raise ConfigurationError(
+            f"routes[{key!r}]: unbalanced brace in the route template {target!r} "
+            "(a parameter is written '{name}')"
+        )
 
 
 def _template_regex(normalized: str, original: str) -> re.Pattern[str]:
@@ -171,6 +227,15 @@ class RouteRules:
         if len(parts) == 2 and all(_METHOD.fullmatch(m) for m in parts[0].split(",")):
             methods = frozenset(parts[0].split(","))
             target = parts[1].strip()
+        elif (
+            len(parts) == 2
+            and _METHOD_LIST_ANY_CASE.fullmatch(parts[0])
+            and set(parts[0].upper().split(",")) <= _METHOD_WORDS
+        ):
+            raise ConfigurationError(
+                f"routes[{key!r}]: methods are upper-case: write "
+                f"'{parts[0].upper()} {parts[1].strip()}'"
+            )
         meters = tuple(_specs(key, value))
         if not meters:
             raise ConfigurationError(f"routes[{key!r}]: no meter given")
@@ -181,6 +246,7 @@ class RouteRules:
                     "or allow unknown meters)"
                 )
         if target.startswith("/"):
+            _check_target(key, target)
             normalized = normalize_template(target)
             return _Rule(methods, normalized, meters, _template_regex(normalized, target))
         return _Rule(methods, target, meters, None)

@@ -16,7 +16,7 @@ from typing import Any
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import MeterSpec, RequestUsage, RouteRules
+from meter_core import InvalidEvent, MeterSpec, RequestUsage, RouteRules, parse_usage_header
 from meter_django.conf import conf, parse_statuses
 from meter_django.recording import record_usage
 from meter_django.resolvers import device_resolver, tenant_resolver
@@ -93,14 +93,16 @@ def spec_usage(
 ) -> int | None:
     """Units ``spec`` meters for this response: its constant, its callable's answer
     ``usage(request, response)``, or the integer in its response header (read before
-    the header was removed). None when there is nothing to record."""
+    the header was removed, with :func:`meter_core.parse_usage_header`, as meter_asgi
+    does). None when there is nothing to record; a header value that is not a valid
+    usage is logged and only this meter is dropped."""
     if spec.header is not None:
         if header_value is None:
             return None
         try:
-            return _as_count(int(header_value.strip()), f"header {spec.header!r}")
-        except ValueError:
-            logger.error("meter header %r is not an integer: %r", spec.header, header_value)
+            return parse_usage_header(spec.header, header_value)
+        except InvalidEvent as exc:
+            logger.error("usage of meter %r not recorded: %s", spec.meter_id, exc)
             return None
     if callable(spec.usage):
         return _as_count(spec.usage(request, response), f"usage callable of {spec.meter_id!r}")

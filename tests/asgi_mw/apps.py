@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -213,6 +214,19 @@ async def bare_app(scope: Any, receive: Any, send: Any) -> None:
     status = 404 if scope["path"].startswith("/nowhere") else 200
     await send({"type": "http.response.start", "status": status, "headers": []})
     await send({"type": "http.response.body", "body": b"bare"})
+
+
+async def usage_header_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers 200 with an ``x-meter-pages`` header set to the ``pages`` query value as
+    given (whitespace and all)."""
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    query = parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+    headers = [(b"x-meter-pages", value.encode("latin-1")) for value in query.get("pages", [])]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"pages"})
 
 
 __all__ = ["MARKER_TENANT"]

@@ -97,6 +97,48 @@ def test_owned_client_that_cannot_be_built_leaves_the_app_working(
     assert len(errors) == 1 and "kafka_url" in errors[0].getMessage()
 
 
+def test_an_app_served_again_builds_a_new_owned_client_from_the_environment(
+    meter_backend: DevServer, http: httpx.Client, env_for: Callable[[DevServer], None]
+) -> None:
+    # one app object, two servers one after the other (one server or TestClient per
+    # test), each with the environment pointing at its own backend
+    app = apps.fastapi_app()
+    app.add_middleware(MeterMiddleware, routes=ROUTES, tenant="acme")
+    env_for(meter_backend)
+    with LiveServer(app, lifespan="on") as first:
+        assert http.post(f"{first.url}/documents/a/scan").is_success
+    assert len(meter_backend.values()) == 1  # flushed at the first shutdown
+    second_backend = DevServer().start()
+    try:
+        env_for(second_backend)
+        with LiveServer(app, lifespan="on") as second:
+            for doc in ("b", "c"):
+                assert http.post(f"{second.url}/documents/{doc}/scan").is_success
+        # delivered by a new client at the second shutdown, to the second backend
+        values = second_backend.values()
+        assert [v["meter_id"] for v in values] == ["page.processed.basic"] * 2
+        assert len(meter_backend.values()) == 1
+    finally:
+        second_backend.stop()
+
+
+def test_metered_requests_without_a_client_are_counted_as_unconfigured(
+    serve: Callable[..., LiveServer], http: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("METER_"):
+            monkeypatch.delenv(name)
+    middleware = MeterMiddleware(apps.fastapi_app(), routes=ROUTES, tenant="acme")
+    server = serve(middleware, lifespan="on")
+    for doc in ("a", "b"):
+        assert http.post(f"{server.url}/documents/{doc}/scan").is_success
+    assert http.get(f"{server.url}/documents/a/scan").is_success  # not a metered route
+    server.stop()  # waits for the requests' tasks, metering included
+    assert middleware.client is None
+    assert middleware.stats["unconfigured"] == 2
+    assert middleware.stats["metered_requests"] == middleware.stats["events"] == 0
+
+
 CHILD = """
 import sys
 import uvicorn

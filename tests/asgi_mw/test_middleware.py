@@ -12,6 +12,7 @@ import pytest
 from meter_asgi import MeterMiddleware
 from meter_core import MeterClient
 from meter_core.devserver import DevServer
+from meter_core.events import MAX_USAGE
 from tests.asgi_mw import apps
 from tests.asgi_mw.conftest import marker_then_values, settled, wait_for_records
 from tests.asgi_mw.live import LiveServer
@@ -378,3 +379,65 @@ def test_a_cors_preflight_is_not_billed_by_a_rule_without_methods(
     values = marker_then_values(meter_backend, http, f"{server.url}/marker")
     # ...but OPTIONS: the preflight did no work, only the call itself is billed
     assert [(v["meter_id"], v["tenant_id"]) for v in values] == [("page.processed.basic", "acme")]
+
+
+def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # the same strings as meter_django refuses: both read the header with parse_usage_header
+    refused = [str(MAX_USAGE + 1), "+3", "1_000", "2.5", "-1", "abc", ""]
+    accepted = {" 4\t": 4, str(MAX_USAGE): MAX_USAGE}
+    pages = {"meter": "page.processed.advanced", "header": "x-meter-pages"}
+    app = MeterMiddleware(
+        apps.usage_header_app,
+        client=meter_client,
+        tenant="acme",
+        routes={"POST /pages": [pages, "rule.executed.small"]},
+    )
+    server = serve(app, lifespan="off")
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        for value in [*refused, *accepted]:
+            response = http.post(f"{server.url}/pages", params={"pages": value})
+            assert response.text == "pages"
+            assert "x-meter-pages" not in response.headers
+        expected = len(refused) + 2 * len(accepted)
+        wait_for_records(meter_backend, expected)
+    values = settled(meter_backend, meter_client)
+    # every request is billed for its other meter; the header meter only when valid
+    assert sorted((v["meter_id"], v["total_usage"]) for v in values) == sorted(
+        [("rule.executed.small", 1)] * (len(refused) + len(accepted))
+        + [("page.processed.advanced", usage) for usage in accepted.values()]
+    )
+    assert app.stats["invalid"] == len(refused)
+    assert app.stats["metered_requests"] == len(refused) + len(accepted)
+    # (rate limited: the first one is logged)
+    assert (
+        "usage of 'page.processed.advanced' not recorded: total_usage: response header "
+        f"'x-meter-pages' must be an int from 0 to {MAX_USAGE} (digits only), "
+        f"got '{MAX_USAGE + 1}'"
+    ) in caplog.text
+
+
+def test_a_usage_callable_out_of_range_drops_that_meter_only(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    runaway = {"meter": "page.processed.advanced", "usage": lambda *_: MAX_USAGE + 1}
+    app = MeterMiddleware(
+        apps.usage_header_app,
+        client=meter_client,
+        tenant="acme",
+        routes={"POST /pages": [runaway, "rule.executed.small"]},
+    )
+    server = serve(app, lifespan="off")
+    assert http.post(f"{server.url}/pages").status_code == 200
+    wait_for_records(meter_backend, 1)
+    values = settled(meter_backend, meter_client)
+    assert [(v["meter_id"], v["total_usage"]) for v in values] == [("rule.executed.small", 1)]
+    assert app.stats["invalid"] == 1

@@ -3,6 +3,7 @@ the connection ends however it ends, with one session id shared by both."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -124,3 +125,21 @@ def test_a_session_without_tenant_is_not_metered_and_counted(
     assert middleware.stats["untenanted"] == 1
     assert meter_client.flush(5) and meter_backend.values() == []
     assert middleware.stats["sessions_started"] == 0
+
+
+def test_a_session_without_a_client_is_not_metered_and_counted(
+    serve: Callable[..., LiveServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in list(os.environ):
+        if name.startswith("METER_"):
+            monkeypatch.delenv(name)  # the owned client cannot be built
+    middleware = MeterMiddleware(
+        apps.starlette_app(), routes=apps.STARLETTE_ROUTES, tenant="acme", device="web-1"
+    )
+    live = serve(middleware)
+    with connect(f"{live.ws_url}/ws/chat") as ws:
+        ws.send("hello")
+        assert ws.recv() == "echo hello"  # the session was looked at when it was accepted
+    assert middleware.client is None
+    assert middleware.stats["unconfigured"] == 1
+    assert middleware.stats["sessions_started"] == middleware.stats["events"] == 0

@@ -12,7 +12,7 @@ import meter_core
 ROOT = Path(__file__).resolve().parents[2]
 
 DOCUMENTED_API = {
-    "CLIENT_OPTIONS", "METERS", "METHODS_WITHOUT_RESULT", "BackendUnavailable",
+    "CLIENT_OPTIONS", "MAX_USAGE", "METERS", "METHODS_WITHOUT_RESULT", "BackendUnavailable",
     "CapturedEvents", "ClientOption",
     "ConfigurationError", "CustomerNotFound", "DeliveryError", "DeliveryRejected",
     "FailureStore", "HTTPTransport", "InvalidEvent", "LogThrottle", "LogTransport",
@@ -21,7 +21,7 @@ DOCUMENTED_API = {
     "RequestUsage", "RetryPolicy", "RouteRules", "SQLiteSpool", "Secret", "StoreError",
     "StoredEvent", "Transport", "UsageEvent", "__version__", "capture_events",
     "is_known_meter", "now_ms", "post_ai_meter_usage", "post_meter_usage", "redeliver",
-    "register_meter",
+    "parse_usage_header", "register_meter",
     "validate_identifier",
 }  # fmt: skip
 

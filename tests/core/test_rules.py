@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from meter_core import ConfigurationError, MeterSpec, RouteRules
+from meter_core import ConfigurationError, InvalidEvent, MeterSpec, RouteRules, parse_usage_header
+from meter_core.events import MAX_USAGE
 from meter_core.rules import normalize_template
 
 
@@ -141,3 +142,77 @@ def test_lookups_by_method_stay_bounded_whatever_methods_clients_send() -> None:
         assert rules.match(f"X{i}", "/documents/{}/scan") == ()
     assert rules.match("POST", "/documents/{}/scan")[0].meter_id == "page.processed.basic"
     assert len(rules._by_method) <= 32
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("GET /a/{id", r"routes\['GET /a/\{id'\]: unbalanced brace"),
+        ("/a/id}/b", r"routes\['/a/id}/b'\]: unbalanced brace"),
+        ("/a/{{id}}", r"routes\['/a/\{\{id}}'\]: unbalanced brace"),
+        ("GET /a/{}", r"routes\['GET /a/\{}'\]: parameter '\{}' of '/a/\{}' has no name"),
+        ("/a/{ }/b", r"routes\['/a/\{ }/b'\]: parameter '\{ }' .* has no name"),
+        ("/a/{:int}", r"routes\['/a/\{:int}'\]: parameter '\{:int}' .* has no name"),
+    ],
+)
+def test_a_template_with_an_unbalanced_or_empty_brace_is_refused_naming_the_key(
+    key: str, message: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        RouteRules({key: "page.processed.basic"})
+
+
+@pytest.mark.parametrize(
+    ("key", "fixed"),
+    [
+        ("post /a", "POST /a"),
+        ("Get /reports/{kind}", "GET /reports/{kind}"),
+        ("get,POST /a", "GET,POST /a"),
+        ("websocket /ws/chat", "WEBSOCKET /ws/chat"),
+        ("post documents:scan", "POST documents:scan"),  # a view name (Django)
+    ],
+)
+def test_a_method_in_lower_case_is_refused_with_the_key_to_write(key: str, fixed: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        RouteRules({key: "page.processed.basic"})
+    assert str(caught.value) == f"routes[{key!r}]: methods are upper-case: write {fixed!r}"
+
+
+def test_a_view_name_with_a_space_that_is_no_method_is_still_a_view_name() -> None:
+    rules = RouteRules({"export all": "report.generated.large"})
+    assert rules.match("GET", "export all")
+
+
+@pytest.mark.parametrize(
+    ("text", "usage"),
+    [
+        ("0", 0),
+        ("7", 7),
+        (" 7", 7),
+        ("7\t ", 7),
+        ("007", 7),
+        (str(MAX_USAGE), MAX_USAGE),
+        ("0" * 30 + "42", 42),
+    ],
+)
+def test_a_usage_header_is_digits_only(text: str, usage: int) -> None:
+    assert parse_usage_header("x-pages", text) == usage
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2.5", "abc", "-1", "+3", "1_000", "1e3", "", "  ", "0x10", "1 2", "\u00b2", "\u0663",
+        str(MAX_USAGE + 1), "9" * 5000, "7\n",
+    ],
+)  # fmt: skip
+def test_a_usage_header_that_is_not_a_valid_usage_is_refused_naming_the_header(
+    text: str,
+) -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        parse_usage_header("x-pages", text)
+    assert caught.value.field == "total_usage"
+    assert str(caught.value).startswith(
+        f"total_usage: response header 'x-pages' must be an int from 0 to {MAX_USAGE}"
+    )
+    assert str(caught.value).endswith(f"got {text!r}")

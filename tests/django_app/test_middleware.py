@@ -14,6 +14,7 @@ from rest_framework.authtoken.models import Token
 
 from meter_core import capture_events
 from meter_core.devserver import DevServer
+from meter_core.events import MAX_USAGE
 from meter_django import get_client
 from meter_django.metering import untenanted_count
 from meter_django.models import FailedMeterEvent
@@ -278,3 +279,32 @@ def test_device_from_a_trusted_header_and_default_device(quiet: MeterSettings) -
         assert _get("/documents/7/scan", HTTP_X_DEVICE="scanner-9").status_code == 200
         assert _get("/documents/8/scan").status_code == 200  # no header: DEVICE_ID
     assert [e.device_id for e in events] == ["scanner-9", "tests"]
+
+
+def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the same strings as meter_asgi refuses: both read the header with parse_usage_header
+    refused = [str(MAX_USAGE + 1), "+3", "1_000", "2.5", "-1", "abc", ""]
+    accepted = {" 4\t": 4, str(MAX_USAGE): MAX_USAGE}
+    pages = {"meter": "page.processed.basic", "header": "X-Pages"}
+    quiet(RULES={"GET /documents/<int:pk>/scan": [pages, "report.generated.small"]})
+    for value in refused:
+        with capture_events() as events, caplog.at_level(logging.ERROR):
+            caplog.clear()
+            response = _get("/documents/7/scan", data={"pages": value})
+        assert response.status_code == 200
+        assert "X-Pages" not in response.headers
+        # the request's other meter is still recorded
+        assert [(e.meter_id, e.total_usage) for e in events] == [("report.generated.small", 1)]
+        assert (
+            "usage of meter 'page.processed.basic' not recorded: total_usage: response header "
+            f"'x-pages' must be an int from 0 to {MAX_USAGE} (digits only), got {value!r}"
+        ) in caplog.text
+    for value, usage in accepted.items():
+        with capture_events() as events:
+            _get("/documents/7/scan", data={"pages": value})
+        assert [(e.meter_id, e.total_usage) for e in events] == [
+            ("page.processed.basic", usage),
+            ("report.generated.small", 1),
+        ]
