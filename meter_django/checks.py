@@ -16,8 +16,14 @@ meter_django.E007   ``TENANT`` or ``DEVICE`` reads a request header not marked t
 meter_django.E008   ``METER_STATUSES`` is not a collection of HTTP status codes
 meter_django.E009   ``STORE`` is not usable, or ``DATABASE`` is not a database alias
 meter_django.E010   the client cannot be built from these settings
+meter_django.E011   no device id while metering is enabled: neither ``DEVICE_ID`` (nor
+                    ``METER_DEVICE_ID``) nor a ``DEVICE`` resolver
+meter_django.E012   ``@meter`` was given a meter id that is not in the catalog (unknown
+                    meters not allowed); seen for the views the URLconf imports
+meter_django.E013   a ``RULES`` value has ``"session": True``, which only websocket routes
+                    of meter_asgi use
 meter_django.W001   only one of ``PORTAL_URL`` / ``API_KEY`` is set (the internal lookup
-                    is used)
+                    is used); not given when either value is wrong (E003)
 meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLEWARE``
 ==================  ===================================================================
 
@@ -26,7 +32,9 @@ Messages name the key and what was given, never the API key's value.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import importlib
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -34,7 +42,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 
-from meter_core import ConfigurationError, RouteRules
+from meter_core import CLIENT_OPTIONS, METERS, ConfigurationError, RouteRules, is_known_meter
 from meter_django.conf import (
     DJANGO_DEFAULTS,
     check_option,
@@ -62,6 +70,13 @@ CHECKS: Mapping[str, str] = {
     "E009": "Use STORE 'database', 'memory' or a meter_core.FailureStore; DATABASE must be "
     "a key of DATABASES.",
     "E010": "Fix the option the message names.",
+    "E011": "Set METER['DEVICE_ID'] (e.g. 'web'), or the METER_DEVICE_ID environment "
+    "variable, or METER['DEVICE'] to resolve it per request (the shapes of TENANT).",
+    "E012": "Fix the meter id; a meter of your own must be registered with "
+    "meter_core.register_meter() before the check runs (e.g. in the module of the view or "
+    "in AppConfig.ready()), or set METER['ALLOW_UNKNOWN_METERS'] = True.",
+    "E013": "Remove 'session'. Django metering is per request; record AI sessions with "
+    "meter_django.record_session(start_time=...) and record_session(end_time=...).",
     "W001": "Set both PORTAL_URL and API_KEY for the external lookup, or neither.",
     "W002": "Add 'meter_django.middleware.MeterMiddleware' to MIDDLEWARE.",
 }
@@ -87,6 +102,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     options, option_errors = _check_options(meter)
     messages += option_errors
     messages += _check_django_keys(meter, options)
+    messages += _check_decorated_meters(bool(options.get("allow_unknown_meters")))
     if not messages:
         messages += _check_client()
     return messages
@@ -106,6 +122,7 @@ def _check_keys(meter: Mapping[str, Any]) -> list[CheckMessage]:
 
 def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[CheckMessage]]:
     options: dict[str, Any] = {}
+    bad: set[str] = set()
     out: list[CheckMessage] = []
     for key, option in client_option_keys().items():
         try:
@@ -114,8 +131,8 @@ def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[Check
             elif option.env and option.env in os.environ:
                 options[option.name] = option_from_env(option, os.environ)
         except ConfigurationError as exc:
-            where = f"METER[{key!r}]" if key in meter else f"environment variable {option.env}"
-            out.append(_error("E003", f"{where}: {exc}"))
+            bad.add(option.name)
+            out.append(_error("E003", f"{_source(meter, option.name)}: {exc}"))
     enabled = options.get("enabled", True)
     transport = options.get("transport", "http")
     kafka_given = meter.get("KAFKA_URL") is not None or "METER_KAFKA_URL" in os.environ
@@ -123,15 +140,36 @@ def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[Check
         out.append(
             _error("E004", "METER['KAFKA_URL'] is required while metering is enabled over HTTP.")
         )
-    if bool(options.get("portal_url")) != bool(options.get("api_key")):
+    device_given = (
+        meter["DEVICE_ID"] is not None if "DEVICE_ID" in meter else "METER_DEVICE_ID" in os.environ
+    )
+    if enabled and not device_given and meter.get("DEVICE") is None:
+        out.append(
+            _error(
+                "E011",
+                "No device id is configured while metering is enabled: usage recorded "
+                "without a device_id is not sent.",
+            )
+        )
+    lookup = [name for name in ("portal_url", "api_key") if options.get(name)]
+    if len(lookup) == 1 and not bad & {"portal_url", "api_key"}:
+        given, missing = lookup[0], ({"portal_url", "api_key"} - set(lookup)).pop()
         out.append(
             _warning(
                 "W001",
-                "Only one of METER['PORTAL_URL'] and METER['API_KEY'] is set: customer "
-                "lookups use the internal URL.",
+                f"Only {given.upper()} is set (by {_source(meter, given)}), not "
+                f"{missing.upper()}: customer lookups use the internal URL.",
             )
         )
     return options, out
+
+
+def _source(meter: Mapping[str, Any], name: str) -> str:
+    """Where the client option ``name`` is read from: its METER key, else its variable."""
+    option = CLIENT_OPTIONS[name]
+    if option.setting_name in meter:
+        return f"METER[{option.setting_name!r}]"
+    return f"the environment variable {option.env}"
 
 
 def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> list[CheckMessage]:
@@ -145,6 +183,11 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
     except ConfigurationError as exc:
         out.append(_error("E005", f"METER['RULES']: {exc}"))
     else:
+        out += [
+            _error("E013", f"METER['RULES'][{key!r}]: 'session': True has no meaning in Django.")
+            for key, value in rules.items()
+            if RouteRules({key: value}, allow_unknown_meters=True).has_sessions
+        ]
         if compiled and _MIDDLEWARE not in getattr(settings, "MIDDLEWARE", []):
             out.append(_warning("W002", f"METER['RULES'] are set but {_MIDDLEWARE} is not."))
     for key in ("TENANT", "DEVICE"):
@@ -166,6 +209,26 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
             build_store(meter.get("STORE", DJANGO_DEFAULTS["STORE"]), alias)
         except ConfigurationError as exc:
             out.append(_error("E009", str(exc)))
+    return out
+
+
+def _check_decorated_meters(allow_unknown: bool) -> list[CheckMessage]:
+    if allow_unknown:
+        return []
+    from meter_django.decorators import declared_meters
+
+    # importing the URLconf imports (and so decorates) its views; one that cannot be
+    # imported is reported by Django's own URL check
+    with contextlib.suppress(Exception):
+        importlib.import_module(settings.ROOT_URLCONF)
+    out: list[CheckMessage] = []
+    for meter_id, views in sorted(declared_meters().items()):
+        if is_known_meter(meter_id):
+            continue
+        where = f" on {', '.join(views)}" if views else ""
+        close = difflib.get_close_matches(meter_id, sorted(METERS), n=1)
+        suggestion = f" Did you mean {close[0]!r}?" if close else ""
+        out.append(_error("E012", f"@meter({meter_id!r}){where}: unknown meter id.{suggestion}"))
     return out
 
 

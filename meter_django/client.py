@@ -55,10 +55,6 @@ def build_client() -> MeterClient:
     from meter_django.conf import conf
 
     options = conf.client_options()
-    disabled = not options.get("enabled", True)
-    if disabled and options.get("kafka_url") is None and options.get("transport", "http") == "http":
-        # nothing is sent when disabled: no backend URL is needed
-        options["transport"] = "memory"
     if options.get("failure_store") is None:
         options["failure_store"] = build_store(conf.get("STORE"), conf.database)
     return MeterClient(**options)

@@ -176,11 +176,19 @@ class MeterSettings:
         return options
 
     def option(self, name: str) -> Any:
-        """One client option as configured (METER, env, else meter_core's default)."""
-        options = self.client_options()
-        if name in options:
-            return options[name]
-        return CLIENT_OPTIONS[name].default
+        """One client option as configured (METER, env, else meter_core's default), read
+        alone: a bad value of another option does not affect it. Raises
+        ConfigurationError only when this option's own environment variable is bad (or
+        ``METER`` is not a dict). ``METER`` values are returned as given."""
+        return self.cached(f"option:{name}", lambda: self._build_option(CLIENT_OPTIONS[name]))
+
+    def _build_option(self, option: ClientOption) -> Any:
+        meter = self._mapping()
+        if option.setting_name in meter:
+            return meter[option.setting_name]
+        if option.env and option.env in os.environ:
+            return option_from_env(option, os.environ)
+        return option.default
 
     @property
     def enabled(self) -> bool:

@@ -1,16 +1,31 @@
-"""``@meter(meter_id, usage=...)``: meter a function view (sync or async).
+"""``@meter(meter_id, usage=...)``: meter a view function or a view method (sync or async).
 
     @meter("page.processed.basic", usage=lambda request, response: response.pages)
     def scan(request, pk): ...
+
+    class ReportView(View):            # or a Django REST framework APIView
+        @meter("report.generated.small")
+        def get(self, request): ...
 
 After the view returns a successful response (``METER["METER_STATUSES"]``, 2xx by
 default) to any method but ``HEAD`` and ``OPTIONS`` (an uptime check or a CORS preflight
 gets no result, as with a rule without methods), the usage (an int, a callable
 ``(request, response) -> int``, or the integer in the response ``header``, which is then
 removed) is added to ``request.meter``; the middleware records it for the request's
-tenant. Without the middleware installed the decorator records it itself. A bad
-``meter_id`` or ``usage`` raises :class:`meter_core.ConfigurationError` when the module
-is imported; errors while the request is metered are logged and never break the response.
+tenant. Without the middleware installed the decorator records it itself.
+
+The request is the view's first argument, or its second after ``self``; a usage
+callable gets it as the view did (a Django REST framework ``Request`` on a DRF view),
+and usage is recorded on the ``HttpRequest`` (the one a DRF ``Request`` wraps).
+Decorating a class raises :class:`meter_core.ConfigurationError` (use
+``method_decorator``).
+
+A malformed ``meter_id`` or a bad ``usage`` raises :class:`meter_core.ConfigurationError`
+when the module is imported. Whether ``meter_id`` is in the meter catalog is only known
+once the app's own meters are registered, so it is checked by ``manage.py check``
+(``meter_django.E012``, for the views the URLconf imports); at a request, an unknown
+meter is logged and not recorded. Errors while the request is metered are logged and
+never break the response.
 """
 
 from __future__ import annotations
@@ -24,36 +39,71 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import METHODS_WITHOUT_RESULT, MeterSpec, RequestUsage
+from meter_core import METHODS_WITHOUT_RESULT, ConfigurationError, MeterSpec, RequestUsage
 from meter_django.metering import Entry, record_request, success_statuses, usage_of
 
-__all__ = ["meter"]
+__all__ = ["declared_meters", "meter"]
 
 logger = logging.getLogger("meter.django")
 
 V = TypeVar("V", bound=Callable[..., Any])
 UsageArg = int | Callable[[HttpRequest, HttpResponseBase], "int | None"]
 
+# meter id -> the dotted names of the views decorated with it, for the system check of
+# unknown meter ids
+_declared: dict[str, set[str]] = {}
 
-def _metered(spec: MeterSpec, request: HttpRequest, response: HttpResponseBase) -> list[Entry]:
-    """Entries to record directly (middleware absent); [] when added to request.meter."""
+
+def declared_meters() -> dict[str, list[str]]:
+    """Every meter id given to ``@meter`` in this process, with the dotted names of the
+    views it decorates (sorted)."""
+    return {meter_id: sorted(views) for meter_id, views in list(_declared.items())}
+
+
+def _request_of(args: tuple[Any, ...]) -> tuple[Any, HttpRequest] | None:
+    """The request among a view's first two arguments (``request``, or ``self`` then
+    ``request``), as the view got it and as the HttpRequest: a DRF Request is not an
+    HttpRequest but wraps one."""
+    for arg in args[:2]:
+        if isinstance(arg, HttpRequest):
+            return arg, arg
+        inner = getattr(arg, "_request", None)
+        if isinstance(inner, HttpRequest):
+            return arg, inner
+    return None
+
+
+def _metered(
+    spec: MeterSpec, args: tuple[Any, ...], response: HttpResponseBase
+) -> tuple[HttpRequest, list[Entry]] | None:
+    """The request and the entries to record directly (middleware absent); None when
+    there is nothing to record or the usage went to ``request.meter``."""
     try:
+        found = _request_of(args)
+        if found is None:
+            logger.error(
+                "@meter(%r): the view got no HttpRequest as its first or second argument: "
+                "not metered",
+                spec.meter_id,
+            )
+            return None
+        given, request = found
         if (
             response.status_code not in success_statuses()
             or request.method in METHODS_WITHOUT_RESULT
         ):
             if spec.header:
                 response.headers.pop(spec.header, None)
-            return []
-        entries = usage_of([spec], request, response)
+            return None
+        entries = usage_of([spec], given, response)
         usage = getattr(request, "meter", None)
         if not isinstance(usage, RequestUsage):
-            return entries
+            return (request, entries) if entries else None
         for meter_id, n, metadata in entries:
             usage.add(meter_id, n, metadata=metadata)
     except Exception:
         logger.exception("metering of %r failed; the response is unaffected", spec.meter_id)
-    return []
+    return None
 
 
 def meter(
@@ -65,26 +115,35 @@ def meter(
 ) -> Callable[[V], V]:
     """Meter each successful response of the decorated view (see the module docstring)."""
     spec = MeterSpec(meter_id, usage=usage, header=header, metadata=metadata or {})
+    # remembered now: with method_decorator, decorate() runs only at each request
+    views = _declared.setdefault(spec.meter_id, set())
 
     def decorate(view: V) -> V:
+        if isinstance(view, type):
+            raise ConfigurationError(
+                f"@meter({meter_id!r}) decorates view functions and methods, not the class "
+                f"{view.__qualname__}: decorate its get()/post() method, or use "
+                f"@method_decorator(meter({meter_id!r}), name='dispatch')"
+            )
+        views.add(f"{getattr(view, '__module__', '?')}.{getattr(view, '__qualname__', '?')}")
         if iscoroutinefunction(view):
 
             @functools.wraps(view)
-            async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-                response = await view(request, *args, **kwargs)
-                direct = _metered(spec, request, response)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                response = await view(*args, **kwargs)
+                direct = _metered(spec, args, response)
                 if direct:
-                    await sync_to_async(record_request)(request, direct)
+                    await sync_to_async(record_request)(*direct)
                 return response
 
             return cast(V, async_wrapper)
 
         @functools.wraps(view)
-        def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
-            response = view(request, *args, **kwargs)
-            direct = _metered(spec, request, response)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            response = view(*args, **kwargs)
+            direct = _metered(spec, args, response)
             if direct:
-                record_request(request, direct)
+                record_request(*direct)
             return response
 
         return cast(V, wrapper)

@@ -13,7 +13,12 @@
   the caller's transaction (``STORE`` "database", the default), so that
   ``retry_meter_events`` delivers it once the settings are fixed; an ERROR is logged (rate
   limited) and the caller's request goes on. Only when that write fails too is the event
-  lost, with an ERROR line naming it.
+  lost, with an ERROR line naming it. The settings that can still be read alone are
+  used: ``METER["DEVICE_ID"]`` does not depend on any other option.
+- A configuration error never raises here. With no device id given and none configured
+  (system check ``meter_django.E011``) the event gets the device id
+  :data:`UNCONFIGURED_DEVICE` and, while metering is enabled, is kept as above rather
+  than sent; with metering disabled it is captured and discarded as usual.
 """
 
 from __future__ import annotations
@@ -27,10 +32,14 @@ from meter_core import ConfigurationError, LogThrottle, MeterClient, UsageEvent
 from meter_django.client import get_client
 from meter_django.conf import conf
 
-__all__ = ["record_session", "record_usage", "submit"]
+__all__ = ["UNCONFIGURED_DEVICE", "record_session", "record_usage", "submit"]
 
 logger = logging.getLogger("meter.django")
 _unconfigured = LogThrottle(logger, interval=60.0)
+_no_device = LogThrottle(logger, interval=60.0)
+
+#: The device id of events recorded with none given and none configured.
+UNCONFIGURED_DEVICE = "unconfigured"
 
 
 def _client_or_none() -> MeterClient | None:
@@ -50,8 +59,9 @@ def _keep_unsent(event: UsageEvent) -> None:
             raise ConfigurationError(f"METER['STORE'] is {conf.get('STORE')!r}")
         from meter_django.store import DatabaseFailureStore
 
+        problem = ", no device id" if event.device_id == UNCONFIGURED_DEVICE else ""
         DatabaseFailureStore(conf.database).store(
-            [event], error="not sent: metering misconfigured (see manage.py check)"
+            [event], error=f"not sent: metering misconfigured{problem} (see manage.py check)"
         )
     except Exception as exc:
         logger.error(
@@ -74,15 +84,37 @@ def _event_builder() -> MeterClient:
         try:
             allow_unknown = conf.allow_unknown_meters
         except ConfigurationError:
-            allow_unknown = False
-        return MeterClient(
-            transport="memory",
-            enabled=False,
-            device_id=device if isinstance(device, str) and device else None,
-            allow_unknown_meters=allow_unknown,
-        )
+            # unreadable: an unknown meter id may be meant, so keep the event, not raise
+            allow_unknown = True
+        try:
+            return MeterClient(
+                transport="memory",
+                enabled=False,
+                device_id=device,
+                allow_unknown_meters=allow_unknown,
+            )
+        except ConfigurationError:  # the device id itself is bad
+            return MeterClient(
+                transport="memory", enabled=False, allow_unknown_meters=allow_unknown
+            )
 
     return conf.cached("event_builder", build)
+
+
+def _recorder(device_id: str | None) -> tuple[MeterClient, MeterClient | None, str | None]:
+    """What builds the event, the client to hand it to (None: keep it unsent) and the
+    device id to build it with. Raises nothing for a configuration error."""
+    client = _client_or_none()
+    builder = client or _event_builder()
+    if device_id is None and builder.device_id is None:
+        device_id = UNCONFIGURED_DEVICE
+        if client is not None and client.enabled:
+            _no_device.log(
+                logging.ERROR,
+                "no device id configured (METER['DEVICE_ID']), usage kept in the database",
+            )
+            client = None
+    return builder, client, device_id
 
 
 def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
@@ -122,8 +154,8 @@ def record_usage(
     ``event_id``. ``device_id`` defaults to ``METER["DEVICE_ID"]``, ``timestamp`` (epoch
     ms) to now. ``using`` is the database whose transaction decides (default
     ``METER["DATABASE"]``). Never does network I/O. See the module docstring."""
-    client = _client_or_none()
-    event = (client or _event_builder()).event(
+    builder, client, device_id = _recorder(device_id)
+    event = builder.event(
         tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
         device_id=device_id, metadata=metadata, timestamp=timestamp,
     )  # fmt: skip
@@ -146,8 +178,8 @@ def record_session(
 ) -> str:
     """Record an AI session boundary (exactly one of ``start_time`` / ``end_time``, epoch
     ms) with the same guarantees as :func:`record_usage`; returns the ``event_id``."""
-    client = _client_or_none()
-    event = (client or _event_builder()).session_event(
+    builder, client, device_id = _recorder(device_id)
+    event = builder.session_event(
         tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,
         start_time=start_time, end_time=end_time, metadata=metadata,
     )  # fmt: skip

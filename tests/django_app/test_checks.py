@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 
+from meter_core import register_meter
+from meter_django import decorators, meter
 from meter_django.checks import CHECKS, check_settings
 
 GOOD = {"KAFKA_URL": "http://127.0.0.1:9", "DEVICE_ID": "web"}
+SESSION_RULE = {"/chat": {"meter": "chat.on.time_hours", "session": True}}
+
+
+@pytest.fixture(autouse=True)
+def _no_meter_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks read METER_* variables: none leak in from the shell running the tests."""
+    for name in [n for n in os.environ if n.startswith("METER_") and "_TEST_" not in n]:
+        monkeypatch.delenv(name)
 
 
 def _ids(settings: Any, meter: Any, **extra: Any) -> list[str]:
@@ -47,7 +58,14 @@ def test_good_settings_pass(settings: Any) -> None:
         ({**GOOD, "DATABASE": "other"}, "meter_django.E009"),
         ({**GOOD, "DURABLE": True, "STORE": "memory"}, "meter_django.E010"),
         ({**GOOD, "BACKOFF_BASE": 5.0, "BACKOFF_CAP": 1.0}, "meter_django.E010"),
+        ({"KAFKA_URL": "http://127.0.0.1:9"}, "meter_django.E011"),
+        ({"KAFKA_URL": "http://127.0.0.1:9", "DEVICE_ID": None}, "meter_django.E011"),
+        ({"TRANSPORT": "log"}, "meter_django.E011"),
+        ({"ENABLED": False, "TRANSPORT": "log"}, None),
+        ({"KAFKA_URL": "http://x", "DEVICE": {"header": "X-Device", "trusted": True}}, None),
+        ({**GOOD, "RULES": SESSION_RULE}, "meter_django.E013"),
         ({**GOOD, "PORTAL_URL": "http://portal"}, "meter_django.W001"),
+        ({**GOOD, "PORTAL_URL": "http://portal", "API_KEY": 12345}, "meter_django.E003"),
         ({**GOOD, "RULES": {"/x": "page.processed.basic"}}, None),
     ],
 )
@@ -76,6 +94,68 @@ def test_environment_variables_are_the_fallback(
     assert "METER_TIMEOUT" in message.msg
 
 
+def test_missing_device_id_names_the_three_ways_to_set_it(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.METER = {"KAFKA_URL": "http://127.0.0.1:9"}
+    [message] = check_settings()
+    assert message.id == "meter_django.E011"
+    assert message.hint is not None
+    for way in ("METER['DEVICE_ID']", "METER_DEVICE_ID", "METER['DEVICE']"):
+        assert way in message.hint
+    monkeypatch.setenv("METER_DEVICE_ID", "web")
+    assert check_settings() == []
+
+
+def test_lookup_warning_says_where_the_key_came_from(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings.METER = {**GOOD, "API_KEY": "s3cr3t"}
+    [message] = check_settings()
+    assert message.id == "meter_django.W001"
+    assert "METER['API_KEY']" in message.msg
+    assert "PORTAL_URL" in message.msg
+    monkeypatch.setenv("METER_API_KEY", "s3cr3t")
+    settings.METER = GOOD
+    [message] = check_settings()
+    assert message.id == "meter_django.W001"
+    assert "environment variable METER_API_KEY" in message.msg
+    assert "METER['API_KEY']" not in message.msg
+    assert "s3cr3t" not in message.msg
+
+
+def test_session_rule_is_named(settings: Any) -> None:
+    settings.METER = {**GOOD, "RULES": {"/ok/": "report.generated.small", **SESSION_RULE}}
+    [message] = check_settings()
+    assert message.id == "meter_django.E013"
+    assert "'/chat'" in message.msg
+
+
+def test_unknown_meter_id_of_a_decorator_is_an_error(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decorators, "_declared", {})  # forget it after the test
+
+    @meter("page.procesed.basic")
+    def typo(request: Any) -> Any: ...
+
+    @meter("tests.checks.custom")
+    def custom(request: Any) -> Any: ...
+
+    settings.METER = GOOD
+    messages = check_settings()
+    assert [m.id for m in messages] == ["meter_django.E012", "meter_django.E012"]
+    assert "test_unknown_meter_id_of_a_decorator_is_an_error.<locals>.typo" in messages[0].msg
+    assert "Did you mean 'page.processed.basic'?" in messages[0].msg
+    with pytest.raises(SystemCheckError, match="page.procesed.basic"):
+        call_command("check")
+
+    register_meter("tests.checks.custom", "Custom meter of the check tests")
+    assert [m.msg for m in check_settings()] == [messages[0].msg]
+    settings.METER = {**GOOD, "ALLOW_UNKNOWN_METERS": True}
+    assert check_settings() == []
+
+
 def test_messages_never_show_the_api_key(settings: Any) -> None:
     settings.METER = {**GOOD, "API_KEY": 12345, "PORTAL_URL": "nope"}
     text = " ".join(str(m) for m in check_settings())
@@ -102,5 +182,6 @@ def test_manage_py_check_runs_them(settings: Any) -> None:
     with pytest.raises(SystemCheckError) as info:
         call_command("check")
     assert "meter_django.E004" in str(info.value)
+    assert "meter_django.E011" in str(info.value)
     assert "meter_django.E007" in str(info.value)
     assert "forge" in str(info.value)

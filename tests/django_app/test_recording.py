@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 from django.db import transaction
+from django.test import Client
 
 from meter_core import InvalidEvent, LogThrottle, capture_events
 from meter_core.devserver import DevServer
 from meter_django import get_client, record_session, record_usage, recording
 from meter_django.models import FailedMeterEvent
+from meter_django.recording import UNCONFIGURED_DEVICE
 from tests.django_app.conftest import MeterSettings
 
 
@@ -164,3 +166,93 @@ def test_durable_events_go_out_at_the_commit_not_at_the_next_poll(
         time.sleep(0.3)
     # woken by the commit: well before the next poll, 60 s away
     _wait_for(lambda: backend.event_ids() == [first], timeout=10)
+
+
+@pytest.fixture
+def fresh_throttles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fresh rate limiters: an earlier test may have used up this process's ERROR lines."""
+    monkeypatch.setattr(recording, "_unconfigured", LogThrottle(recording.logger))
+    monkeypatch.setattr(recording, "_no_device", LogThrottle(recording.logger))
+
+
+@pytest.mark.django_db
+def test_usage_without_any_device_id_is_kept_not_raised_nor_lost(
+    meter_settings: MeterSettings,
+    backend: DevServer,
+    fresh_throttles: None,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    monkeypatch.delenv("METER_DEVICE_ID", raising=False)
+    meter_settings(DEVICE_ID=None)  # system check meter_django.E011
+    with caplog.at_level(logging.ERROR, logger="meter.django"):
+        kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=2)
+        session = record_session(
+            tenant_id="acme", meter_id="chat.on.time_hours", start_time=1_700_000_000_000
+        )
+    assert "no device id" in caplog.text
+    rows = {str(row.event_id): row for row in FailedMeterEvent.objects.all()}
+    assert set(rows) == {kept, session}
+    assert {(r.status, r.device_id) for r in rows.values()} == {("failed", UNCONFIGURED_DEVICE)}
+    assert "no device id" in rows[kept].last_error
+    # a device id given by the caller needs no configuration: that event is sent
+    with django_capture_on_commit_callbacks(execute=True):
+        sent = record_usage(
+            tenant_id="acme", meter_id="page.processed.basic", total_usage=1, device_id="d1"
+        )
+    assert get_client().flush(5)
+    assert backend.event_ids() == [sent]
+
+
+@pytest.mark.django_db
+def test_usage_through_the_middleware_without_a_device_id_is_kept(
+    meter_settings: MeterSettings, fresh_throttles: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("METER_DEVICE_ID", raising=False)
+    meter_settings(DEVICE_ID=None, TENANT={"header": "X-Tenant", "trusted": True})
+    assert Client().get("/self-metered/", headers={"X-Tenant": "acme"}).status_code == 200
+    [row] = FailedMeterEvent.objects.all()
+    assert (row.tenant_id, row.meter_id, row.total_usage, row.device_id) == (
+        "acme", "report.generated.medium", 4, UNCONFIGURED_DEVICE,
+    )  # fmt: skip
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("environ", "meter", "device"),
+    [
+        # another option's bad variable: DEVICE_ID is read alone and still used
+        ({"METER_TIMEOUT": "abc"}, {"DEVICE_ID": "web"}, "web"),
+        ({"METER_ALLOW_UNKNOWN_METERS": "maybe"}, {"DEVICE_ID": "web"}, "web"),
+        # the device id's own variable is bad: the usage is kept all the same
+        ({"METER_DEVICE_ID": "bad\tid"}, {}, UNCONFIGURED_DEVICE),
+    ],
+)
+def test_a_bad_environment_variable_never_raises_into_the_view_and_keeps_the_usage(
+    settings: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_throttles: None,
+    environ: dict[str, str],
+    meter: dict[str, Any],
+    device: str,
+) -> None:
+    monkeypatch.delenv("METER_DEVICE_ID", raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    settings.METER = {
+        "ENABLED": True,
+        "KAFKA_URL": "http://127.0.0.1:9",
+        "TENANT": {"header": "X-Tenant", "trusted": True},
+        **meter,
+    }
+    event_id = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    response = Client().get("/self-metered/", headers={"X-Tenant": "acme"})
+    assert response.status_code == 200
+    rows = list(FailedMeterEvent.objects.order_by("id"))
+    assert [(r.meter_id, r.device_id, r.status) for r in rows] == [
+        ("page.processed.basic", device, "failed"),
+        ("report.generated.medium", device, "failed"),
+    ]
+    assert str(rows[0].event_id) == event_id
+    assert all("misconfigured" in r.last_error for r in rows)

@@ -25,5 +25,9 @@ urlpatterns = [
     path("decorated/", views.decorated, name="decorated"),
     path("decorated-async/", views.decorated_async, name="decorated-async"),
     path("api/whoami/", views.drf_view, name="drf"),
+    path("reports/", views.ReportView.as_view(), name="reports"),
+    path("reports-async/", views.AsyncReportView.as_view(), name="reports-async"),
+    path("reports-dispatch/", views.DispatchDecoratedView.as_view(), name="reports-dispatch"),
+    path("api/reports/", views.DRFReportView.as_view(), name="drf-reports"),
     path("record/", views.record_in_transaction, name="record"),
 ]

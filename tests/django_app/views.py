@@ -1,4 +1,5 @@
-"""Views of the test project: plain, async, decorated, DRF token-authenticated."""
+"""Views of the test project: plain, async, decorated (functions and methods of
+class-based and DRF views), DRF token-authenticated."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ from typing import Any
 
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.decorators import method_decorator
+from django.views import View
 from rest_framework.authentication import TokenAuthentication
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from meter_django import meter, record_usage
 
@@ -49,6 +53,43 @@ def decorated(request: HttpRequest) -> HttpResponse:
 @meter("template.processed.small", usage=3)
 async def decorated_async(request: HttpRequest) -> HttpResponse:
     return HttpResponse("decorated async", status=int(request.GET.get("status", "200")))
+
+
+class ReportView(View):
+    @meter("report.generated.small")
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("report", status=int(request.GET.get("status", "200")))
+
+    @meter("report.generated.medium", usage=lambda request, response: int(response["X-Count"]))
+    def post(self, request: HttpRequest) -> HttpResponse:
+        response = HttpResponse("reports")
+        response["X-Count"] = "2"
+        return response
+
+
+class AsyncReportView(View):
+    @meter("report.generated.large", usage=4)
+    async def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("async report")
+
+
+@method_decorator(meter("template.processed.large"), name="dispatch")
+class DispatchDecoratedView(View):
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return HttpResponse("dispatch")
+
+
+class DRFReportView(APIView):
+    authentication_classes = [TokenAuthentication]
+    permission_classes = [IsAuthenticated]
+
+    # the usage callable gets DRF's Request (query_params) and Response (data)
+    @meter(
+        "report.generated.dataquery",
+        usage=lambda request, response: len(response.data) + len(request.query_params),
+    )
+    def get(self, request: Request) -> Response:
+        return Response(["a", "b", "c"])
 
 
 @api_view(["GET"])
