@@ -227,7 +227,10 @@ class Recorder:
         if value is None:
             return 0
         if type(value) is not int or not 0 <= value <= MAX_USAGE:
-            self._invalid(f"usage callable of {spec.meter_id!r} returned {value!r}, not an int from 0 to {MAX_USAGE}")
+            self._invalid(
+                f"usage callable of {spec.meter_id!r} returned {value!r}, "
+                f"not an int from 0 to {MAX_USAGE}"
+            )
             return 0
         return value
 

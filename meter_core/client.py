@@ -200,6 +200,8 @@ class MeterClient:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> MeterClient:
         """A client configured from ``METER_*`` environment variables (see
         :data:`~meter_core.CLIENT_OPTIONS` for the names); keyword arguments win."""
+        if "api_key" in overrides:  # wrapped first: no frame holds the bare key past here
+            overrides["api_key"] = coerce_option(CLIENT_OPTIONS["api_key"], overrides["api_key"])
         options = options_from_env(os.environ if environ is None else environ)
         options.update(overrides)
         return cls(**options)

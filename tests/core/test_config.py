@@ -117,6 +117,14 @@ def test_an_api_key_that_cannot_go_in_a_header_is_refused_without_showing_it(bad
         assert KEY not in str(info.value) and "secret file" in str(info.value)
 
 
+def test_api_key_is_in_no_traceback_local_of_a_failed_from_env() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MeterClient.from_env({}, kafka_url="http://k:1", api_key=KEY, timeout="slow")
+    for frame, _ in traceback.walk_tb(info.value.__traceback__):
+        for name, value in frame.f_locals.items():
+            assert KEY not in repr(value), f"{name} in {frame.f_code.co_name}"
+
+
 def test_secret_refuses_to_be_pickled() -> None:
     import pickle
 
