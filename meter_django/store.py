@@ -10,8 +10,9 @@ Guarantees:
   ``SELECT ... FOR UPDATE SKIP LOCKED`` (PostgreSQL, MySQL, Oracle), then leases them
   with an update that only takes rows still unleased, and returns exactly the rows that
   carry its claim token. Several workers on PostgreSQL never get the same event while a
-  lease holds. On SQLite (no row locks) the conditional update still keeps two workers
-  from both leasing a row; run one worker there.
+  lease holds. On SQLite (no row locks) one conditional update selects and leases the
+  due rows: it takes the write lock first, so it waits for another writer instead of
+  failing, and two workers never both lease a row; run one worker there anyway.
 - Database errors are raised as :class:`meter_core.StoreError`; an error inside the
   caller's transaction rolls back to a savepoint, so that transaction stays usable.
 - Called outside any atomic block from a thread other than the main thread (the client's
@@ -64,6 +65,9 @@ def _as_datetime(epoch_seconds: float | None) -> datetime:
 
 def _unleased(now: datetime) -> Q:
     return Q(leased_until__isnull=True) | Q(leased_until__lte=now)
+
+
+_CLAIMED_FIELDS = ("id", "payload", "status", "attempts", "last_error", "next_attempt_at")
 
 
 class DatabaseFailureStore:
@@ -199,26 +203,41 @@ class DatabaseFailureStore:
         if meter_id is not None:
             query = query.filter(meter_id=meter_id)
         token = uuid.uuid4().hex
+        lease = {
+            "leased_until": now + timedelta(seconds=lease_seconds),
+            "claim_token": token,
+            "updated_at": now,
+        }
+        due = query.order_by("next_attempt_at", "id")
         with self._unit():
-            rows = list(
-                query.select_for_update(skip_locked=True)
-                .order_by("next_attempt_at", "id")
-                .values("id", "payload", "status", "attempts", "last_error", "next_attempt_at")[
-                    :limit
-                ]
-            )
+            if connections[self.using].vendor == "sqlite":
+                # No row locks, and a transaction that reads before it writes cannot take
+                # the write lock while another connection writes ("database is locked" at
+                # once, e.g. a request writing its event in durable mode). One UPDATE
+                # takes the write lock first, waiting for the writer as the database's
+                # timeout allows, and leases the due rows it selects.
+                self._objects().filter(_unleased(now), id__in=due.values("id")[:limit]).update(
+                    **lease
+                )
+                leased = self._objects().filter(claim_token=token)
+                rows = list(leased.order_by("next_attempt_at", "id").values(*_CLAIMED_FIELDS))
+            else:
+                selected = list(
+                    due.select_for_update(skip_locked=True).values(*_CLAIMED_FIELDS)[:limit]
+                )
+                if not selected:
+                    return []
+                ids = [row["id"] for row in selected]
+                self._objects().filter(_unleased(now), id__in=ids).update(**lease)
+                taken = set(
+                    self._objects()
+                    .filter(id__in=ids, claim_token=token)
+                    .values_list("id", flat=True)
+                )
+                rows = [r for r in selected if r["id"] in taken]
             if not rows:
                 return []
-            ids = [row["id"] for row in rows]
-            self._objects().filter(_unleased(now), id__in=ids).update(
-                leased_until=now + timedelta(seconds=lease_seconds),
-                claim_token=token,
-                updated_at=now,
-            )
-            taken = set(
-                self._objects().filter(id__in=ids, claim_token=token).values_list("id", flat=True)
-            )
-            claimed, unreadable = self._rebuild([r for r in rows if r["id"] in taken])
+            claimed, unreadable = self._rebuild(rows)
             if unreadable:
                 self._objects().filter(id__in=unreadable).update(
                     status=DISCARDED,

@@ -141,3 +141,36 @@ def test_an_unreadable_payload_is_discarded_not_sent() -> None:
     claimed = store.claim(10)
     assert [s.event.event_id for s in claimed] == [good.event_id]
     assert FailedMeterEvent.objects.filter(status="discarded").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_waits_for_a_writer_instead_of_failing_with_database_is_locked() -> None:
+    # Durable mode on SQLite: a request writes its event in its own transaction while the
+    # sender claims. A claim that reads first and then upgrades to a write lock would fail
+    # at once with "database is locked"; a claim must wait for the writer instead.
+    import threading
+
+    from django.db import connections, transaction
+
+    store = DatabaseFailureStore()
+    waiting = _event()
+    store.store([waiting])
+    writing = threading.Event()
+
+    def request_in_a_transaction() -> None:
+        try:
+            with transaction.atomic():
+                store.store([_event()])
+                writing.set()
+                time.sleep(0.3)
+        finally:
+            connections.close_all()
+
+    writer = threading.Thread(target=request_in_a_transaction)
+    writer.start()
+    try:
+        assert writing.wait(5)
+        claimed = store.claim(10)
+    finally:
+        writer.join()
+    assert waiting.event_id in {s.event.event_id for s in claimed}
