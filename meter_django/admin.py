@@ -138,4 +138,11 @@ class FailedMeterEventAdmin(_ModelAdmin):
         except (ConfigurationError, StoreError) as exc:
             self.message_user(request, f"Nothing discarded: {exc}", messages.ERROR)
             return
+        if n == 0:
+            self.message_user(
+                request,
+                "Nothing discarded: only events still owed (queued or failed) can be.",
+                messages.WARNING,
+            )
+            return
         self.message_user(request, f"Discarded {n} events.", messages.SUCCESS)

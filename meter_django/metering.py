@@ -16,7 +16,15 @@ from typing import Any
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import InvalidEvent, MeterSpec, RequestUsage, RouteRules, parse_usage_header
+from meter_core import (
+    ConfigurationError,
+    InvalidEvent,
+    LogThrottle,
+    MeterSpec,
+    RequestUsage,
+    RouteRules,
+    parse_usage_header,
+)
 from meter_django.conf import conf, parse_statuses
 from meter_django.recording import record_usage
 from meter_django.resolvers import device_resolver, tenant_resolver
@@ -40,8 +48,6 @@ class _UntenantedCounter:
     """Counts requests that had usage but no tenant, logging at most once a minute."""
 
     def __init__(self) -> None:
-        from meter_core import LogThrottle
-
         self.throttle = LogThrottle(logger, interval=60.0)
 
     def add(self, request: HttpRequest) -> None:
@@ -54,6 +60,7 @@ class _UntenantedCounter:
 
 
 _untenanted = _UntenantedCounter()
+_misconfigured = LogThrottle(logger, interval=60.0)
 
 
 def untenanted_count() -> int:
@@ -142,6 +149,9 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
         return []
     try:
         tenant = tenant_resolver()(request)
+    except ConfigurationError as exc:  # reported by the system checks: one line a minute
+        _misconfigured.log(logging.ERROR, "usage not recorded: %s (see manage.py check)", exc)
+        return []
     except Exception:
         logger.exception("the tenant resolver failed: usage of this request not recorded")
         return []
@@ -153,6 +163,9 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
         resolve_device = device_resolver()
         if resolve_device is not None:
             device = resolve_device(request)
+    except ConfigurationError as exc:
+        _misconfigured.log(logging.ERROR, "usage not recorded: %s (see manage.py check)", exc)
+        return []
     except Exception:
         logger.exception("the device resolver failed: usage of this request not recorded")
         return []

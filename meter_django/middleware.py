@@ -31,7 +31,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_asy
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import MeterSpec, RequestUsage
+from meter_core import ConfigurationError, LogThrottle, MeterSpec, RequestUsage
 from meter_django.metering import (
     Entry,
     new_request_usage,
@@ -44,6 +44,7 @@ from meter_django.metering import (
 __all__ = ["MeterMiddleware"]
 
 logger = logging.getLogger("meter.django.middleware")
+_misconfigured = LogThrottle(logger, interval=60.0)
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
@@ -52,6 +53,9 @@ AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
 def _attach(request: HttpRequest) -> None:
     try:
         request.meter = new_request_usage()  # type: ignore[attr-defined]
+    except ConfigurationError as exc:  # reported by the system checks: one line a minute
+        _misconfigured.log(logging.ERROR, "request.meter set up with defaults: %s", exc)
+        request.meter = RequestUsage()  # type: ignore[attr-defined]
     except Exception:
         logger.exception("metering is misconfigured: request.meter not set up")
         request.meter = RequestUsage()  # type: ignore[attr-defined]

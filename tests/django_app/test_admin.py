@@ -91,6 +91,8 @@ def test_discard_gives_up_on_the_selected_events(
     assert "Discarded 1 events." in response.content.decode()
     assert FailedMeterEvent.objects.get(event_id=dropped).status == "discarded"
     assert [s.event.event_id for s in DatabaseFailureStore().claim(10)] == [kept]
+    again = _action(admin_client, "discard", [dropped]).content.decode()
+    assert "Nothing discarded" in again and "Discarded 0" not in again
 
 
 def test_no_adding_rows_by_hand(admin_client: Client) -> None:

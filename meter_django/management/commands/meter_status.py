@@ -19,7 +19,7 @@ from meter_django.store import DatabaseFailureStore
 
 
 class Command(BaseCommand):
-    help = "Show stored usage events by status, meter and error, and the client's counters."
+    help = "Show stored usage events by status, meter and error, and the client's settings."
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
