@@ -273,8 +273,10 @@ class RouteRules:
         return table
 
     def match_route(self, method: str, template: str | None) -> tuple[MeterSpec, ...]:
-        """Meters for a framework's route template in any supported syntax."""
-        if not template:
+        """Meters for a framework's route template in any supported syntax (None: the
+        framework resolved no route). Django names its root URL's route ``""``: it is
+        the template ``/``."""
+        if template is None:
             return ()
         return self.match(method, normalize_template(template))
 

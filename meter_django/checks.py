@@ -25,9 +25,19 @@ meter_django.E013   a ``RULES`` value has ``"session": True``, which only websoc
 meter_django.W001   only one of ``PORTAL_URL`` / ``API_KEY`` is set (the internal lookup
                     is used); not given when either value is wrong (E003)
 meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLEWARE``
+meter_django.W003   a ``RULES`` key matches no route template or view name of the
+                    URLconf (e.g. a missing trailing slash, or a template for a
+                    re_path() / DRF router route), so it never meters
 ==================  ===================================================================
 
 Messages name the key and what was given, never the API key's value.
+
+W003 sees the URLconf as the middleware does: each route as ``request.resolver_match.route``
+gives it (the ``path()`` / ``re_path()`` strings of the includes joined), matched against
+the rules by :class:`meter_core.RouteRules` itself, and each view name as
+``resolver_match.view_name`` (``namespace:name``). Routes are read in the language active
+when the check runs (a translated route or an ``i18n_patterns`` prefix in another language
+is not seen), and ``request.urlconf`` set by a middleware is not followed.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from meter_django.conf import (
     option_from_env,
     parse_statuses,
 )
+from meter_django.rule_targets import unmatched_rules
 
 __all__ = ["CHECKS", "check_settings"]
 
@@ -79,6 +90,9 @@ CHECKS: Mapping[str, str] = {
     "meter_django.record_session(start_time=...) and record_session(end_time=...).",
     "W001": "Set both PORTAL_URL and API_KEY for the external lookup, or neither.",
     "W002": "Add 'meter_django.middleware.MeterMiddleware' to MIDDLEWARE.",
+    "W003": "A rule matches a route template exactly as urls.py writes it, trailing slash "
+    "included (parameter names and converters do not matter), or a view name "
+    "'namespace:name'; routes of re_path() and DRF routers only by their view name.",
 }
 
 _MIDDLEWARE = "meter_django.middleware.MeterMiddleware"
@@ -88,8 +102,9 @@ def _error(code: str, msg: str) -> Error:
     return Error(msg, hint=CHECKS[code], id=f"meter_django.{code}")
 
 
-def _warning(code: str, msg: str) -> Warning:
-    return Warning(msg, hint=CHECKS[code], id=f"meter_django.{code}")
+def _warning(code: str, msg: str, advice: str = "") -> Warning:
+    hint = f"{advice} {CHECKS[code]}" if advice else CHECKS[code]
+    return Warning(msg, hint=hint, id=f"meter_django.{code}")
 
 
 def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -105,6 +120,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     messages += _check_decorated_meters(bool(options.get("allow_unknown_meters")))
     if not messages:
         messages += _check_client()
+    # after the client check: a warning here must not hide an E010
+    unmatched = unmatched_rules(
+        meter.get("RULES", DJANGO_DEFAULTS["RULES"]), bool(options.get("allow_unknown_meters"))
+    )
+    messages += [_warning("W003", msg, advice) for msg, advice in unmatched]
     return messages
 
 

@@ -381,6 +381,16 @@ def test_a_cors_preflight_is_not_billed_by_a_rule_without_methods(
     assert [(v["meter_id"], v["tenant_id"]) for v in values] == [("page.processed.basic", "acme")]
 
 
+def _pages_and_one_rule(pages: dict[str, Any], client: MeterClient) -> MeterMiddleware:
+    """POST /pages metered by ``pages`` and by one rule.executed.small."""
+    return MeterMiddleware(
+        apps.usage_header_app,
+        client=client,
+        tenant="acme",
+        routes={"POST /pages": [pages, "rule.executed.small"]},
+    )
+
+
 def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
     serve: Callable[..., LiveServer],
     meter_client: MeterClient,
@@ -392,12 +402,7 @@ def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
     refused = [str(MAX_USAGE + 1), "+3", "1_000", "2.5", "-1", "abc", ""]
     accepted = {" 4\t": 4, str(MAX_USAGE): MAX_USAGE}
     pages = {"meter": "page.processed.advanced", "header": "x-meter-pages"}
-    app = MeterMiddleware(
-        apps.usage_header_app,
-        client=meter_client,
-        tenant="acme",
-        routes={"POST /pages": [pages, "rule.executed.small"]},
-    )
+    app = _pages_and_one_rule(pages, meter_client)
     server = serve(app, lifespan="off")
     with caplog.at_level("WARNING", logger="meter.asgi"):
         for value in [*refused, *accepted]:
@@ -429,12 +434,7 @@ def test_a_usage_callable_out_of_range_drops_that_meter_only(
     http: httpx.Client,
 ) -> None:
     runaway = {"meter": "page.processed.advanced", "usage": lambda *_: MAX_USAGE + 1}
-    app = MeterMiddleware(
-        apps.usage_header_app,
-        client=meter_client,
-        tenant="acme",
-        routes={"POST /pages": [runaway, "rule.executed.small"]},
-    )
+    app = _pages_and_one_rule(runaway, meter_client)
     server = serve(app, lifespan="off")
     assert http.post(f"{server.url}/pages").status_code == 200
     wait_for_records(meter_backend, 1)

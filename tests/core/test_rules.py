@@ -40,6 +40,12 @@ def test_match_route_by_template_and_method() -> None:
     assert rules.match_route("GET", None) == ()
 
 
+def test_the_root_route_django_names_empty_is_the_template_slash() -> None:
+    rules = RouteRules({"GET /": "page.processed.basic"})
+    assert [s.meter_id for s in rules.match_route("GET", "")] == ["page.processed.basic"]
+    assert rules.match_route("GET", None) == ()  # no route resolved
+
+
 def test_a_rule_without_methods_does_not_bill_head_or_options_requests() -> None:
     rules = RouteRules(
         {"/search": "report.generated.dataquery", "HEAD,OPTIONS /probe": "rule.executed.small"}

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import os
+from io import StringIO
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.urls import resolve
 
 from meter_core import register_meter
 from meter_django import decorators, meter
 from meter_django.checks import CHECKS, check_settings
 
 GOOD = {"KAFKA_URL": "http://127.0.0.1:9", "DEVICE_ID": "web"}
-SESSION_RULE = {"/chat": {"meter": "chat.on.time_hours", "session": True}}
+SESSION_RULE = {"/async/": {"meter": "chat.on.time_hours", "session": True}}
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +68,8 @@ def test_good_settings_pass(settings: Any) -> None:
         ({**GOOD, "RULES": SESSION_RULE}, "meter_django.E013"),
         ({**GOOD, "PORTAL_URL": "http://portal"}, "meter_django.W001"),
         ({**GOOD, "PORTAL_URL": "http://portal", "API_KEY": 12345}, "meter_django.E003"),
-        ({**GOOD, "RULES": {"/x": "page.processed.basic"}}, None),
+        ({**GOOD, "RULES": {"/ok/": "page.processed.basic"}}, None),
+        ({**GOOD, "RULES": {"/ok": "page.processed.basic"}}, "meter_django.W003"),
     ],
 )
 def test_each_problem_has_its_id(settings: Any, meter: Any, expected: str | None) -> None:
@@ -77,7 +80,7 @@ def test_each_problem_has_its_id(settings: Any, meter: Any, expected: str | None
 def test_rules_without_the_middleware_warn(settings: Any) -> None:
     ids = _ids(
         settings,
-        {**GOOD, "RULES": {"/x": "page.processed.basic"}},
+        {**GOOD, "RULES": {"/ok/": "page.processed.basic"}},
         MIDDLEWARE=["django.middleware.common.CommonMiddleware"],
     )
     assert ids == ["meter_django.W002"]
@@ -128,7 +131,7 @@ def test_session_rule_is_named(settings: Any) -> None:
     settings.METER = {**GOOD, "RULES": {"/ok/": "report.generated.small", **SESSION_RULE}}
     [message] = check_settings()
     assert message.id == "meter_django.E013"
-    assert "'/chat'" in message.msg
+    assert "'/async/'" in message.msg
 
 
 def test_unknown_meter_id_of_a_decorator_is_an_error(
@@ -185,3 +188,158 @@ def test_manage_py_check_runs_them(settings: Any) -> None:
     assert "meter_django.E011" in str(info.value)
     assert "meter_django.E007" in str(info.value)
     assert "forge" in str(info.value)
+
+
+def _w003(settings: Any, rules: dict[str, Any]) -> list[Any]:
+    """The W003 messages for ``rules`` (with otherwise good settings)."""
+    settings.METER = {**GOOD, "RULES": rules}
+    return [m for m in check_settings() if m.id == "meter_django.W003"]
+
+
+def _advice(message: Any) -> str:
+    """What a W003 hint says about this rule, before the general hint of the registry."""
+    assert message.hint.endswith(CHECKS["W003"])
+    return str(message.hint.removesuffix(CHECKS["W003"])).strip()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "/ok/",
+        "GET,POST /reports/",
+        "POST /documents/<int:pk>/scan",  # a route of a namespaced include
+        "GET /documents/{doc_id}/export",  # other parameter syntax and name
+        "ok",
+        "documents:scan",  # a view name in a namespace
+        "POST vsdoc-scan",  # a DRF router's route, by view name
+        "admin:auth_user_change",
+    ],
+)
+def test_rule_that_matches_a_route_or_view_name_does_not_warn(settings: Any, key: str) -> None:
+    settings.METER = {**GOOD, "RULES": {key: "page.processed.basic"}}
+    assert check_settings() == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/ok/", "/documents/7/scan", "/api/vs-docs/7/scan/", "/admin/auth/user/7/change/"]
+)
+def test_the_check_sees_the_route_and_view_name_the_middleware_matches(
+    settings: Any, path: str
+) -> None:
+    match = resolve(path)  # what request.resolver_match is for this path
+    assert _w003(settings, {f"/{match.route}": "page.processed.basic"}) == []
+    assert _w003(settings, {match.view_name: "page.processed.basic"}) == []
+
+
+def test_rule_without_or_with_an_extra_trailing_slash_says_how_to_fix_it(settings: Any) -> None:
+    messages = _w003(
+        settings,
+        {
+            "POST /ok": "page.processed.basic",
+            "POST /documents/<int:pk>/scan/": "page.processed.basic",
+        },
+    )
+    assert [m.msg for m in messages] == [
+        "METER['RULES']['POST /ok'] never matches: no route of the URLconf is '/ok' "
+        "(parameter names aside), so this usage is not metered.",
+        "METER['RULES']['POST /documents/<int:pk>/scan/'] never matches: no route of the "
+        "URLconf is '/documents/<int:pk>/scan/' (parameter names aside), so this usage is "
+        "not metered.",
+    ]
+    assert [_advice(m) for m in messages] == [
+        "The URLconf has this route with the trailing slash: write 'POST /ok/'.",
+        "The URLconf has this route without the trailing slash: write "
+        "'POST /documents/<int:pk>/scan'.",
+    ]
+
+
+def test_rule_for_a_missing_route_or_view_name_suggests_the_closest(settings: Any) -> None:
+    messages = _w003(
+        settings,
+        {
+            "GET /reprots/": "page.processed.basic",
+            "documents:scna": "page.processed.basic",
+            "export": "page.processed.basic",  # its namespace left out
+            "POST documents/<int:pk>/scan": "page.processed.basic",  # no leading slash
+        },
+    )
+    assert [_advice(m) for m in messages] == [
+        "Did you mean 'GET /reports/'?",
+        "Did you mean 'documents:scan'?",
+        "Did you mean 'documents:export'?",
+        "A route template starts with '/': write 'POST /documents/<int:pk>/scan'.",
+    ]
+    assert "no route of the URLconf is '/reprots/'" in messages[0].msg
+    assert "no URL pattern is named 'documents:scna'" in messages[1].msg
+    assert "no URL pattern is named 'export'" in messages[2].msg
+
+
+def test_rule_for_nothing_near_any_route_warns_without_a_guess(settings: Any) -> None:
+    messages = _w003(
+        settings, {"POST /nowhere/": "page.processed.basic", "nope:view": "page.processed.basic"}
+    )
+    assert "METER['RULES']['POST /nowhere/']" in messages[0].msg
+    assert "METER['RULES']['nope:view']" in messages[1].msg
+    assert [_advice(m) for m in messages] == ["", ""]
+    assert messages[0].hint == CHECKS["W003"]
+
+
+@pytest.mark.parametrize("key", ["POST /api/vs-docs/<pk>/scan/", "POST /api/vs-docs/<int:pk>/scan"])
+def test_template_rule_for_a_drf_router_route_advises_its_view_name(
+    settings: Any, key: str
+) -> None:
+    [message] = _w003(settings, {key: "page.processed.basic"})
+    assert _advice(message) == (
+        "The route 'api/vs-docs/(?P<pk>[^/.]+)/scan/$' is a regular expression (re_path(), "
+        "e.g. of a DRF router), which a route template rule never matches: meter it by its "
+        "view name, 'POST vsdoc-scan'."
+    )
+
+
+def test_template_rule_for_the_root_url_matches_it(settings: Any) -> None:
+    # Django's route of the root URL is "": RouteRules.match_route takes it as "/"
+    assert resolve("/").route == ""
+    assert _w003(settings, {"GET /": "page.processed.basic"}) == []
+    assert _w003(settings, {"GET home": "page.processed.basic"}) == []
+
+
+def test_rule_that_does_not_compile_is_left_to_e005(settings: Any) -> None:
+    settings.METER = {
+        **GOOD,
+        "RULES": {"/nowhere/": "no.such.meter", "/reprots/": "page.processed.basic"},
+    }
+    messages = check_settings()
+    assert [m.id for m in messages] == ["meter_django.E005", "meter_django.W003"]
+    assert "'/reprots/'" in messages[1].msg
+
+
+def test_rule_warning_does_not_hide_the_client_check(settings: Any) -> None:
+    ids = _ids(
+        settings,
+        {**GOOD, "DURABLE": True, "STORE": "memory", "RULES": {"/ok": "page.processed.basic"}},
+    )
+    assert ids == ["meter_django.E010", "meter_django.W003"]
+
+
+@pytest.mark.parametrize(
+    "urlconf",
+    [
+        "tests.django_app.no_such_urls",  # cannot be imported
+        "tests.django_app.views",  # imports, but has no urlpatterns
+    ],
+)
+def test_urlconf_that_cannot_be_walked_gives_no_warning_and_no_crash(
+    settings: Any, urlconf: str
+) -> None:
+    settings.ROOT_URLCONF = urlconf
+    settings.METER = {**GOOD, "RULES": {"/nowhere/": "page.processed.basic"}}
+    assert check_settings() == []
+
+
+def test_manage_py_check_shows_the_rule_warning(settings: Any) -> None:
+    settings.METER = {**GOOD, "RULES": {"POST /ok": "page.processed.basic"}}
+    stderr = StringIO()
+    call_command("check", stdout=StringIO(), stderr=stderr)  # a warning does not fail
+    assert "meter_django.W003" in stderr.getvalue()
+    with pytest.raises(SystemCheckError, match=r"write 'POST /ok/'"):
+        call_command("check", fail_level="WARNING")

@@ -312,3 +312,11 @@ def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
             ("page.processed.basic", usage),
             ("report.generated.small", 1),
         ]
+
+
+def test_a_rule_for_the_root_url_meters_it(quiet: MeterSettings) -> None:
+    # Django names the root URL's route "" (not "/"): the rule "GET /" must still match it
+    quiet(RULES={"GET /": "report.generated.small"})
+    with capture_events() as events:
+        assert _get("/").status_code == 200
+    assert [e.meter_id for e in events] == ["report.generated.small"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.urls import include, path
+from rest_framework.routers import SimpleRouter
 
 from tests.django_app import views
 
@@ -14,6 +15,10 @@ documents = (
     ],
     "documents",
 )
+
+# DRF routers register regular-expression patterns: ^vs-docs/(?P<pk>[^/.]+)/scan/$
+router = SimpleRouter()
+router.register("vs-docs", views.VsDocViewSet, basename="vsdoc")
 
 urlpatterns = [
     path("admin/", admin.site.urls),
@@ -30,4 +35,6 @@ urlpatterns = [
     path("reports-dispatch/", views.DispatchDecoratedView.as_view(), name="reports-dispatch"),
     path("api/reports/", views.DRFReportView.as_view(), name="drf-reports"),
     path("record/", views.record_in_transaction, name="record"),
+    path("api/", include(router.urls)),
+    path("", views.ok, name="home"),
 ]

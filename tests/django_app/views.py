@@ -1,5 +1,5 @@
 """Views of the test project: plain, async, decorated (functions and methods of
-class-based and DRF views), DRF token-authenticated."""
+class-based and DRF views), DRF token-authenticated, a DRF view set behind a router."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.decorators import method_decorator
 from django.views import View
 from rest_framework.authentication import TokenAuthentication
-from rest_framework.decorators import api_view, authentication_classes, permission_classes
+from rest_framework.decorators import action, api_view, authentication_classes, permission_classes
 from rest_framework.permissions import IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
+from rest_framework.viewsets import ViewSet
 
 from meter_django import meter, record_usage
 
@@ -98,6 +99,17 @@ class DRFReportView(APIView):
 def drf_view(request: Request) -> Response:
     request.meter.add("rule.executed.small", 1)
     return Response({"user": request.user.get_username()})
+
+
+class VsDocViewSet(ViewSet):
+    """Routed by a DRF router: its URL patterns are regular expressions."""
+
+    def retrieve(self, request: Request, pk: str) -> Response:
+        return Response({"pk": pk})
+
+    @action(detail=True, methods=["post"])
+    def scan(self, request: Request, pk: str) -> Response:
+        return Response({"scanned": pk})
 
 
 def record_in_transaction(request: HttpRequest) -> JsonResponse:
