@@ -16,6 +16,7 @@ import asyncio
 import atexit
 import logging
 import os
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -366,6 +367,7 @@ class MeterClient:
                     stats=self._stats,
                     on_error=self._on_error,
                 )
+                _register_pool_worker_exit()
             return self._sender
 
     async def arecord(
@@ -544,6 +546,27 @@ def _register_process_hooks() -> None:
     atexit.register(_close_all_at_exit)
     if hasattr(os, "register_at_fork"):
         os.register_at_fork(after_in_child=_reset_all_after_fork)
+
+
+_pool_exit_pid = 0
+
+
+def _register_pool_worker_exit() -> None:
+    """In a process started by multiprocessing (or celery's billiard), also close the
+    clients when that process's worker code ends: such a child leaves through
+    ``os._exit``, which skips ``atexit``, so its queue would be lost. Their finalizers
+    run at that exit; once per process (the registry is cleared when a child starts)."""
+    global _pool_exit_pid
+    if _pool_exit_pid == os.getpid():
+        return
+    _pool_exit_pid = os.getpid()
+    for name in ("multiprocessing.util", "billiard.util"):
+        module = sys.modules.get(name)
+        if module is not None:
+            try:
+                module.Finalize(None, _close_all_at_exit, exitpriority=10)
+            except Exception:  # an unexpected version: atexit still covers normal exits
+                logger.debug("could not register with %s", name, exc_info=True)
 
 
 def _close_all_at_exit() -> None:

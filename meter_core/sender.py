@@ -112,6 +112,9 @@ class Sender:
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._state_lock = threading.Lock()
+        # Held while the sender thread takes a batch (marking it in flight) or schedules a
+        # retry, and while close() collects what is left: no event is between the two.
+        self._handoff = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closed = False
@@ -121,6 +124,7 @@ class Sender:
         self._flush_waiters = 0
         self._retry_log = LogThrottle(logger, interval=10.0)
         self._failure_log = LogThrottle(logger, interval=10.0)
+        self._store_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -128,6 +132,7 @@ class Sender:
         """Accept an event for delivery. Never does network I/O; in durable mode it
         writes the event to the store first (raises StoreError if that fails)."""
         if self._closed:
+            self._stats.add(recorded=1)
             self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
             return
         if self._config.durable:
@@ -146,6 +151,9 @@ class Sender:
             self._overflow(event)
             return
         queue.append(event)  # counted as recorded when taken off (see DeliveryStats.lock)
+        if self._closed_since():
+            self._store_closed_queue()
+            return
         if self._dropping:
             self._dropping = False
         if self._thread is None:
@@ -153,11 +161,23 @@ class Sender:
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
 
+    def _closed_since(self) -> bool:
+        """Whether close() ran after enqueue() checked: it may have collected the queue
+        before this event was appended."""
+        return self._closed
+
+    def _store_closed_queue(self) -> None:
+        leftover: list[_Item] = []
+        with self._handoff:
+            self._take_from_queue(leftover, None)
+        if leftover:
+            self._store_final(leftover, "client closed before delivery", count_failed=False)
+
     def _overflow(self, event: UsageEvent) -> None:
         if self._store is not None:
             try:
                 self._store.store([event])
-            except StoreError:
+            except Exception:  # StoreError, or any failure of a custom store
                 logger.exception(
                     "queue full and the failure store failed: event %s dropped", event.event_id
                 )
@@ -218,9 +238,12 @@ class Sender:
         if self._queue or self._retries or self._inflight or self._busy:
             return False
         if self._config.durable and self._store is not None:
-            return not self._store.claim(
-                1, lease_seconds=0, max_attempts=self._policy.max_retries + 1
-            )
+            try:
+                return not self._store.claim(
+                    1, lease_seconds=0, max_attempts=self._policy.max_retries + 1
+                )
+            except Exception:  # nothing more to wait for: what it holds stays there
+                self._store_log.log(logging.ERROR, "could not read the failure store")
         return True
 
     def close(self, timeout: float | None = 5.0) -> None:
@@ -240,18 +263,23 @@ class Sender:
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(0.5)
-        leftover = [i for i in self._inflight if not i.from_store]
-        leased = [i.event.event_id for i in self._inflight if i.from_store]
-        if leased and self._store is not None:
+        still_sending = thread is not None and thread.is_alive()
+        with self._handoff:  # the sender thread takes no batch from here on (stopping)
+            # In flight: the thread may still be sending them. Events of the queue are
+            # stored (resent later with the same ids if that send succeeds after all);
+            # store events keep their lease while it may, so no other worker sends them.
+            leftover = [i for i in self._inflight if not i.from_store]
+            leased = [i.event.event_id for i in self._inflight if i.from_store]
+            self._take_from_queue(leftover, None)
+            for _, _, batch in self._retries:
+                leftover.extend(batch)
+            self._retries.clear()
+            self._retrying = 0
+        if leased and not still_sending and self._store is not None:
             try:  # still queued in the store: another process, or the next start, sends them
                 self._store.release(leased)
             except StoreError:
                 logger.exception("could not release %d leased events", len(leased))
-        self._take_from_queue(leftover, None)
-        for _, _, batch in self._retries:
-            leftover.extend(batch)
-        self._retries.clear()
-        self._retrying = 0
         if leftover:
             self._store_final(leftover, "undelivered at close", count_failed=False)
             if self._store is None:
@@ -291,11 +319,22 @@ class Sender:
         batches, unless a flush is waiting: a busy sender must not turn a steady stream
         of events into many small requests (each costs the app's process CPU)."""
         limit = self._config.batch_size
-        items = self._take_batch()
-        while items and not self._stopping:
+        items = self._take_in_flight()
+        while items:
             self._deliver(items)
             more = len(items) >= limit or len(self._queue) >= limit or self._flush_waiters > 0
-            items = self._take_batch() if more else []
+            items = self._take_in_flight() if more else []
+
+    def _take_in_flight(self) -> list[_Item]:
+        """The next batch, marked in flight in the same step; [] once close() began (it
+        then collects the queue, the retries and what is in flight: a batch is never
+        taken and then dropped)."""
+        with self._handoff:
+            if self._stopping:
+                return []
+            items = self._take_batch()
+            self._inflight = items
+            return items
 
     def _take_batch(self) -> list[_Item]:
         limit = self._config.batch_size
@@ -412,8 +451,13 @@ class Sender:
         in_memory = [i for i in retry_now if not i.from_store]
         if in_memory:
             due = time.monotonic() + delay
-            heapq.heappush(self._retries, (due, next(self._seq), in_memory))
-            self._retrying += len(in_memory)
+            with self._handoff:
+                scheduled = not self._closed  # close() has collected the retries already
+                if scheduled:
+                    heapq.heappush(self._retries, (due, next(self._seq), in_memory))
+                    self._retrying += len(in_memory)
+            if not scheduled:
+                self._store_final(in_memory, "undelivered at close", count_failed=False)
         self._retry_log.log(
             logging.WARNING,
             "delivery of %d events failed (%s); retry %d in %.2fs",
@@ -450,7 +494,7 @@ class Sender:
         if self._store is not None:
             try:
                 self._store.store(events, error=reason, attempts=attempts)
-            except StoreError:
+            except Exception:  # StoreError, or any failure of a custom store
                 logger.exception(
                     "failure store unavailable: keeping %d events in memory", len(events)
                 )

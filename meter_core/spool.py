@@ -60,6 +60,7 @@ class SQLiteSpool:
         self.path = Path(path)
         self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
+        self._lock_pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
 
@@ -82,9 +83,16 @@ class SQLiteSpool:
         self._conn, self._pid = conn, os.getpid()
         return conn
 
+    def _process_lock(self) -> threading.RLock:
+        """This process's lock. A child forked while a thread of the parent held the lock
+        inherits it held, by a thread that does not exist there: it takes a new one."""
+        if self._lock_pid != os.getpid():
+            self._lock, self._lock_pid = threading.RLock(), os.getpid()
+        return self._lock
+
     @contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._process_lock():
             try:
                 conn = self._connect()
                 conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
@@ -94,7 +102,9 @@ class SQLiteSpool:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, OSError) as exc:
+                # OSError: the file or its folder cannot be made (read-only, a path part
+                # that is a file...); callers handle StoreError, the store's one error type
                 raise StoreError(f"spool {str(self.path)!r}: {exc}") from exc
 
     def store(
@@ -222,7 +232,7 @@ class SQLiteSpool:
 
     def close(self) -> None:
         """Close this process's connection (it is opened again on next use)."""
-        with self._lock:
+        with self._process_lock():
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
             self._conn = None

@@ -6,7 +6,9 @@
 - In durable mode (``METER["DURABLE"]``) the event is written to the FailedMeterEvent
   table as ``queued`` in the caller's transaction (a transactional outbox): it exists
   exactly when the operation's own writes do, and the client's sender delivers it from
-  there after the commit.
+  there after the commit. That needs the table on the transaction's database (``using``,
+  default ``METER["DATABASE"]``); with another database, or a store outside the database
+  (a SQLite spool), the event is written after the commit instead.
 - The return value is the event's ``event_id`` in every case.
 - When the settings cannot build a client (``manage.py check`` reports why), the event
   is validated and kept in the FailedMeterEvent table as ``failed`` with the reason, in
@@ -120,13 +122,19 @@ def _recorder(device_id: str | None) -> tuple[MeterClient, MeterClient | None, s
 def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
     """Hand a built event to ``client`` with the transaction rules of this module.
     In durable mode the store write may raise :class:`meter_core.StoreError`."""
+    from meter_django.store import DatabaseFailureStore  # (models: not at import time)
+
     db = using or conf.database
-    if client.enabled and conf.durable:
+    store = client.failure_store
+    outbox = isinstance(store, DatabaseFailureStore) and store.using == db
+    if client.enabled and conf.durable and outbox:
         client.enqueue(event)  # the store write joins the caller's transaction
         if transaction.get_connection(db).in_atomic_block:
             # the sender cannot see the row before the commit: tell it when there is one
             transaction.on_commit(client.wake, using=db)
         return
+    # Not the outbox's transaction (another database, or a store outside the database):
+    # written after the commit, so rolled-back work is never billed.
     if transaction.get_connection(db).in_atomic_block:
         transaction.on_commit(lambda: _enqueue_after_commit(client, event), using=db)
     else:

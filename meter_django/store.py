@@ -33,7 +33,8 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
-from django.db import DatabaseError, connections, transaction
+from django.db import Error as DBError
+from django.db import connections, transaction
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -119,7 +120,7 @@ class DatabaseFailureStore:
         try:
             with transaction.atomic(using=self.using):
                 yield
-        except DatabaseError as exc:
+        except DBError as exc:  # InterfaceError too ("connection already closed")
             raise StoreError(f"meter event table ({self.using}): {exc}") from exc
         finally:
             if background:

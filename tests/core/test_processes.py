@@ -132,3 +132,28 @@ def test_a_forked_child_never_generates_the_parents_event_ids() -> None:
     os.waitpid(pid, 0)
     assert len(child_ids) == 50
     assert not parent_ids & child_ids
+
+
+_POOL_CLIENT: list[MeterClient] = []  # the client a forked worker process inherits
+
+
+def _worker_records(n: int) -> None:
+    for _ in range(n):
+        _POOL_CLIENT[0].record(**RECORD)
+    # returns without flush or close: multiprocessing then ends the process with os._exit
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_multiprocessing_worker_that_returns_delivers_its_queue(
+    backend: DevServer, make_client: Any
+) -> None:
+    import multiprocessing
+
+    # flush_interval: nothing would go out before the worker ends on its own
+    _POOL_CLIENT[:] = [make_client(flush_interval=30, batch_size=1000)]
+    worker = multiprocessing.get_context("fork").Process(target=_worker_records, args=(100,))
+    worker.start()
+    worker.join(30)
+    assert worker.exitcode == 0
+    assert len(set(backend.event_ids())) == 100

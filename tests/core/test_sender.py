@@ -7,6 +7,7 @@ the same behaviours against the real local backend are in test_faults.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import threading
@@ -21,6 +22,7 @@ from meter_core import (
     BackendUnavailable,
     DeliveryError,
     InvalidEvent,
+    MemoryFailureStore,
     MemoryTransport,
     MeterClient,
     ProduceResult,
@@ -271,6 +273,8 @@ def test_close_stores_what_is_undelivered_and_is_idempotent(tmp_path: Path) -> N
     late = client.record(**RECORD)
     spool.release([s.event.event_id for s in stored])
     assert late in {s.event.event_id for s in spool.claim(100)}
+    stats = client.stats()
+    assert stats["recorded"] == 31 and stats["stored"] == 31  # the late one counted too
 
 
 def test_close_without_a_store_says_the_undelivered_events_are_only_in_memory(
@@ -459,3 +463,76 @@ def test_log_transport_logs_records(caplog: pytest.LogCaptureFixture) -> None:
     assert client.flush(5)
     assert "page.processed.basic" in caplog.text
     client.close()
+
+
+class SlowTransport(MemoryTransport):
+    """Each produce takes ``delay`` seconds (a slow backend)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+        time.sleep(self.delay)
+        return super().produce(records)
+
+
+def test_close_during_a_slow_send_loses_no_batch() -> None:
+    # close() gives up waiting while a batch is on the wire: the sender thread must not
+    # then take the next batch and drop it when it sees that the client is stopping.
+    transport = SlowTransport(0.3)
+    client = client_with(transport, batch_size=10)
+    ids = {client.record(**RECORD) for _ in range(30)}
+    time.sleep(0.05)  # the first batch is on its way
+    client.close(timeout=0.1)
+    time.sleep(0.5)  # let the batch in flight finish
+    delivered = {v["event_id"] for v in transport.values()}
+    kept = {s.event.event_id for s in client.failed_events()}
+    assert delivered | kept == ids
+    stats = client.stats()
+    assert stats["dropped"] == 0 and stats["queue_depth"] == 0
+
+
+def test_an_event_recorded_while_close_runs_is_kept() -> None:
+    # The race: record() finds the client open, close() then collects the queue, and only
+    # then is the event appended. It must still be kept, not stranded in the queue.
+    client = client_with(MemoryTransport())
+    client.record(**RECORD)  # the sender exists
+    sender = client._get_sender()
+
+    class ClosingQueue(collections.deque):  # type: ignore[type-arg]
+        def append(self, item: Any) -> None:
+            sender.close(0)  # close() runs between enqueue's check and its append
+            super().append(item)
+
+    sender._queue = ClosingQueue(sender._queue)
+    late = client.record(**RECORD)
+    assert late in {s.event.event_id for s in client.failed_events()}
+    assert client.stats()["queue_depth"] == 0
+
+
+def test_close_keeps_the_lease_of_store_events_still_being_sent(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    transport = SlowTransport(1.5)  # longer than close() waits for the thread
+    client = client_with(transport, durable=True, failure_store=spool)
+    event_id = client.record(**RECORD)
+    time.sleep(0.2)  # the sender has claimed it and is sending it
+    client.close(timeout=0.1)
+    # still leased: a retry worker must not send it while this send may succeed
+    assert spool.claim(100, lease_seconds=0) == []
+    time.sleep(1.2)
+    assert [v["event_id"] for v in transport.values()] == [event_id]
+
+
+def test_a_store_failing_with_any_error_keeps_the_events_in_memory() -> None:
+    class BrokenStore(MemoryFailureStore):
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+            raise OSError("read-only file system")
+
+    transport = DownTransport()
+    client = client_with(transport, max_retries=0, failure_store=BrokenStore(10))
+    ids = {client.record(**RECORD) for _ in range(5)}
+    assert client.flush(2)
+    assert {s.event.event_id for s in client.failed_events()} == ids
+    assert client.stats()["failed"] == 5
+    client.close(0)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +114,48 @@ def test_spool_errors_are_store_errors(tmp_path: Path) -> None:
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(StoreError, match=r"dir\.db"):
         SQLiteSpool(tmp_path / "dir.db").store(events(1))
+    # a folder that cannot be made (a part of the path is a file): OSError, as StoreError
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match="a-file"):
+        SQLiteSpool(tmp_path / "a-file" / "sub" / "spool.db").store(events(1))
+
+
+_FORKED_SPOOL: list[SQLiteSpool] = []  # the spool a forked child inherits
+
+
+def _store_one() -> None:
+    _FORKED_SPOOL[0].store(events(1))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_thread_holds_the_spool_lock_does_not_hang(
+    tmp_path: Path,
+) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    spool.store(events(1))
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:  # as a sender thread waiting inside the spool would
+        with spool._process_lock():
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert held.wait(5)
+        _FORKED_SPOOL[:] = [spool]
+        child = multiprocessing.get_context("fork").Process(target=_store_one)
+        child.start()
+        child.join(10)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+    finally:
+        release.set()
+        holder.join()
+    assert not hung and child.exitcode == 0
+    assert spool.pending_count() == 2
 
 
 def _claim_all(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]

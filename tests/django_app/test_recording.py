@@ -137,6 +137,36 @@ def test_durable_mode_writes_the_outbox_row_in_the_callers_transaction(
     assert lost not in backend.event_ids()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_durable_mode_with_a_store_outside_the_database_writes_after_the_commit(
+    meter_settings: MeterSettings, backend: DevServer, tmp_path: Any
+) -> None:
+    # The outbox holds only when the store is the table of the transaction's database: a
+    # SQLite spool (or the table on another database) cannot roll back with the caller's
+    # work, so the event is written after the commit, as outside durable mode.
+    from meter_core import SQLiteSpool
+
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    meter_settings(DURABLE=True, STORE=spool)
+    seen: list[str] = []
+
+    def failing_operation() -> None:
+        with transaction.atomic():
+            seen.append(record_usage(tenant_id="acme", meter_id="page.processed.basic",
+                                     total_usage=1))  # fmt: skip
+            assert spool.pending_count() == 0  # not written before the commit
+            raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError):
+        failing_operation()
+    [lost] = seen
+    with transaction.atomic():
+        kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=2)
+    _wait_for(lambda: backend.event_ids() == [kept])
+    time.sleep(0.2)
+    assert lost not in backend.event_ids() and spool.pending_count() == 0
+
+
 @pytest.mark.django_db
 def test_misconfigured_settings_do_not_break_the_caller_and_keep_the_event(
     settings: Any, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
