@@ -42,6 +42,9 @@ BeforeSend = Callable[[UsageEvent], "UsageEvent | None"]
 OnError = Callable[[Sequence[UsageEvent], BaseException], None]
 
 _clients: weakref.WeakSet[MeterClient] = weakref.WeakSet()
+# Senders of this process; a running sender is held by its thread, so it stays here
+# until it stops even when its client is gone.
+_senders: weakref.WeakSet[Sender] = weakref.WeakSet()
 _FORK_HOOK = hasattr(os, "register_at_fork")
 
 
@@ -367,6 +370,7 @@ class MeterClient:
                     stats=self._stats,
                     on_error=self._on_error,
                 )
+                _senders.add(self._sender)
                 _register_pool_worker_exit()
             return self._sender
 
@@ -575,6 +579,14 @@ def _close_all_at_exit() -> None:
             client.close(timeout=5.0)
         except Exception:
             logger.exception("closing the meter client at exit failed")
+    # A client nothing refers to any more is gone, but its sender thread (which holds
+    # its sender) may still have events: close those senders too.
+    for sender in list(_senders):
+        if sender.pid == os.getpid():
+            try:
+                sender.close(timeout=5.0)
+            except Exception:
+                logger.exception("closing a meter sender at exit failed")
 
 
 def _reset_all_after_fork() -> None:

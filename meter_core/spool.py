@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,37 @@ CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attemp
 """
 
 
+# fork() waits for every spool's transaction in progress to end: a child forked in the
+# middle of one inherits SQLite's record of a lock held by a connection it does not have,
+# and could never write to that file ("database is locked").
+_spools: weakref.WeakSet[SQLiteSpool] = weakref.WeakSet()
+_held_for_fork: list[threading.RLock] = []
+
+
+def _before_fork() -> None:
+    for spool in list(_spools):
+        lock = spool._process_lock()
+        lock.acquire()
+        _held_for_fork.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
+def _after_fork_in_child() -> None:
+    _held_for_fork.clear()  # the child's spools take new locks (see _process_lock)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
+
+
 class SQLiteSpool:
     """A :class:`~meter_core.FailureStore` in the SQLite file at ``path``.
 
@@ -63,6 +95,7 @@ class SQLiteSpool:
         self._lock_pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        _spools.add(self)
 
     def __repr__(self) -> str:
         return f"SQLiteSpool({str(self.path)!r})"

@@ -137,22 +137,27 @@ def test_a_forked_child_never_generates_the_parents_event_ids() -> None:
 _POOL_CLIENT: list[MeterClient] = []  # the client a forked worker process inherits
 
 
-def _worker_records(n: int) -> None:
+def _worker_records(n: int, url: str | None) -> None:
+    # url given: a client of the worker's own, which nothing refers to once this returns
+    client = _POOL_CLIENT[0] if url is None else MeterClient(
+        url, internal_url=url, device_id="d", flush_interval=30, batch_size=1000)  # fmt: skip
     for _ in range(n):
-        _POOL_CLIENT[0].record(**RECORD)
+        client.record(**RECORD)
     # returns without flush or close: multiprocessing then ends the process with os._exit
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("own_client", [False, True], ids=["inherited", "its-own"])
 def test_a_multiprocessing_worker_that_returns_delivers_its_queue(
-    backend: DevServer, make_client: Any
+    backend: DevServer, make_client: Any, own_client: bool
 ) -> None:
     import multiprocessing
 
     # flush_interval: nothing would go out before the worker ends on its own
     _POOL_CLIENT[:] = [make_client(flush_interval=30, batch_size=1000)]
-    worker = multiprocessing.get_context("fork").Process(target=_worker_records, args=(100,))
+    url = backend.url if own_client else None
+    worker = multiprocessing.get_context("fork").Process(target=_worker_records, args=(100, url))
     worker.start()
     worker.join(30)
     assert worker.exitcode == 0

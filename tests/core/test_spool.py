@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -128,34 +129,29 @@ def _store_one() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_child_forked_while_a_thread_holds_the_spool_lock_does_not_hang(
-    tmp_path: Path,
-) -> None:
-    spool = SQLiteSpool(tmp_path / "spool.db")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fork_waits_for_a_spool_transaction_so_the_child_can_write(tmp_path: Path) -> None:
+    # A thread of the parent (the meter sender) is inside a spool transaction, waiting for
+    # SQLite's write lock that another connection holds. Forked in the middle of it, a
+    # child would inherit a held lock and SQLite's record of a lock it does not have, and
+    # could never write the file; fork() waits for the transaction to end instead.
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=5)
     spool.store(events(1))
-    held, release = threading.Event(), threading.Event()
-
-    def hold_the_lock() -> None:  # as a sender thread waiting inside the spool would
-        with spool._process_lock():
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_the_lock)
-    holder.start()
-    try:
-        assert held.wait(5)
-        _FORKED_SPOOL[:] = [spool]
-        child = multiprocessing.get_context("fork").Process(target=_store_one)
-        child.start()
-        child.join(10)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
-    finally:
-        release.set()
-        holder.join()
-    assert not hung and child.exitcode == 0
-    assert spool.pending_count() == 2
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    sender = threading.Thread(target=spool.store, args=(events(1),))
+    sender.start()
+    time.sleep(0.2)  # the thread is now inside the spool, waiting for the write lock
+    threading.Timer(0.3, lambda: other.execute("ROLLBACK")).start()
+    _FORKED_SPOOL[:] = [spool]
+    child = multiprocessing.get_context("fork").Process(target=_store_one)
+    child.start()
+    child.join(20)
+    sender.join(10)
+    other.close()
+    assert child.exitcode == 0
+    assert spool.pending_count() == 3
 
 
 def _claim_all(path: str, queue: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
