@@ -50,8 +50,8 @@ CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attemp
 
 
 # fork() waits for every spool's transaction in progress to end: a child forked in the
-# middle of one inherits SQLite's record of a lock held by a connection it does not have,
-# and could never write to that file ("database is locked").
+# middle of one would inherit this lock held by a thread it does not have (and SQLite's
+# record of a lock held by a connection it does not have).
 _spools: weakref.WeakSet[SQLiteSpool] = weakref.WeakSet()
 _held_for_fork: list[threading.RLock] = []
 
