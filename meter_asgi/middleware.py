@@ -47,8 +47,9 @@ class MeterMiddleware:
     Options (keyword-only, all checked here; a bad one raises
     :class:`~meter_core.ConfigurationError`):
 
-    - ``client``: the :class:`~meter_core.MeterClient` to record with (never closed nor
-      replaced by the middleware). ``None``: one is built from the environment with
+    - ``client``: the :class:`~meter_core.MeterClient` to record with (flushed at
+      lifespan shutdown, never closed nor replaced by the middleware: close it in the
+      app's lifespan, ``await client.aclose()``). ``None``: one is built from the environment with
       ``MeterClient.from_env()`` at first need, owned by the middleware, flushed and
       closed at lifespan shutdown (and at process exit by the client itself). A later
       lifespan startup of the same app (served again, e.g. one test client per test)
@@ -63,7 +64,7 @@ class MeterMiddleware:
     - ``success_statuses``: statuses that are metered (default ``range(200, 300)``).
     - ``allow_unknown_meters``: accept meter ids outside the catalog (default: the
       client's setting).
-    - ``close_timeout``: seconds to flush an owned client at shutdown (default 5).
+    - ``close_timeout``: seconds to flush the client at shutdown (default 5).
 
     Guarantees: a response that is not a success, or a request whose app raised, records
     nothing. Handlers add usage through ``request.state.meter`` (a
@@ -154,7 +155,7 @@ class MeterMiddleware:
             await run_session(
                 self.app, scope, receive, send, matcher=self._matcher, recorder=self._recorder
             )
-        elif kind == "lifespan" and self._recorder.owns_client:
+        elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
         else:
             await self.app(scope, receive, send)
@@ -262,7 +263,8 @@ class MeterMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through; build the owned client at startup (so a configuration
         error shows in the log at once) and flush and close it before the server is told
-        that shutdown is complete. A new lifespan (the app served again) starts with a
+        that shutdown is complete (a client the app gave is flushed, not closed). A new
+        lifespan (the app served again) starts with a
         new owned client if the last one was closed or could not be built."""
         recorder = self._recorder
         recorder.renew()
@@ -272,7 +274,7 @@ class MeterMiddleware:
             if kind == "lifespan.startup.complete":
                 recorder.client()
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                await recorder.close(self._close_timeout)
+                await recorder.shutdown(self._close_timeout)
             await send(message)
 
         await self.app(scope, receive, observe)

@@ -155,17 +155,23 @@ class Recorder:
                 self._client_closed = False
                 self._client_failed = False
 
-    async def close(self, timeout: float) -> None:
-        """Flush and close the client if this recorder built it (else do nothing).
-        Runs in a worker thread so the event loop keeps serving while it waits. The
-        closed client stays in use (events recorded later go to its failure store)
-        until :meth:`renew`."""
+    async def shutdown(self, timeout: float) -> None:
+        """At lifespan shutdown: flush and close the client if this recorder built it;
+        flush (for up to ``timeout`` seconds, not close) a client the app gave, whose
+        closing is the app's. Runs in a worker thread so the event loop keeps serving
+        while it waits. A closed owned client stays in use (events recorded later go to
+        its failure store) until :meth:`renew`."""
         client = self._client
-        if not self.owns_client or client is None:
+        if client is None:
             return
-        self._client_closed = True
         try:
-            await asyncio.to_thread(client.close, timeout)
+            if self.owns_client:
+                self._client_closed = True
+                await asyncio.to_thread(client.close, timeout)
+            else:
+                # uvicorn ends on SIGTERM without running atexit: send what can be sent
+                # now, or it would be lost with the process
+                await asyncio.to_thread(client.flush, timeout)
         except Exception as exc:
             self.internal_error("closing the meter client", exc)
 

@@ -439,10 +439,16 @@ class MeterClient:
         """:meth:`flush` without blocking the event loop."""
         return await asyncio.to_thread(self.flush, timeout)
 
+    async def aclose(self, timeout: float | None = 5.0) -> None:
+        """:meth:`close` without blocking the event loop (for an app's lifespan)."""
+        await asyncio.to_thread(self.close, timeout)
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Flush for up to ``timeout`` seconds, then store whatever is still undelivered
         and stop the sender. Safe from any thread and more than once; called at exit.
-        Events recorded after close go straight to the failure store."""
+        Events recorded after close go straight to the failure store. In durable mode it
+        waits for this process's events in memory only: those in the store stay there for
+        any process sharing it (or the next start) to send."""
         with self._lock:
             self._closed = True
             sender = self._sender

@@ -117,6 +117,7 @@ class Sender:
         self._handoff = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closing = False
         self._closed = False
         self._spilled = False
         self._dropping = False
@@ -213,16 +214,16 @@ class Sender:
         """Events waiting in memory: queued, scheduled for retry, or in flight."""
         return len(self._queue) + self._retrying + len(self._inflight)
 
-    def flush(self, timeout: float | None = None) -> bool:
+    def flush(self, timeout: float | None = None, *, store: bool = True) -> bool:
         """Send what is waiting now and wait until nothing is pending in memory (and, in
-        durable mode, nothing due is left in the store). True when that happened within
-        ``timeout`` seconds; events waiting for a retry keep it waiting."""
+        durable mode with ``store``, nothing due is left in the store). True when that
+        happened within ``timeout`` seconds; events waiting for a retry keep it waiting."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
             self._flush_waiters += 1
         try:
             while True:
-                if self._settled():
+                if self._settled(store):
                     return True
                 self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -234,10 +235,10 @@ class Sender:
             with self._state_lock:
                 self._flush_waiters -= 1
 
-    def _settled(self) -> bool:
+    def _settled(self, store: bool = True) -> bool:
         if self._queue or self._retries or self._inflight or self._busy:
             return False
-        if self._config.durable and self._store is not None:
+        if store and self._config.durable and self._store is not None:
             try:
                 return not self._store.claim(
                     1, lease_seconds=0, max_attempts=self._policy.max_retries + 1
@@ -288,8 +289,12 @@ class Sender:
                 )
 
     def flush_for_close(self, timeout: float | None) -> None:
-        if not self._settled():
-            self.flush(timeout)
+        # Durable mode: what is in the store is kept there, and any process sharing it (or
+        # the next start) sends it; waiting until it is empty would hold every exit while
+        # other processes keep writing to it.
+        self._closing = True  # and no new batch is claimed from the store meanwhile
+        if not self._settled(store=False):
+            self.flush(timeout, store=False)
 
     # -- sender thread -----------------------------------------------------------------
 
@@ -351,6 +356,7 @@ class Sender:
             len(items) < limit
             and self._store is not None
             and (self._config.durable or self._spilled)
+            and not self._closing
         ):
             items.extend(self._claim_from_store(limit - len(items)))
         return items

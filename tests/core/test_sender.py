@@ -366,11 +366,13 @@ def test_async_face_never_blocks_the_loop() -> None:
             )
         )
         assert await client.aflush(5)
-        return ids
+        late = await client.arecord(**RECORD)
+        await client.aclose()  # delivers what is queued, then closes
+        return [*ids, late]
 
     ids = asyncio.run(main())
     assert [v["event_id"] for v in transport.values()] == ids
-    client.close()
+    assert client.record(**RECORD) in {s.event.event_id for s in client.failed_events()}
 
 
 def test_stats_report_queue_depth() -> None:
@@ -536,3 +538,30 @@ def test_a_store_failing_with_any_error_keeps_the_events_in_memory() -> None:
     assert {s.event.event_id for s in client.failed_events()} == ids
     assert client.stats()["failed"] == 5
     client.close(0)
+
+
+def test_durable_close_does_not_wait_for_events_other_processes_keep_storing(
+    tmp_path: Path,
+) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    client = client_with(SlowTransport(0.05), durable=True, failure_store=spool)
+    client.record(**RECORD)
+    stop = threading.Event()
+
+    def another_worker() -> None:  # a process sharing the store, still serving requests
+        other = SQLiteSpool(tmp_path / "spool.db")
+        while not stop.is_set():
+            other.store([UsageEvent("acme", "w2", "page.processed.basic", 1) for _ in range(20)])
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=another_worker)
+    writer.start()
+    try:
+        time.sleep(0.1)
+        started = time.monotonic()
+        client.close(timeout=3)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        writer.join()
+    assert took < 1.5  # not the whole timeout: the store's rows are safe where they are

@@ -35,6 +35,9 @@ def test_meter_status_counts_by_status_meter_and_reason(meter_settings: MeterSet
     assert "1 x failed: backend down" in out
     assert "Due for retry now: 3" in out
     assert "Oldest owed event: " in out
+    store.claim(1)  # a worker is sending one: not due for the retry command
+    leased = _call("meter_status")
+    assert "Due for retry now: 2" in leased and "Being sent (leased by a worker): 1" in leased
     assert "failure store DatabaseFailureStore" in out
     assert SECRET not in out
 

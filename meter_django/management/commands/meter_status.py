@@ -39,9 +39,12 @@ class Command(BaseCommand):
             out.write("  (none)")
         owed = FailedMeterEvent.objects.using(conf.database).filter(status__in=PENDING_STATUSES)
         now = timezone.now()
-        due = owed.filter(next_attempt_at__lte=now).count()
+        due = owed.filter(next_attempt_at__lte=now)
+        leased = due.filter(leased_until__gt=now).count()  # being sent by a worker now
         oldest = owed.aggregate(oldest=Min("created_at"))["oldest"]
-        out.write(f"Due for retry now: {due}")
+        out.write(f"Due for retry now: {due.count() - leased}")
+        if leased:
+            out.write(f"Being sent (leased by a worker): {leased}")
         if oldest is not None:
             age = (now - oldest).total_seconds()
             out.write(f"Oldest owed event: {age:.0f}s old (created {oldest:%Y-%m-%d %H:%M:%S} UTC)")
