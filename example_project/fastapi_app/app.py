@@ -62,7 +62,7 @@ client = MeterClient.from_env(
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     # The app built the client, so the app closes it: flush, then spool what is left.
-    client.close(timeout=5)
+    await client.aclose(timeout=5)
 
 
 app = FastAPI(title="litewave-meter FastAPI example", lifespan=lifespan)
