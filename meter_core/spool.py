@@ -54,13 +54,18 @@ CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attemp
 # record of a lock held by a connection it does not have).
 _spools: weakref.WeakSet[SQLiteSpool] = weakref.WeakSet()
 _held_for_fork: list[threading.RLock] = []
+_FORK_WAIT_SECONDS = 2.0
 
 
 def _before_fork() -> None:
+    # Bounded: fork() also runs for subprocesses (which exec at once and need none of
+    # this), and a transaction waiting on a file another process locks may take up to
+    # the busy timeout. Past the bound the child still gets a lock of its own (see
+    # _process_lock); only SQLite's own state may then be inherited mid-transaction.
     for spool in list(_spools):
         lock = spool._process_lock()
-        lock.acquire()
-        _held_for_fork.append(lock)
+        if lock.acquire(timeout=_FORK_WAIT_SECONDS):
+            _held_for_fork.append(lock)
 
 
 def _after_fork_in_parent() -> None:
