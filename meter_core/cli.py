@@ -30,7 +30,11 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meter", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="meter",
+        description="Resend stored usage events, show a spool, or run the local backend "
+        "(also: python -m meter_core).",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 

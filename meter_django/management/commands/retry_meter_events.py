@@ -44,7 +44,11 @@ class Command(BaseCommand):
             runs += 1
             if not options["loop"] or (options["runs"] is not None and runs >= options["runs"]):
                 break
-            time.sleep(options["interval"])
+            try:
+                time.sleep(options["interval"])
+            except KeyboardInterrupt:  # Ctrl-C between runs: a normal way to stop the loop
+                self.stdout.write("stopped")
+                return
         if not report.ok:
             raise CommandError(f"{report.failed} events are still failed")
 
