@@ -17,7 +17,7 @@ from meter_core.events import MAX_USAGE, UsageEvent
 from meter_core.transport import Transport
 from meter_core.wire import RecordEncoder
 
-__all__ = ["Outcome", "deliver_once"]
+__all__ = ["OUT_OF_TIME", "Outcome", "deliver_once"]
 
 logger = logging.getLogger("meter.delivery")
 
@@ -32,7 +32,7 @@ _MAX_REQUESTS_WHEN_SPLITTING = 64
 # Bytes of '{"records": [' + ']}' and of each ', ' separator in a produce body.
 _BODY_OVERHEAD = 16
 _SEPARATOR = 2
-_OUT_OF_TIME = BackendUnavailable(
+OUT_OF_TIME = BackendUnavailable(
     "delivery attempt ran out of time (slow backend): the rest is sent at the next attempt"
 )
 
@@ -93,8 +93,8 @@ def deliver_once(
         tenant = event.tenant_id
         if tenant not in answers:
             if outcome.out_of_time():
-                outcome.add_failure(_OUT_OF_TIME, [i for i, _ in batch])
-                outcome.add_failure(_OUT_OF_TIME, list(items[index:]))
+                outcome.add_failure(OUT_OF_TIME, [i for i, _ in batch])
+                outcome.add_failure(OUT_OF_TIME, list(items[index:]))
                 return outcome
             try:
                 answers[tenant] = customers.get(tenant)
@@ -159,7 +159,7 @@ def _produce(
 ) -> None:
     items = [item for item, _ in batch]
     if outcome.out_of_time():
-        outcome.add_failure(_OUT_OF_TIME, items)
+        outcome.add_failure(OUT_OF_TIME, items)
         return
     records = [record for _, record in batch]
     outcome.batches += 1

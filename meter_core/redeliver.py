@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meter_core.client import MeterClient
-from meter_core.delivery import deliver_once
+from meter_core.delivery import OUT_OF_TIME, deliver_once
 from meter_core.errors import ConfigurationError
 from meter_core.retry import RetryPolicy
 from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
@@ -141,6 +141,9 @@ def _resend(
         store.mark_delivered([s.event.event_id for s in outcome.delivered])
         report.delivered += len(outcome.delivered)
     for error, group in [*outcome.retriable, *outcome.final]:
+        if error is OUT_OF_TIME:  # not tried: due again at once, for the next claim
+            store.release([s.event.event_id for s in group])
+            continue
         report.failed += len(group)
         report.errors[str(error)] += len(group)
         attempts = max(s.attempts for s in group) + 1

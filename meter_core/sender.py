@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from meter_core.customers import CustomerCache
-from meter_core.delivery import deliver_once
+from meter_core.delivery import OUT_OF_TIME, deliver_once
 from meter_core.errors import DeliveryError, RateLimited, StoreError
 from meter_core.events import UsageEvent
 from meter_core.retry import RetryPolicy
@@ -119,6 +119,7 @@ class Sender:
         self._stopping = False
         self._closing = False
         self._closed = False
+        self._taken_over: list[_Item] | None = None  # the in-flight batch close() stored
         self._spilled = False
         self._dropping = False
         self._busy = False
@@ -198,9 +199,12 @@ class Sender:
 
     def _start(self) -> None:
         with self._state_lock:
-            if self._thread is None and not self._closed:
+            refused = self._closed
+            if self._thread is None and not refused:
                 self._thread = threading.Thread(target=self._run, name="meter-sender", daemon=True)
                 self._thread.start()
+        if refused:  # closed since enqueue() looked: what it appended must not stay queued
+            self._store_closed_queue()
 
     def wake(self) -> None:
         """Make the sender thread run a cycle now (no-op before it started)."""
@@ -255,8 +259,14 @@ class Sender:
         if self._thread is None:  # never used: nothing to flush, and no I/O at exit
             with self._state_lock:
                 self._closed = self._stopping = True
-            return
-        self.flush_for_close(timeout)
+                started = self._thread is not None
+            if not started:
+                # a first record() may have appended meanwhile, its thread refused: keep it
+                self._store_closed_queue()
+                return
+        on_sender_thread = threading.current_thread() is self._thread
+        if not on_sender_thread:  # (a hook of the sender thread's could never see it settle)
+            self.flush_for_close(timeout)
         with self._state_lock:
             self._stopping = True
             self._closed = True
@@ -269,18 +279,18 @@ class Sender:
             # In flight: the thread may still be sending them. Events of the queue are
             # stored (resent later with the same ids if that send succeeds after all);
             # store events keep their lease while it may, so no other worker sends them.
-            leftover = [i for i in self._inflight if not i.from_store]
-            leased = [i.event.event_id for i in self._inflight if i.from_store]
+            # Called from the sender thread (a hook), the batch is the thread's to settle.
+            inflight = [] if on_sender_thread else self._inflight
+            self._taken_over = self._inflight if inflight else None
+            leftover = [i for i in inflight if not i.from_store]
+            leased = [i.event.event_id for i in inflight if i.from_store]
             self._take_from_queue(leftover, None)
             for _, _, batch in self._retries:
                 leftover.extend(batch)
             self._retries.clear()
             self._retrying = 0
         if leased and not still_sending and self._store is not None:
-            try:  # still queued in the store: another process, or the next start, sends them
-                self._store.release(leased)
-            except StoreError:
-                logger.exception("could not release %d leased events", len(leased))
+            self._release(leased)
         if leftover:
             self._store_final(leftover, "undelivered at close", count_failed=False)
             if self._store is None:
@@ -337,11 +347,42 @@ class Sender:
         with self._handoff:
             if self._stopping:
                 return []
-            items = self._take_batch()
+            items = self._take_from_memory()
             self._inflight = items
+        want = self._config.batch_size - len(items)
+        if (
+            want <= 0
+            or self._store is None
+            or not (self._config.durable or self._spilled)
+            or self._closing
+        ):
             return items
+        # Outside the lock: a claim may wait on a busy file, and close() must not.
+        claimed = self._claim_from_store(want)
+        if not claimed:
+            return items
+        with self._handoff:
+            stopped = self._stopping_since()
+            if not stopped:
+                items = self._inflight = items + claimed
+        if stopped:  # close() has taken over what was in flight: give the claim back
+            self._release([i.event.event_id for i in claimed])
+            return []
+        return items
 
-    def _take_batch(self) -> list[_Item]:
+    def _stopping_since(self) -> bool:
+        """Whether close() began while the claim ran (read again after it)."""
+        return self._stopping
+
+    def _release(self, event_ids: list[str]) -> None:
+        assert self._store is not None
+        try:  # still queued in the store: another process, or the next start, sends them
+            self._store.release(event_ids)
+        except Exception:
+            logger.exception("could not release %d leased events", len(event_ids))
+
+    def _take_from_memory(self) -> list[_Item]:
+        """Due retries first, then the queue, up to a batch."""
         limit = self._config.batch_size
         items: list[_Item] = []
         now = time.monotonic()
@@ -352,13 +393,6 @@ class Sender:
         queue = self._queue
         if queue and len(items) < limit:
             self._take_from_queue(items, limit)
-        if (
-            len(items) < limit
-            and self._store is not None
-            and (self._config.durable or self._spilled)
-            and not self._closing
-        ):
-            items.extend(self._claim_from_store(limit - len(items)))
         return items
 
     def _take_from_queue(self, items: list[_Item], limit: int | None) -> None:
@@ -387,7 +421,6 @@ class Sender:
         return [_Item(s.event, s.attempts, from_store=True) for s in claimed]
 
     def _deliver(self, items: list[_Item]) -> None:
-        self._inflight = items
         attempt = self._config.attempt_seconds
         try:
             outcome = deliver_once(
@@ -401,6 +434,8 @@ class Sender:
             )
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
+            if self._taken_over is items:  # close() stored the batch while it was sent
+                return
             for error, group in outcome.retriable:
                 self._stats.error(str(error))
                 self._retry_or_fail(group, error)
@@ -409,9 +444,10 @@ class Sender:
         except Exception:
             # A bug of ours must not lose the batch: keep it for the retry command.
             logger.exception("delivery of %d events failed unexpectedly", len(items))
-            self._store_final(
-                [i for i in items if not i.from_store], "internal error", count_failed=True
-            )
+            if self._taken_over is not items:
+                self._store_final(
+                    [i for i in items if not i.from_store], "internal error", count_failed=True
+                )
         finally:
             self._inflight = []
 
@@ -432,8 +468,9 @@ class Sender:
         retry_after = error.retry_after if isinstance(error, RateLimited) else None
         retry_now: list[_Item] = []
         give_up: list[_Item] = []
+        tried = error is not OUT_OF_TIME  # (cut off by the attempt's deadline: not tried)
         for item in items:
-            item.attempts += 1
+            item.attempts += tried
             (retry_now if self._policy.can_retry(item.attempts) and not self._closed
              else give_up).append(item)  # fmt: skip
         if give_up:

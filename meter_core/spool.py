@@ -53,7 +53,8 @@ CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attemp
 # middle of one would inherit this lock held by a thread it does not have (and SQLite's
 # record of a lock held by a connection it does not have).
 _spools: weakref.WeakSet[SQLiteSpool] = weakref.WeakSet()
-_held_for_fork: list[threading.RLock] = []
+_spools_lock = threading.Lock()
+_held_for_fork = threading.local()  # per thread: two threads may fork at once
 _FORK_WAIT_SECONDS = 2.0
 
 
@@ -62,19 +63,25 @@ def _before_fork() -> None:
     # this), and a transaction waiting on a file another process locks may take up to
     # the busy timeout. Past the bound the child still gets a lock of its own (see
     # _process_lock); only SQLite's own state may then be inherited mid-transaction.
-    for spool in list(_spools):
+    with _spools_lock:
+        spools = list(_spools)
+    held = _held_for_fork.locks = []
+    for spool in spools:
         lock = spool._process_lock()
         if lock.acquire(timeout=_FORK_WAIT_SECONDS):
-            _held_for_fork.append(lock)
+            held.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    while _held_for_fork:
-        _held_for_fork.pop().release()
+    held = getattr(_held_for_fork, "locks", [])
+    while held:
+        held.pop().release()
 
 
 def _after_fork_in_child() -> None:
-    _held_for_fork.clear()  # the child's spools take new locks (see _process_lock)
+    global _spools_lock
+    _spools_lock = threading.Lock()  # another thread of the parent may have held it
+    _held_for_fork.locks = []  # the child's spools take new locks (see _process_lock)
 
 
 if hasattr(os, "register_at_fork"):
@@ -100,7 +107,8 @@ class SQLiteSpool:
         self._lock_pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
-        _spools.add(self)
+        with _spools_lock:
+            _spools.add(self)
 
     def __repr__(self) -> str:
         return f"SQLiteSpool({str(self.path)!r})"

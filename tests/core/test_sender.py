@@ -565,3 +565,63 @@ def test_durable_close_does_not_wait_for_events_other_processes_keep_storing(
         stop.set()
         writer.join()
     assert took < 1.5  # not the whole timeout: the store's rows are safe where they are
+
+
+def test_close_called_by_an_on_error_hook_returns_at_once() -> None:
+    closed_in: list[float] = []
+    client: MeterClient
+
+    def give_up(events: Sequence[UsageEvent], exc: BaseException) -> None:
+        started = time.monotonic()
+        client.close(timeout=3)  # on the sender thread: it can never see itself settle
+        closed_in.append(time.monotonic() - started)
+
+    client = client_with(DownTransport(), max_retries=0, on_error=give_up)
+    ids = {client.record(**RECORD) for _ in range(3)}
+    deadline = time.monotonic() + 5
+    while not closed_in and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert closed_in and closed_in[0] < 1
+    time.sleep(0.1)
+    assert {s.event.event_id for s in client.failed_events()} == ids
+    assert client.stats()["stored"] == 3  # once each
+
+
+def test_a_send_that_fails_after_close_took_it_over_is_not_stored_again() -> None:
+    class SlowThenDown(MemoryTransport):
+        def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
+            time.sleep(1.0)
+            raise BackendUnavailable("down")
+
+    errors: list[int] = []
+    client = client_with(SlowThenDown(), on_error=lambda events, exc: errors.append(len(events)))
+    event_id = client.record(**RECORD)
+    time.sleep(0.1)  # on the wire
+    client.close(timeout=0.1)
+    assert [s.event.event_id for s in client.failed_events()] == [event_id]
+    time.sleep(1.2)  # the send fails after close() stored the event
+    stats = client.stats()
+    assert stats["stored"] == 1 and stats["failed"] == 0 and errors == []
+    assert len(client.failed_events()) == 1
+
+
+def test_close_does_not_wait_for_a_claim_on_a_busy_store(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=5)
+    client = client_with(MemoryTransport(), durable=True, failure_store=spool)
+    client.record(**RECORD)
+    assert client.flush(5)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")  # another process writes: the sender's claims wait
+    try:
+        client.wake()
+        time.sleep(0.2)
+        started = time.monotonic()
+        client.close(timeout=0.5)
+        took = time.monotonic() - started
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert took < 1.5  # its timeout and the thread's join, not the store's busy wait

@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sqlite3
+import sys
 import threading
 import time
 from pathlib import Path
@@ -182,3 +183,33 @@ def test_concurrent_processes_never_claim_the_same_event(tmp_path: Path) -> None
     assert sorted(claimed) == sorted(e.event_id for e in batch)
     assert len(claimed) == len(set(claimed))
     assert SQLiteSpool(path).pending_count() == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_two_threads_forking_at_once_leave_no_spool_lock_held(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    spool.store(events(1))
+
+    def fork_many() -> None:
+        for _ in range(300):
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+    threads = [threading.Thread(target=fork_many) for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # the threads' fork hooks interleave
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not any(thread.is_alive() for thread in threads), "a fork hung"
+    lock = spool._process_lock()
+    assert lock.acquire(timeout=1), "a fork left the spool's lock held"
+    lock.release()
+    assert spool.pending_count() == 1
