@@ -88,6 +88,10 @@ def redeliver(
     # already high and a resend that fails is due again after the cap: 10 minutes, so that
     # a retry command run every few minutes delivers them soon after the backend is back.
     policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=600.0)
+    if client is not None:
+        # long enough for an attempt: 3 timeouts of its own, then one request of up to 3
+        # tries of 2 timeouts each (as the sender's lease); the claim's lease is at least that
+        lease_seconds = max(lease_seconds, 9 * client.options["timeout"] + 5)
     report = RedeliveryReport(dry_run=dry_run)
     held: list[str] = []
     try:
@@ -126,7 +130,7 @@ def _resend(
 ) -> None:
     # Start no request once the rest of the lease could not cover one (up to 3 tries of
     # up to 2 timeouts each): the events must not outlive their lease while being sent.
-    budget = max(lease_seconds - 6 * client.options["timeout"] - 5, lease_seconds / 2)
+    budget = lease_seconds - 6 * client.options["timeout"] - 5  # >= 3 timeouts (above)
     outcome = deliver_once(
         claimed,
         lambda s: s.event,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +66,22 @@ def test_a_failed_resend_is_due_again_within_ten_minutes(
         [(attempts, due)] = db.execute("SELECT attempts, next_attempt_at FROM meter_events")
     assert attempts == 7
     assert started + 60 < due <= time.time() + 600
+
+
+def test_the_lease_of_a_resend_outlasts_its_longest_attempt(closed_port_url: str) -> None:
+    # With a long timeout, the default lease (300 s) could end while a request still runs
+    # (3 tries of up to 2 timeouts each), and another worker could claim the same events.
+    from meter_core import MemoryFailureStore
+
+    leases: list[float] = []
+
+    class RecordingStore(MemoryFailureStore):
+        def claim(self, limit: int, **kwargs: Any) -> list[Any]:
+            leases.append(kwargs["lease_seconds"])
+            return super().claim(limit, **kwargs)
+
+    store = RecordingStore(10)
+    store.store([UsageEvent("acme", "d", "page.processed.basic", 1)], error="down", attempts=6)
+    client = MeterClient(closed_port_url, internal_url=closed_port_url, timeout=60)
+    redeliver(store, client)
+    assert leases and min(leases) >= 9 * 60 + 5
