@@ -125,6 +125,7 @@ class MeterSettings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._cache: dict[str, Any] = {}
+        self._generation = 0  # bumped by clear(): a value built before it is not kept
 
     # -- raw access --------------------------------------------------------------------
 
@@ -144,12 +145,16 @@ class MeterSettings:
         return self._mapping().get(key, DJANGO_DEFAULTS[key])
 
     def cached(self, key: str, build: Callable[[], T]) -> T:
-        """``build()`` once until the settings change. Errors are not cached."""
+        """``build()`` once until the settings change. Errors are not cached, nor a value
+        built from settings that changed while it was built."""
         with self._lock:
             if key in self._cache:
                 return self._cache[key]  # type: ignore[no-any-return]
+            generation = self._generation
         value = build()
         with self._lock:
+            if self._generation != generation:
+                return value
             self._cache.setdefault(key, value)
             return self._cache[key]  # type: ignore[no-any-return]
 
@@ -157,6 +162,7 @@ class MeterSettings:
         """Forget everything derived from the settings."""
         with self._lock:
             self._cache.clear()
+            self._generation += 1
 
     # -- client options ----------------------------------------------------------------
 

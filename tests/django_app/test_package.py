@@ -56,6 +56,19 @@ def test_the_client_is_built_once_and_reset_on_settings_change(settings: object)
     assert second.device_id == "other"
 
 
+def test_a_value_built_while_the_settings_change_is_not_kept() -> None:
+    from meter_django.conf import MeterSettings
+
+    conf = MeterSettings()
+
+    def build_during_a_change() -> str:
+        conf.clear()  # settings changed (the signal) while the old value was being built
+        return "built from the old settings"
+
+    assert conf.cached("x", build_during_a_change) == "built from the old settings"
+    assert conf.cached("x", lambda: "new") == "new"  # the stale value was not cached
+
+
 def test_environment_variables_fill_missing_keys(
     settings: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
