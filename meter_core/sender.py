@@ -256,14 +256,14 @@ class Sender:
         still undelivered (queue, retries, in flight) and stop the thread. Idempotent."""
         if self._closed:
             return
-        if self._thread is None:  # never used: nothing to flush, and no I/O at exit
-            with self._state_lock:
+        with self._state_lock:
+            never_started = self._thread is None
+            if never_started:  # never used: nothing to flush, and no I/O at exit
                 self._closed = self._stopping = True
-                started = self._thread is not None
-            if not started:
-                # a first record() may have appended meanwhile, its thread refused: keep it
-                self._store_closed_queue()
-                return
+        if never_started:
+            # a first record() may have appended meanwhile, its thread refused: keep it
+            self._store_closed_queue()
+            return
         on_sender_thread = threading.current_thread() is self._thread
         if not on_sender_thread:  # (a hook of the sender thread's could never see it settle)
             self.flush_for_close(timeout)
@@ -281,7 +281,8 @@ class Sender:
             # store events keep their lease while it may, so no other worker sends them.
             # Called from the sender thread (a hook), the batch is the thread's to settle.
             inflight = [] if on_sender_thread else self._inflight
-            self._taken_over = self._inflight if inflight else None
+            if inflight:
+                self._taken_over, self._inflight = inflight, []
             leftover = [i for i in inflight if not i.from_store]
             leased = [i.event.event_id for i in inflight if i.from_store]
             self._take_from_queue(leftover, None)
@@ -434,7 +435,7 @@ class Sender:
             )
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
-            if self._taken_over is items:  # close() stored the batch while it was sent
+            if self._took_over(items):  # close() stored the batch while it was sent
                 return
             for error, group in outcome.retriable:
                 self._stats.error(str(error))
@@ -444,12 +445,20 @@ class Sender:
         except Exception:
             # A bug of ours must not lose the batch: keep it for the retry command.
             logger.exception("delivery of %d events failed unexpectedly", len(items))
-            if self._taken_over is not items:
+            if not self._took_over(items):
                 self._store_final(
                     [i for i in items if not i.from_store], "internal error", count_failed=True
                 )
-        finally:
+
+    def _took_over(self, items: list[_Item]) -> bool:
+        """Settle who owns the outcome of the batch just sent, in one step: close() (it
+        stored the batch: True), or this thread (the batch is no longer in flight, so a
+        close() from now on leaves it alone)."""
+        with self._handoff:
+            if self._taken_over is items:
+                return True
             self._inflight = []
+            return False
 
     def _delivered(self, items: list[_Item]) -> None:
         if not items:

@@ -301,3 +301,29 @@ def test_a_refusal_of_every_record_is_not_split_without_bound(
     assert backend.event_ids() == []
     assert spool.pending_count() == 500  # every one kept, with the reason
     assert backend.produce_requests <= 64 + 10  # the split budget, plus the open halves
+
+
+def test_close_while_the_sender_is_in_its_on_error_hook_stores_each_failure_once(
+    backend: DevServer, spool: SQLiteSpool, make_client: Any
+) -> None:
+    # The thread has settled its batch (half delivered, half failed for good) and is in a
+    # slow on_error hook when close() gives up waiting: close() must not store the batch
+    # again, delivered events included.
+    backend.set_fault("record_errors", every=2, error_code=42205)
+    hook_calls: list[int] = []
+
+    def slow_hook(events: Any, exc: BaseException) -> None:
+        hook_calls.append(len(events))
+        time.sleep(1.0)
+
+    client = make_client(failure_store=spool, on_error=slow_hook)
+    accepted = record_many(client, 10)
+    deadline = time.monotonic() + 5
+    while not hook_calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    client.close(timeout=0.1)
+    time.sleep(1.2)
+    delivered = set(backend.event_ids())
+    stored = {s.event.event_id for s in spool.claim(100, lease_seconds=0)}
+    assert delivered | stored == set(accepted) and not delivered & stored
+    assert client.stats()["stored"] == len(stored) == 5
