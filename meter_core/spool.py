@@ -54,6 +54,12 @@ CREATE INDEX IF NOT EXISTS meter_events_due ON meter_events (status, next_attemp
 # record of a lock held by a connection it does not have).
 _spools: weakref.WeakSet[SQLiteSpool] = weakref.WeakSet()
 _spools_lock = threading.Lock()
+# Held while a connection is closed, and across fork(): a spool dropped by the app has its
+# connection closed by the garbage collector on any thread, outside the spool's own lock.
+_closing_lock = threading.RLock()  # (the collector may run a finalizer on its holder)
+# A connection inherited through fork belongs to the parent: the child never uses nor
+# closes it (closing it would act on SQLite state shared with the parent); kept here.
+_inherited: list[sqlite3.Connection] = []
 _held_for_fork = threading.local()  # per thread: two threads may fork at once
 _FORK_WAIT_SECONDS = 2.0
 
@@ -70,6 +76,9 @@ def _before_fork() -> None:
         lock = spool._process_lock()
         if lock.acquire(timeout=_FORK_WAIT_SECONDS):
             held.append(lock)
+    # last: a transaction holding its spool's lock may take this one to (re)connect
+    if _closing_lock.acquire(timeout=_FORK_WAIT_SECONDS):
+        held.append(_closing_lock)
 
 
 def _after_fork_in_parent() -> None:
@@ -79,8 +88,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _spools_lock
-    _spools_lock = threading.Lock()  # another thread of the parent may have held it
+    global _spools_lock, _closing_lock
+    # another thread of the parent may have held them
+    _spools_lock, _closing_lock = threading.Lock(), threading.RLock()
     _held_for_fork.locks = []  # the child's spools take new locks (see _process_lock)
 
 
@@ -90,6 +100,27 @@ if hasattr(os, "register_at_fork"):
         after_in_parent=_after_fork_in_parent,
         after_in_child=_after_fork_in_child,
     )
+
+
+class _Connection:
+    """A spool's connection and the process that opened it; closed by a finalizer when
+    the spool is dropped, under the closing lock."""
+
+    __slots__ = ("conn", "pid")
+
+    def __init__(self) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.pid = 0
+
+    def drop(self) -> None:
+        with _closing_lock:
+            conn, self.conn = self.conn, None
+            if conn is None:
+                return
+            if self.pid == os.getpid():
+                conn.close()
+            else:
+                _inherited.append(conn)
 
 
 class SQLiteSpool:
@@ -105,8 +136,8 @@ class SQLiteSpool:
         self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         self._lock_pid = os.getpid()
-        self._conn: sqlite3.Connection | None = None
-        self._pid = 0
+        self._connection = _Connection()
+        weakref.finalize(self, self._connection.drop)
         with _spools_lock:
             _spools.add(self)
 
@@ -114,10 +145,10 @@ class SQLiteSpool:
         return f"SQLiteSpool({str(self.path)!r})"
 
     def _connect(self) -> sqlite3.Connection:
-        if self._conn is not None and self._pid == os.getpid():
-            return self._conn
-        # A connection inherited through fork belongs to the parent: never touch it.
-        self._conn = None
+        current = self._connection
+        if current.conn is not None and current.pid == os.getpid():
+            return current.conn
+        current.drop()  # one inherited through fork is kept, never used
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
@@ -126,7 +157,7 @@ class SQLiteSpool:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
-        self._conn, self._pid = conn, os.getpid()
+        current.conn, current.pid = conn, os.getpid()
         return conn
 
     def _process_lock(self) -> threading.RLock:
@@ -279,6 +310,4 @@ class SQLiteSpool:
     def close(self) -> None:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
-            if self._conn is not None and self._pid == os.getpid():
-                self._conn.close()
-            self._conn = None
+            self._connection.drop()

@@ -213,3 +213,26 @@ def test_two_threads_forking_at_once_leave_no_spool_lock_held(tmp_path: Path) ->
     assert lock.acquire(timeout=1), "a fork left the spool's lock held"
     lock.release()
     assert spool.pending_count() == 1
+
+
+def test_a_dropped_spool_closes_its_connection_even_on_the_thread_holding_the_lock(
+    tmp_path: Path,
+) -> None:
+    # The collector may finalize a dropped spool on any thread, including one that holds
+    # the closing lock at that moment (a fork hook): closing must not deadlock there.
+    import gc
+
+    from meter_core import spool as spool_module
+
+    def drop_one_while_holding_the_lock() -> None:
+        spool = SQLiteSpool(tmp_path / "spool.db")
+        spool.store(events(1))
+        with spool_module._closing_lock:
+            del spool
+            gc.collect()
+
+    worker = threading.Thread(target=drop_one_while_holding_the_lock, daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "closing a dropped spool's connection deadlocked"
+    assert SQLiteSpool(tmp_path / "spool.db").pending_count() == 1
