@@ -49,11 +49,11 @@ class MeterMiddleware:
 
     - ``client``: the :class:`~meter_core.MeterClient` to record with (flushed at
       lifespan shutdown, never closed nor replaced by the middleware: close it in the
-      app's lifespan, ``await client.aclose()``). ``None``: one is built from the environment with
-      ``MeterClient.from_env()`` at first need, owned by the middleware, flushed and
-      closed at lifespan shutdown (and at process exit by the client itself). A later
-      lifespan startup of the same app (served again, e.g. one test client per test)
-      builds a new one from the environment as it is then.
+      app's lifespan, ``await client.aclose()``). ``None``: one is built from the
+      environment with ``MeterClient.from_env()`` at first need, owned by the
+      middleware, flushed and closed at lifespan shutdown (and at process exit by the
+      client itself). A later lifespan startup of the same app (served again, e.g. one
+      test client per test) builds a new one from the environment as it is then.
     - ``routes``: ``{"POST /documents/{doc_id}/scan": "page.processed.basic", ...}``
       (see :mod:`meter_asgi.routes`), or a :class:`~meter_core.RouteRules`.
     - ``tenant`` / ``device``: a constant id, a callable ``(scope) -> str | None`` or a

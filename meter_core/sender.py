@@ -133,7 +133,8 @@ class Sender:
     def enqueue(self, event: UsageEvent) -> None:
         """Accept an event for delivery. Never does network I/O; in durable mode it
         writes the event to the store first (raises StoreError if that fails)."""
-        if self._closed:
+        closed = self._closed  # (read into a local: checked again after the append)
+        if closed:
             self._stats.add(recorded=1)
             self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
             return
@@ -153,7 +154,7 @@ class Sender:
             self._overflow(event)
             return
         queue.append(event)  # counted as recorded when taken off (see DeliveryStats.lock)
-        if self._closed_since():
+        if self._closed:  # close() ran since the check above: it may have missed this one
             self._store_closed_queue()
             return
         if self._dropping:
@@ -162,11 +163,6 @@ class Sender:
             self._start()
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
-
-    def _closed_since(self) -> bool:
-        """Whether close() ran after enqueue() checked: it may have collected the queue
-        before this event was appended."""
-        return self._closed
 
     def _store_closed_queue(self) -> None:
         leftover: list[_Item] = []
@@ -346,7 +342,8 @@ class Sender:
         then collects the queue, the retries and what is in flight: a batch is never
         taken and then dropped)."""
         with self._handoff:
-            if self._stopping:
+            stopping = self._stopping  # (a local: read again after the claim below)
+            if stopping:
                 return []
             items = self._take_from_memory()
             self._inflight = items
@@ -363,17 +360,13 @@ class Sender:
         if not claimed:
             return items
         with self._handoff:
-            stopped = self._stopping_since()
+            stopped = self._stopping  # close() began while the claim ran
             if not stopped:
                 items = self._inflight = items + claimed
         if stopped:  # close() has taken over what was in flight: give the claim back
             self._release([i.event.event_id for i in claimed])
             return []
         return items
-
-    def _stopping_since(self) -> bool:
-        """Whether close() began while the claim ran (read again after it)."""
-        return self._stopping
 
     def _release(self, event_ids: list[str]) -> None:
         assert self._store is not None
