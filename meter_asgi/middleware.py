@@ -38,6 +38,10 @@ STATE_KEY = "meter"
 """The key of the request's :class:`~meter_core.RequestUsage` in ``scope["state"]``
 (``request.state.meter`` in Starlette and FastAPI)."""
 
+# The middleware that last recorded events for the request, in ``scope["state"]``: a
+# second one on the same request (nested apps) finds it there.
+_METERED_BY = "meter.metered_by"
+
 _DEFAULT_TENANT = from_user("tenant_id")
 
 
@@ -138,7 +142,9 @@ class MeterMiddleware:
         requests and sessions with usage not recorded because there is no client: the
         owned one could not be built from the environment), ``invalid`` (usage dropped
         because an id, a meter or an amount was not valid: a bad usage header drops its
-        meter only), ``errors``, ``sessions_started``, ``sessions_ended``."""
+        meter only), ``metered_twice`` (requests that another MeterMiddleware on their
+        way, nested in this one, metered too: both billed them), ``errors``,
+        ``sessions_started``, ``sessions_ended``."""
         return dict(self._recorder.counters)
 
     @property
@@ -166,7 +172,7 @@ class MeterMiddleware:
         usage = RequestUsage(allow_unknown_meters=self._allow_unknown)
         state = scope.get("state")
         if state is None:
-            scope["state"] = {STATE_KEY: usage}
+            state = scope["state"] = {STATE_KEY: usage}
         else:
             state[STATE_KEY] = usage
         path: str = scope.get("path", "")
@@ -199,6 +205,10 @@ class MeterMiddleware:
                 else:
                     recorder.submit_nowait(client, events)
                 recorder.counters["metered_requests"] += 1
+                other = state.get(_METERED_BY)
+                if other is not None and other is not self:
+                    recorder.metered_twice(scope.get("method", "GET"), path)
+                state[_METERED_BY] = self
         except Exception as exc:
             recorder.internal_error("metering a request", exc)
 

@@ -36,6 +36,7 @@ COUNTERS = (
     "untenanted",  # requests or sessions with usage but no tenant id: not metered
     "unconfigured",  # requests or sessions with usage but no client (not built): not metered
     "invalid",  # usage dropped because an id, a meter or an amount was not valid
+    "metered_twice",  # requests a nested MeterMiddleware metered too (billed by both)
     "errors",  # internal errors of the middleware (logged and swallowed)
     "sessions_started",
     "sessions_ended",
@@ -112,6 +113,7 @@ class Recorder:
         self._untenanted_log = LogThrottle(logger)
         self._invalid_log = LogThrottle(logger)
         self._error_log = LogThrottle(logger)
+        self._twice_log = LogThrottle(logger)
 
     # -- the client --------------------------------------------------------------------
 
@@ -274,6 +276,21 @@ class Recorder:
                 self.counters["events"] += 1
         except Exception as exc:
             self.internal_error("enqueueing a usage event", exc)
+
+    def metered_twice(self, method: str, path: str) -> None:
+        """A MeterMiddleware nested in this one (on a mounted app, or the middleware
+        added twice) metered the request too: both record it, each by its own rules.
+        Billing intent cannot be told from here, so it is counted and logged (rate
+        limited), not undone."""
+        self.counters["metered_twice"] += 1
+        self._twice_log.log(
+            logging.WARNING,
+            "%s %s was metered by two MeterMiddleware (one nested in the other: on a mounted "
+            "app, or added twice); both billed it. Keep one, or give them rules for "
+            "different routes",
+            method,
+            path,
+        )
 
     def invalid_event(self, what: str, exc: InvalidEvent) -> None:
         """Usage that could not become a valid event (bad tenant id, unknown meter...)."""

@@ -200,6 +200,41 @@ def test_route_of_a_mounted_app_matches_its_full_template(
     assert value["meter_id"] == "page.processed.basic"
 
 
+def test_a_request_metered_by_two_nested_middlewares_is_counted_and_logged(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
+
+    api = Starlette(routes=[Route("/tenants/{tenant}/docs", apps.tenant_doc, methods=["POST"])])
+    inner = MeterMiddleware(
+        api, client=meter_client, tenant="acme",  # its rules are relative to its mount
+        routes={"POST /tenants/{tenant}/docs": "page.processed.advanced"},
+    )  # fmt: skip
+    outer = MeterMiddleware(
+        Starlette(routes=[Route("/marker", apps.marker, methods=["POST"]),
+                          Mount("/api", app=inner)]),
+        client=meter_client, tenant="acme",
+        routes={"POST /api/tenants/{tenant}/docs": "page.processed.basic",
+                "POST /marker": "template.licensed.total"},
+    )  # fmt: skip
+    server = serve(outer, lifespan="off")
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        assert http.post(f"{server.url}/marker").is_success  # the outer one only
+        assert http.post(f"{server.url}/api/tenants/t1/docs").is_success  # both
+    values = wait_for_records(meter_backend, 3)
+    assert sorted(v["meter_id"] for v in values) == [
+        "page.processed.advanced", "page.processed.basic", "template.licensed.total"
+    ]  # fmt: skip
+    assert outer.stats["metered_twice"] == 1
+    assert inner.stats["metered_twice"] == 0
+    assert "POST /api/tenants/t1/docs was metered by two MeterMiddleware" in caplog.text
+
+
 def test_a_path_route_in_nested_mounts_gets_the_rule_of_its_full_template(
     serve: Callable[..., LiveServer],
     meter_client: MeterClient,
