@@ -15,22 +15,28 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from meter_asgi.middleware import STATE_KEY
+from meter_asgi.middleware import STATE_KEY, USAGE_KEY
 from meter_core import ConfigurationError, RequestUsage
 
 __all__ = ["meter_usage"]
 
 
 def meter_usage(connection: HTTPConnection) -> RequestUsage:
-    """The :class:`~meter_core.RequestUsage` of the current request (the object at
+    """The :class:`~meter_core.RequestUsage` of the current HTTP request (the object at
     ``request.state.meter``). What is added to it is recorded after the response, only
     if the request succeeds.
 
     Raises :class:`~meter_core.ConfigurationError` when ``MeterMiddleware`` does not wrap
-    the app: usage added there would be silently lost.
+    the app (usage added there would be silently lost), and on a websocket route.
     """
-    state = connection.scope.get("state")
-    usage = state.get(STATE_KEY) if state is not None else None
+    scope = connection.scope
+    if scope.get("type") == "websocket":
+        raise ConfigurationError(
+            "meter_usage: only for HTTP requests; a websocket route is metered by a "
+            "session rule (routes={'WEBSOCKET /path': {'meter': ..., 'session': True}})"
+        )
+    state = scope.get("state")
+    usage = (state.get(USAGE_KEY) or state.get(STATE_KEY)) if state is not None else None
     if not isinstance(usage, RequestUsage):
         raise ConfigurationError(
             "meter_usage: no request usage in scope['state']; add MeterMiddleware to the app"

@@ -32,11 +32,17 @@ from meter_asgi.sessions import run_session
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
 from meter_core import ConfigurationError, InvalidEvent, MeterClient, RequestUsage, UsageEvent
 
-__all__ = ["STATE_KEY", "MeterMiddleware"]
+__all__ = ["STATE_KEY", "USAGE_KEY", "MeterMiddleware"]
 
 STATE_KEY = "meter"
 """The key of the request's :class:`~meter_core.RequestUsage` in ``scope["state"]``
-(``request.state.meter`` in Starlette and FastAPI)."""
+(``request.state.meter`` in Starlette and FastAPI), unless the app already keeps
+something else under it (lifespan state named ``meter``): then it is left alone, and the
+usage is reached through ``Depends(meter_usage)`` or :data:`USAGE_KEY`."""
+
+USAGE_KEY = "meter.usage"
+"""The key of the request's :class:`~meter_core.RequestUsage` in ``scope["state"]``
+that is always set (what :func:`~meter_asgi.meter_usage` reads)."""
 
 # The middleware that last recorded events for the request, in ``scope["state"]``: a
 # second one on the same request (nested apps) finds it there.
@@ -172,28 +178,47 @@ class MeterMiddleware:
         usage = RequestUsage(allow_unknown_meters=self._allow_unknown)
         state = scope.get("state")
         if state is None:
-            state = scope["state"] = {STATE_KEY: usage}
+            state = scope["state"] = {STATE_KEY: usage, USAGE_KEY: usage}
         else:
-            state[STATE_KEY] = usage
+            held = state.get(STATE_KEY)
+            if held is None or type(held) is RequestUsage:
+                state[STATE_KEY] = usage
+            else:  # the app's own (lifespan state named "meter"): leave it alone
+                self._recorder.state_key_taken(held)
+            state[USAGE_KEY] = usage
         path: str = scope.get("path", "")
         root_path: str = scope.get("root_path", "")
         strip = self._strip
         status = 0
+        complete = False
         raw_headers: Sequence[tuple[bytes, bytes]] | None = None
         header_usage: dict[str, str] | None = None
 
         async def observe(message: Message) -> None:
-            nonlocal status, raw_headers, header_usage
-            if message["type"] == "http.response.start":
+            nonlocal status, complete, raw_headers, header_usage
+            kind = message["type"]
+            if kind == "http.response.start":
                 status = message["status"]
                 raw_headers = message.get("headers")
+                if raw_headers is not None and type(raw_headers) is not list:
+                    # any iterable is allowed: read once here, passed on as a list
+                    raw_headers = list(raw_headers)
+                    message = {**message, "headers": raw_headers}
                 if strip and raw_headers:
                     message, header_usage = _strip_headers(message, raw_headers, strip)
+            elif (kind == "http.response.body" and not message.get("more_body", False)) or (
+                kind == "http.response.pathsend"
+            ):
+                await send(message)
+                complete = True  # the server took the end of the response
+                return
             await send(message)
 
         await self.app(scope, receive, observe)
 
-        if status not in self._success or not (self._has_rules or usage.entries):
+        # A response is billed once complete: a stream cut short (the client left, the
+        # app stopped) was not a successful call.
+        if not complete or status not in self._success or not (self._has_rules or usage.entries):
             return
         recorder = self._recorder
         try:
@@ -301,7 +326,12 @@ def _strip_headers(
         if lowered in strip:
             if found is None:
                 found = {}
-            found[lowered.decode("latin-1")] = value.decode("latin-1")
+            key = lowered.decode("latin-1")
+            text = value.decode("latin-1")
+            earlier = found.get(key)
+            # Set twice with different values: joined as HTTP does, which is not a valid
+            # usage (that meter is dropped and counted as invalid), never one of the two.
+            found[key] = text if earlier is None or earlier == text else f"{earlier}, {text}"
         else:
             kept.append((name, value))
     if found is None:

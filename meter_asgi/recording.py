@@ -114,6 +114,7 @@ class Recorder:
         self._invalid_log = LogThrottle(logger)
         self._error_log = LogThrottle(logger)
         self._twice_log = LogThrottle(logger)
+        self._state_key_warned = False
 
     # -- the client --------------------------------------------------------------------
 
@@ -291,6 +292,16 @@ class Recorder:
             method,
             path,
         )
+
+    def state_key_taken(self, held: object) -> None:
+        """``scope["state"]["meter"]`` holds the app's own object: warn once."""
+        if not self._state_key_warned:
+            self._state_key_warned = True
+            logger.warning(
+                "request.state.meter holds the app's own %s (lifespan state?), so it is "
+                "left alone: handlers reach the request's usage with Depends(meter_usage)",
+                type(held).__name__,
+            )
 
     def invalid_event(self, what: str, exc: InvalidEvent) -> None:
         """Usage that could not become a valid event (bad tenant id, unknown meter...)."""

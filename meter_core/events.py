@@ -29,6 +29,7 @@ __all__ = [
     "MAX_METADATA_VALUE_LENGTH",
     "MAX_USAGE",
     "UsageEvent",
+    "freeze_metadata",
     "now_ms",
     "validate_identifier",
 ]
@@ -149,7 +150,9 @@ def _validate_epoch_ms(name: str, value: object) -> int:
     return value
 
 
-def _freeze_metadata(metadata: object) -> Mapping[str, str]:
+def freeze_metadata(metadata: object) -> Mapping[str, str]:
+    """A read-only copy of ``metadata`` once it is valid (None: empty); InvalidEvent
+    naming what is wrong otherwise. Later changes to the caller's mapping do not reach it."""
     if metadata is None:
         return _EMPTY_METADATA
     if not isinstance(metadata, Mapping):
@@ -254,7 +257,7 @@ class UsageEvent:
         if metadata is None or metadata is _EMPTY_METADATA:
             metadata = _EMPTY_METADATA
         else:
-            metadata = _freeze_metadata(metadata)
+            metadata = freeze_metadata(metadata)
         if event_id == "":
             event_id = _new_event_id()
         elif type(event_id) is not str or not _UUID.match(event_id):

@@ -7,16 +7,13 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 from meter_core.catalog import is_known_meter
 from meter_core.errors import InvalidEvent
-from meter_core.events import MAX_USAGE, validate_identifier
+from meter_core.events import MAX_USAGE, freeze_metadata, validate_identifier
 
 __all__ = ["LogThrottle", "RequestUsage"]
-
-_EMPTY: Mapping[str, str] = MappingProxyType({})
 
 
 class RequestUsage:
@@ -34,13 +31,14 @@ class RequestUsage:
         self.entries: list[tuple[str, int, Mapping[str, str]]] = []
 
     def add(self, meter_id: str, n: int = 1, *, metadata: Mapping[str, str] | None = None) -> None:
-        """Add ``n`` units of ``meter_id`` to this request's usage."""
+        """Add ``n`` units of ``meter_id`` to this request's usage. ``metadata`` is
+        checked and copied here (a later change to the caller's dict is not billed)."""
         validate_identifier("meter_id", meter_id)
         if not self._allow_unknown and not is_known_meter(meter_id):
             raise InvalidEvent("meter_id", f"unknown meter {meter_id!r}")
         if type(n) is not int or not 0 <= n <= MAX_USAGE:
             raise InvalidEvent("total_usage", f"must be an int from 0 to {MAX_USAGE}, got {n!r}")
-        self.entries.append((meter_id, n, metadata if metadata is not None else _EMPTY))
+        self.entries.append((meter_id, n, freeze_metadata(metadata)))
 
     def __bool__(self) -> bool:
         return bool(self.entries)

@@ -75,6 +75,19 @@ def test_usage_a_handler_adds_is_checked_at_once() -> None:
     assert usage.entries == [("page.processed.basic", 2**63 - 1, {})]
 
 
+def test_request_usage_checks_metadata_at_add_and_keeps_a_copy() -> None:
+    usage = RequestUsage()
+    with pytest.raises(InvalidEvent, match="value of 'pages' must be a str, got 3"):
+        usage.add("page.processed.basic", 1, metadata={"pages": 3})  # type: ignore[dict-item]
+    with pytest.raises(InvalidEvent, match="must be a mapping"):
+        usage.add("page.processed.basic", 1, metadata=["doc"])  # type: ignore[arg-type]
+    assert usage.entries == []  # a refused add leaves nothing behind
+    metadata = {"doc": "d-1"}
+    usage.add("page.processed.basic", 1, metadata=metadata)
+    metadata["doc"] = "changed later"
+    assert usage.entries == [("page.processed.basic", 1, {"doc": "d-1"})]
+
+
 def test_usage_must_fit_a_signed_64_bit_integer() -> None:
     assert make(total_usage=2**63 - 1).total_usage == 2**63 - 1
     with pytest.raises(InvalidEvent, match="at most 9223372036854775807") as raised:

@@ -1,0 +1,159 @@
+"""What counts as a billed response: only a complete one; usage headers set twice; header
+lists of any iterable; the app's own ``request.state.meter``. Served by uvicorn."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import unquote
+
+import httpx
+import pytest
+from fastapi import Depends, FastAPI, Request
+
+from meter_asgi import MeterMiddleware, meter_usage
+from meter_core import ConfigurationError, MeterClient, RequestUsage
+from meter_core.devserver import DevServer
+from tests.asgi_mw.conftest import settled, wait_for_records
+from tests.asgi_mw.live import LiveServer
+
+OK_START = {"type": "http.response.start", "status": 200, "headers": []}
+
+
+async def _drain(receive: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+
+
+async def responses_app(scope: Any, receive: Any, send: Any) -> None:
+    """/cut: streams one chunk, then stops when the client leaves (the end of the body is
+    never sent); /twice?pages=a,b: the usage header once per value; /gen: its headers
+    given as a generator (with a usage header of 5 when there is a query); anything else:
+    a plain 200."""
+    if scope["type"] != "http":
+        return
+    await _drain(receive)
+    path = scope["path"]
+    if path == "/cut":
+        await send(OK_START)
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        return
+    if path == "/twice":
+        values = unquote(scope["query_string"].decode().split("=", 1)[1]).split(",")
+        headers = [(b"x-meter-pages", value.encode()) for value in values]
+        await send({**OK_START, "headers": headers})
+    elif path == "/gen":
+        pairs = [(b"x-kept", b"yes")]
+        if scope["query_string"]:
+            pairs.append((b"x-meter-pages", b"5"))
+        await send({**OK_START, "headers": (pair for pair in pairs)})
+    else:
+        await send(OK_START)
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def metered(meter_client: MeterClient) -> MeterMiddleware:
+    pages = {"meter": "page.processed.advanced", "header": "x-meter-pages"}
+    return MeterMiddleware(
+        responses_app, client=meter_client, tenant="acme",
+        routes={"GET /cut": "report.generated.large", "GET /twice": pages, "GET /gen": pages,
+                "GET /marker": "template.licensed.total"},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def server(serve: Callable[..., LiveServer], metered: MeterMiddleware) -> LiveServer:
+    return serve(metered, lifespan="off")
+
+
+def test_a_stream_cut_short_by_the_client_is_not_billed(
+    server: LiveServer, metered: MeterMiddleware, meter_backend: DevServer, http: httpx.Client
+) -> None:
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"first" not in received:  # the stream started; then the client leaves
+            chunk = raw.recv(1000)
+            assert chunk, f"the stream ended early: {received!r}"
+            received += chunk
+    time.sleep(0.3)  # the app sees the disconnect and returns
+    assert http.get(f"{server.url}/marker").is_success
+    (value,) = wait_for_records(meter_backend, 1)
+    time.sleep(0.1)
+    assert [v["meter_id"] for v in meter_backend.values()] == [value["meter_id"]]
+    assert value["meter_id"] == "template.licensed.total"
+    assert metered.stats["metered_requests"] == 1
+
+
+def test_a_usage_header_set_twice_with_different_values_drops_that_meter(
+    server: LiveServer,
+    metered: MeterMiddleware,
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        first = http.get(f"{server.url}/twice", params={"pages": "3,4"})
+        second = http.get(f"{server.url}/twice", params={"pages": "6,6"})
+    assert "x-meter-pages" not in first.headers and "x-meter-pages" not in second.headers
+    values = settled(meter_backend, meter_client)
+    # neither 3 nor 4 is billed; the same value twice is that value
+    assert [(v["meter_id"], v["total_usage"]) for v in values] == [("page.processed.advanced", 6)]
+    assert metered.stats["invalid"] == 1
+    assert "'3, 4'" in caplog.text
+
+
+def test_response_headers_given_as_a_generator_are_read_and_passed_on(
+    server: LiveServer, meter_backend: DevServer, http: httpx.Client
+) -> None:
+    assert http.get(f"{server.url}/gen").headers["x-kept"] == "yes"  # no usage header
+    response = http.get(f"{server.url}/gen", params={"pages": "5"})
+    assert response.headers["x-kept"] == "yes"
+    assert "x-meter-pages" not in response.headers
+    (value,) = wait_for_records(meter_backend, 1)
+    assert (value["meter_id"], value["total_usage"]) == ("page.processed.advanced", 5)
+
+
+def test_the_apps_own_state_named_meter_is_left_alone(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        yield {"meter": "the app's own meter client"}
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/scan")
+    async def scan(request: Request, usage: RequestUsage = Depends(meter_usage)) -> str:  # noqa: B008
+        usage.add("page.processed.basic", 2)
+        return str(request.state.meter)
+
+    app.add_middleware(MeterMiddleware, client=meter_client, tenant="acme")
+    server = serve(app)
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        for _ in range(2):
+            assert http.post(f"{server.url}/scan").json() == "the app's own meter client"
+    values = wait_for_records(meter_backend, 2)
+    assert [(v["meter_id"], v["total_usage"]) for v in values] == [("page.processed.basic", 2)] * 2
+    warnings = [r for r in caplog.records if "request.state.meter holds" in r.getMessage()]
+    assert len(warnings) == 1  # once, not per request
+
+
+def test_meter_usage_on_a_websocket_says_it_is_for_http_requests() -> None:
+    from starlette.requests import HTTPConnection
+
+    connection = HTTPConnection({"type": "websocket", "path": "/ws", "headers": [],
+                                 "state": {}})  # fmt: skip
+    with pytest.raises(ConfigurationError, match="only for HTTP requests.*session rule"):
+        meter_usage(connection)
