@@ -9,6 +9,14 @@ each accepted connection of that route one session:
   either side, a dropped connection, an exception in the app, cancellation at server
   shutdown), the matching end event (``end_time``) is enqueued.
 
+The end event is enqueued when the app's handler returns, but its ``end_time`` is when
+the connection ended, as the middleware first sees it: the app's ``websocket.close``
+went out, the app received ``websocket.disconnect``, or a send of the app raised (the
+connection is gone). Only when none of these happened (the handler returned or raised
+with the connection still open) is it the time the handler ended. So work the app does
+after the connection closed (saving a transcript) is not billed, nor is the time a
+push-only handler takes to notice that its client left (up to its next send).
+
 Both events carry the same ``session_id`` in their metadata (plus the rule's own
 metadata). A connection the app refuses (closed before accepting) is no session.
 """
@@ -53,30 +61,54 @@ async def run_session(
     root_path: str = scope.get("root_path", "")
     session: _Session | None = None
     started = False
+    ended_at: int | None = None  # when the connection of the open session ended
 
     async def observe(message: Message) -> None:
-        nonlocal session, started
-        if started or message["type"] != "websocket.accept":
+        nonlocal session, started, ended_at
+        if session is None:
+            if started or message["type"] != "websocket.accept":
+                await send(message)  # no session (yet, or on this route): pass through
+                return
+            started = True
+            await send(message)
+            try:
+                opened = _open(scope, path, root_path, matcher, recorder)
+            except Exception as exc:
+                recorder.internal_error("starting a websocket session", exc)
+                return
+            if opened is not None:
+                session, start_events = opened
+                await recorder.submit(session.client, start_events)
+                recorder.counters["sessions_started"] += 1
+            return
+        if ended_at is not None:
             await send(message)
             return
-        started = True
-        await send(message)
         try:
-            opened = _open(scope, path, root_path, matcher, recorder)
-        except Exception as exc:
-            recorder.internal_error("starting a websocket session", exc)
-            return
-        if opened is not None:
-            session, start_events = opened
-            await recorder.submit(session.client, start_events)
-            recorder.counters["sessions_started"] += 1
+            await send(message)
+        except OSError:
+            # What servers raise once the client left (ASGI spec); other errors (a
+            # message out of order) and cancellation say nothing of the connection.
+            if ended_at is None:
+                ended_at = now_ms()
+            raise
+        if message["type"] == "websocket.close" and ended_at is None:
+            ended_at = now_ms()  # the app closed the connection: the session ends here
+
+    async def observe_receive() -> Message:
+        nonlocal ended_at
+        message = await receive()
+        if session is not None and ended_at is None and message["type"] == "websocket.disconnect":
+            ended_at = now_ms()  # the client left, or the connection dropped
+        return message
 
     try:
-        await app(scope, receive, observe)
+        await app(scope, observe_receive, observe)
     finally:
         if session is not None:
             try:
-                events = _events(session, end_time=now_ms())
+                end_time = ended_at if ended_at is not None else now_ms()
+                events = _events(session, end_time=end_time)
             except Exception as exc:
                 recorder.internal_error("ending a websocket session", exc)
             else:

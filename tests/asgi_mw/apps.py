@@ -230,3 +230,56 @@ async def usage_header_app(scope: Any, receive: Any, send: Any) -> None:
 
 
 __all__ = ["MARKER_TENANT"]
+
+
+# -- websocket sessions whose handler keeps working after the connection ended ---------
+
+
+def session_timing_routes() -> dict[str, Any]:
+    """The session rules of :func:`session_timing_app`."""
+    return {
+        f"WEBSOCKET /ws/{name}": {"meter": "chat.on.time_hours", "session": True}
+        for name in ("close-then-work", "push-then-work", "listen-then-work")
+    }
+
+
+def session_timing_app(work: float) -> Starlette:
+    """Websocket handlers that spend ``work`` seconds after their connection ended:
+
+    - ``/ws/close-then-work`` closes the connection on the first message, then works;
+    - ``/ws/push-then-work`` sends ``ready``, then a ``tick`` every 0.2 s and never
+      receives: it learns that the client left from a failed send, then works;
+    - ``/ws/listen-then-work`` receives until the client leaves, then works.
+    """
+
+    async def close_then_work(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.receive_text()
+        await websocket.close()
+        await asyncio.sleep(work)
+
+    async def push_then_work(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text("ready")
+        try:
+            while True:
+                await asyncio.sleep(0.2)
+                await websocket.send_text("tick")
+        except WebSocketDisconnect:
+            await asyncio.sleep(work)
+
+    async def listen_then_work(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            while True:
+                await websocket.receive_text()
+        except WebSocketDisconnect:
+            await asyncio.sleep(work)
+
+    return Starlette(
+        routes=[
+            WebSocketRoute("/ws/close-then-work", close_then_work),
+            WebSocketRoute("/ws/push-then-work", push_then_work),
+            WebSocketRoute("/ws/listen-then-work", listen_then_work),
+        ]
+    )

@@ -143,3 +143,55 @@ def test_a_session_without_a_client_is_not_metered_and_counted(
     assert middleware.client is None
     assert middleware.stats["unconfigured"] == 1
     assert middleware.stats["sessions_started"] == middleware.stats["events"] == 0
+
+
+# -- the end time is when the connection ended, not when the handler returned ----------
+
+WORK = 1.5  # seconds each session_timing_app handler works after its connection ended
+
+
+@pytest.fixture
+def timing_server(serve: Callable[..., LiveServer], meter_client: MeterClient) -> LiveServer:
+    middleware = MeterMiddleware(
+        apps.session_timing_app(WORK), client=meter_client, routes=apps.session_timing_routes()
+    )
+    return serve(apps.FakeAuth(middleware))
+
+
+def billed_seconds_once_recorded(backend: DevServer, ended: float) -> float:
+    """The billed duration of the one session, whose end event is recorded when the
+    handler returns (``WORK`` after the connection ended at ``ended``, monotonic)."""
+    values = wait_for_records(backend, 2, timeout=WORK + 10)
+    assert time.monotonic() - ended >= WORK / 2  # not recorded before the handler returned
+    assert_one_session(values)
+    start, end = values
+    return (end["end_time"] - start["start_time"]) / 1000
+
+
+def test_the_session_ends_when_the_app_closes_not_when_its_handler_returns(
+    timing_server: LiveServer, meter_backend: DevServer
+) -> None:
+    with connect(f"{timing_server.ws_url}/ws/close-then-work", additional_headers=USER) as ws:
+        ws.send("bye")
+        with pytest.raises(ConnectionClosed):
+            ws.recv()
+    ended = time.monotonic()
+    assert billed_seconds_once_recorded(meter_backend, ended) < WORK / 2
+
+
+def test_the_session_ends_at_the_first_failed_send_after_the_client_left(
+    timing_server: LiveServer, meter_backend: DevServer
+) -> None:
+    with connect(f"{timing_server.ws_url}/ws/push-then-work", additional_headers=USER) as ws:
+        assert ws.recv() == "ready"
+    ended = time.monotonic()  # the handler learns it at its next tick (0.2 s), then works
+    assert billed_seconds_once_recorded(meter_backend, ended) < WORK / 2
+
+
+def test_the_session_ends_when_the_app_receives_the_disconnect(
+    timing_server: LiveServer, meter_backend: DevServer
+) -> None:
+    with connect(f"{timing_server.ws_url}/ws/listen-then-work", additional_headers=USER) as ws:
+        ws.send("hello")
+    ended = time.monotonic()
+    assert billed_seconds_once_recorded(meter_backend, ended) < WORK / 2
