@@ -36,7 +36,11 @@ def meter_usage(connection: HTTPConnection) -> RequestUsage:
             "session rule (routes={'WEBSOCKET /path': {'meter': ..., 'session': True}})"
         )
     state = scope.get("state")
-    usage = (state.get(USAGE_KEY) or state.get(STATE_KEY)) if state is not None else None
+    usage = None
+    if state is not None:  # (an empty RequestUsage is falsy: no `or` here)
+        usage = state.get(USAGE_KEY)
+        if usage is None:
+            usage = state.get(STATE_KEY)
     if not isinstance(usage, RequestUsage):
         raise ConfigurationError(
             "meter_usage: no request usage in scope['state']; add MeterMiddleware to the app"

@@ -225,7 +225,7 @@ class MeterMiddleware:
             built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
             if built is not None:
                 client, events = built
-                if recorder.durable(client):
+                if client.enqueue_blocks(len(events)):  # a store write: in a worker thread
                     await recorder.submit(client, events)
                 else:
                     recorder.submit_nowait(client, events)

@@ -108,8 +108,6 @@ class Recorder:
         self._device_resolver = device_resolver
         self._allow_unknown = allow_unknown_meters
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
-        self._durable_checked: MeterClient | None = None
-        self._durable = False
         self._untenanted_log = LogThrottle(logger)
         self._invalid_log = LogThrottle(logger)
         self._error_log = LogThrottle(logger)
@@ -245,14 +243,6 @@ class Recorder:
 
     # -- handing events over -----------------------------------------------------------
 
-    def durable(self, client: MeterClient) -> bool:
-        """Whether ``client`` writes each event to its store as it is enqueued (a disk
-        write: :meth:`submit` then runs it in a worker thread)."""
-        if client is not self._durable_checked:
-            self._durable = bool(client.options["durable"])
-            self._durable_checked = client
-        return self._durable
-
     def submit_nowait(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
         """Enqueue ``events`` on a client that is not durable: appends to its queue, no
         I/O, no await (the request path of every metered request). Never raises: a
@@ -266,15 +256,14 @@ class Recorder:
             self.internal_error("enqueueing a usage event", exc)
 
     async def submit(self, client: MeterClient, events: Sequence[UsageEvent]) -> None:
-        """Enqueue ``events`` on any client (no network I/O; in durable mode each store
-        write runs in a worker thread). Never raises: a failure is logged."""
-        if not self.durable(client):
-            self.submit_nowait(client, events)
-            return
+        """Enqueue ``events`` on any client (no network I/O). When that writes to the
+        store (durable mode, a full queue, a closed client), all of them are written in
+        one call in a worker thread: a cancellation of the request (a timeout middleware,
+        a client gone) cannot leave part of its usage recorded. Never raises: a failure
+        is logged."""
         try:
-            for event in events:
-                await client.aenqueue(event)
-                self.counters["events"] += 1
+            await client.aenqueue_many(events)
+            self.counters["events"] += len(events)
         except Exception as exc:
             self.internal_error("enqueueing a usage event", exc)
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from meter_core import capture
 from meter_core.config import CLIENT_OPTIONS, Secret, coerce_option, options_from_env, redact_url
@@ -46,6 +46,27 @@ _clients: weakref.WeakSet[MeterClient] = weakref.WeakSet()
 # until it stops even when its client is gone.
 _senders: weakref.WeakSet[Sender] = weakref.WeakSet()
 _FORK_HOOK = hasattr(os, "register_at_fork")
+
+
+_T = TypeVar("_T")
+
+
+async def _in_worker_thread(func: Callable[[_T], None], arg: _T) -> None:
+    """Run ``func(arg)`` in a worker thread and wait for it. Shielded: a cancellation of
+    the caller does not cancel the job (a job not yet started in the pool would then
+    never run, losing the events it writes); a failure after such a cancellation is
+    logged, as no caller is left to raise it to."""
+    job = asyncio.ensure_future(asyncio.to_thread(func, arg))
+    try:
+        await asyncio.shield(job)
+    except asyncio.CancelledError:
+        job.add_done_callback(_log_orphaned_failure)
+        raise
+
+
+def _log_orphaned_failure(job: asyncio.Future[None]) -> None:
+    if not job.cancelled() and (exc := job.exception()) is not None:
+        logger.error("a store write whose caller was cancelled failed: %s", exc, exc_info=exc)
 
 
 class MeterClient:
@@ -341,6 +362,51 @@ class MeterClient:
             sender = self._get_sender()
         sender.enqueue(event)
 
+    def enqueue_many(self, events: Sequence[UsageEvent]) -> None:
+        """:meth:`enqueue` for the events of one unit of work (say, one request): in
+        durable mode they are written to the store in one transaction, all or none."""
+        kept: list[UsageEvent] = []
+        for event in events:
+            if capture._active:
+                capture.notify(event)
+            if self._before_send is not None:
+                hooked = self._apply_before_send(event)
+                if hooked is None:
+                    continue
+                event = hooked
+            kept.append(event)
+        if not self.enabled:
+            logger.debug("metering disabled: %d events not sent", len(kept))
+            return
+        if kept:
+            self._current_sender().enqueue_many(kept)
+
+    def enqueue_blocks(self, count: int = 1) -> bool:
+        """Whether enqueueing ``count`` events now would write to the failure store (a
+        local disk or database write, which can wait on a lock) rather than only append
+        to the queue: in durable mode, once closed, or when the queue has no room for
+        them and the store takes the overflow. Async code then runs the enqueue in a
+        worker thread (:meth:`aenqueue` and :meth:`aenqueue_many` do)."""
+        if not self.enabled:
+            return False
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            config = self._sender_config
+            return (
+                config.durable
+                or self._closed
+                or (self.failure_store is not None and count > config.max_queue)
+            )
+        return sender.enqueue_blocks(count)
+
+    def _current_sender(self) -> Sender:
+        sender = self._sender
+        # (a forked child gets a new sender from the fork hook; the pid check is for
+        # platforms without one)
+        if sender is None or (not _FORK_HOOK and sender.pid != os.getpid()):
+            sender = self._get_sender()
+        return sender
+
     def _apply_before_send(self, event: UsageEvent) -> UsageEvent | None:
         assert self._before_send is not None
         try:
@@ -412,11 +478,21 @@ class MeterClient:
         return event.event_id
 
     async def aenqueue(self, event: UsageEvent) -> None:
-        """:meth:`enqueue` for async code."""
-        if self._sender_config.durable:
-            await asyncio.to_thread(self.enqueue, event)
+        """:meth:`enqueue` for async code: a store write (:meth:`enqueue_blocks`) runs in
+        a worker thread, so the event loop never waits on it, and completes even if the
+        awaiting task is cancelled."""
+        if self.enqueue_blocks():
+            await _in_worker_thread(self.enqueue, event)
         else:
             self.enqueue(event)
+
+    async def aenqueue_many(self, events: Sequence[UsageEvent]) -> None:
+        """:meth:`enqueue_many` for async code. A store write runs in a worker thread as
+        one call, which completes even if the awaiting task is cancelled."""
+        if self.enqueue_blocks(len(events)):
+            await _in_worker_thread(self.enqueue_many, events)
+        else:
+            self.enqueue_many(events)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Send everything waiting now; True when nothing is left pending in memory within

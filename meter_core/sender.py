@@ -164,6 +164,33 @@ class Sender:
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
 
+    def enqueue_many(self, events: Sequence[UsageEvent]) -> None:
+        """:meth:`enqueue` for several events; in durable mode they are written to the
+        store in one call (one transaction: all of them or none)."""
+        if not self._config.durable or self._closed or len(events) < 2:
+            for event in events:
+                self.enqueue(event)
+            return
+        assert self._store is not None
+        self._store.store(list(events))
+        self._stats.add(recorded=len(events))
+        if self._thread is None:
+            self._start()
+        self._wake.set()
+
+    def enqueue_blocks(self, count: int = 1) -> bool:
+        """Whether enqueueing ``count`` events now would write to the store rather than
+        only append to the queue: in durable mode, once closed, or when the queue has no
+        room for them and a store takes the overflow."""
+        return (
+            self._config.durable
+            or self._closed
+            or (
+                self._store is not None
+                and len(self._queue) + self._retrying + count > self._max_queue
+            )
+        )
+
     def _store_closed_queue(self) -> None:
         leftover: list[_Item] = []
         with self._handoff:

@@ -1,0 +1,73 @@
+"""The async face of enqueueing: a store write never runs on the event loop, and the
+events of one unit of work are stored in one call, which a cancellation cannot split."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from meter_core import MemoryFailureStore, MeterClient, UsageEvent
+from tests.core.test_sender import GatedTransport, client_with
+
+
+class WatchedStore(MemoryFailureStore):
+    """A memory store noting, for each ``store()`` call, its thread and its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        self.calls.append((threading.get_ident(), len(events)))
+        super().store(events, **kwargs)
+
+
+def _event(client: MeterClient, n: int = 1) -> UsageEvent:
+    return client.event(tenant_id="acme", meter_id="page.processed.basic", total_usage=n)
+
+
+def test_a_full_queue_spills_to_the_store_in_a_worker_thread() -> None:
+    transport, store = GatedTransport(), WatchedStore()  # the backend holds every send
+    client = client_with(transport, failure_store=store, max_queue=3, batch_size=1)
+    try:
+        assert not client.enqueue_blocks()
+        for _ in range(10):
+            if client.enqueue_blocks():
+                break
+            client.enqueue(_event(client))
+        assert client.enqueue_blocks() and store.calls == []
+
+        async def main() -> int:
+            await client.aenqueue(_event(client))
+            await client.aenqueue_many([_event(client), _event(client)])
+            return threading.get_ident()
+
+        loop_thread = asyncio.run(main())
+        # (the sender may free one place meanwhile: at least the later ones spill)
+        assert store.calls
+        assert all(thread != loop_thread for thread, _ in store.calls)
+    finally:
+        transport.gate.set()
+        client.close(5)
+
+
+def test_a_durable_unit_of_work_is_stored_whole_even_if_its_task_is_cancelled() -> None:
+    transport, store = GatedTransport(), WatchedStore()
+    client = client_with(transport, failure_store=store, durable=True)
+    events = [_event(client, n) for n in range(1, 301)]
+
+    async def main() -> None:
+        task = asyncio.create_task(client.aenqueue_many(events))
+        await asyncio.sleep(0)  # the write has started in its thread
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        asyncio.run(main())  # (asyncio.run waits for the worker thread to finish)
+        assert [size for _, size in store.calls] == [300]
+        assert {e.event.total_usage for e in store.events()} == set(range(1, 301))
+    finally:
+        transport.gate.set()
+        client.close(5)
