@@ -132,22 +132,59 @@ class _KnownRoute:
 class _Template:
     normalized: str  # every parameter written {}, as RouteRules keys its templates
     regex: re.Pattern[str]  # matches a concrete path the template describes
+    path_names: tuple[str, ...] = ()  # names of its {x:path} parameters
+    slashes: int = 0  # "/" in the template outside its parameters
 
 
 def _compile_template(template: str) -> _Template:
     normalized: list[str] = []
     pattern: list[str] = []
+    path_names: list[str] = []
+    slashes = 0
     last = 0
     for param in _PARAM.finditer(template):
         literal = template[last : param.start()]
         normalized.append(literal)
         pattern.append(re.escape(literal))
+        slashes += literal.count("/")
         normalized.append("{}")
-        pattern.append(".*" if param.group(1).endswith(":path") else "[^/]+")
+        name, _, convertor = param.group(1).partition(":")
+        if convertor == "path":
+            path_names.append(name)
+            pattern.append(".*")
+        else:
+            pattern.append("[^/]+")
         last = param.end()
     normalized.append(template[last:])
     pattern.append(re.escape(template[last:]))
-    return _Template("".join(normalized), re.compile("".join(pattern)))
+    slashes += template[last:].count("/")
+    return _Template("".join(normalized), re.compile("".join(pattern)), tuple(path_names), slashes)
+
+
+def _path_template_start(path: str, compiled: _Template, scope: Scope) -> int:
+    """Where in ``path`` a template with ``{x:path}`` parameters starts, -1 if unknown.
+
+    Such a template fits after many prefixes (``/{rest:path}`` after any), so the
+    prefix is not searched for: the values the framework matched its ``{x:path}``
+    parameters to (``scope["path_params"]``, the path's own text) say how many slashes
+    the part the template describes has (its other parameters match no slash), which
+    puts its start on the path's slash that many from the end. Checked against the
+    template; -1 without such values or when they do not fit the path."""
+    params = scope.get("path_params")
+    if not isinstance(params, dict):  # Starlette's (a dict check costs less than Mapping's)
+        return -1
+    slashes = compiled.slashes
+    for name in compiled.path_names:
+        value = params.get(name)
+        if type(value) is not str:
+            return -1
+        slashes += value.count("/")
+    start = len(path)
+    for _ in range(slashes):
+        start = path.rfind("/", 0, start)
+        if start < 0:
+            return -1
+    return start if compiled.regex.fullmatch(path, start) is not None else -1
 
 
 class RouteMatcher:
@@ -160,7 +197,10 @@ class RouteMatcher:
     lookup away; when it describes only the end of it (a route of a mounted app), the
     prefix the mounts added to ``root_path`` is kept as a concrete path in front of the
     template and matched with :meth:`RouteRules.match_path` (without such a root_path,
-    the prefix is the shortest one after which the template fits). Without a route
+    the prefix is the shortest one after which the template fits). A template with a
+    ``{x:path}`` parameter fits after many prefixes (``/{rest:path}`` after any): its
+    start comes from the values the framework matched that parameter to (see
+    :func:`_path_template_start`), whatever root_path says. Without a route
     (older Starlette, a bare ASGI app, Django) the request path itself is matched
     against the templates.
 
@@ -208,6 +248,15 @@ class RouteMatcher:
                 if len(self._templates) < _MAX_CACHED_TEMPLATES:
                     self._templates[template] = compiled
             regex = compiled.regex
+            if compiled.path_names:
+                # A {x:path} template: its start is known from the parameters' values
+                # (a FastAPI router included with a prefix: the route in the scope is
+                # the router's own, without the prefix, and root_path is unchanged).
+                start = _path_template_start(path, compiled, scope)
+                if start == 0:
+                    return rules.match(method, compiled.normalized)
+                if start > 0:
+                    return rules.match_path(method, path[:start] + compiled.normalized)
             # A route of a mounted app: Starlette's Mount has added its prefix to the
             # scope's root_path, which says exactly where the template starts (a
             # {rest:path} template would also describe the whole path).
