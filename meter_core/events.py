@@ -179,9 +179,6 @@ def freeze_metadata(metadata: object) -> Mapping[str, str]:
     return MappingProxyType(dict(metadata))
 
 
-_set = object.__setattr__
-
-
 @dataclass(frozen=True, slots=True, init=False)
 class UsageEvent:
     """One usage event, validated at construction and immutable afterwards.
@@ -265,15 +262,15 @@ class UsageEvent:
                 event_id = str(uuid.UUID(str(event_id)))
             else:
                 raise InvalidEvent("event_id", f"must be a UUID string, got {event_id!r}")
-        _set(self, "tenant_id", tenant_id)
-        _set(self, "device_id", device_id)
-        _set(self, "meter_id", meter_id)
-        _set(self, "total_usage", total_usage)
-        _set(self, "event_time", event_time)
-        _set(self, "metadata", metadata)
-        _set(self, "start_time", start_time)
-        _set(self, "end_time", end_time)
-        _set(self, "event_id", event_id)
+        _SET_TENANT_ID(self, tenant_id)
+        _SET_DEVICE_ID(self, device_id)
+        _SET_METER_ID(self, meter_id)
+        _SET_TOTAL_USAGE(self, total_usage)
+        _SET_EVENT_TIME(self, event_time)
+        _SET_METADATA(self, metadata)
+        _SET_START_TIME(self, start_time)
+        _SET_END_TIME(self, end_time)
+        _SET_EVENT_ID(self, event_id)
 
     def __hash__(self) -> int:
         return hash(self.event_id)
@@ -350,6 +347,23 @@ class UsageEvent:
             event_id=data["event_id"],
             allow_unknown_meter=True,
         )
+
+
+# The setters of UsageEvent's slots (their member descriptors), for __init__: a frozen
+# dataclass refuses ``self.x = ...``, and calling a slot's own setter skips the lookup by
+# name that ``object.__setattr__(self, "x", ...)`` makes for every field (nine of them:
+# about 0.2 us of the 1.3 us it took to build an event).
+_SLOTS = UsageEvent.__dict__
+_SET_TENANT_ID = _SLOTS["tenant_id"].__set__
+_SET_DEVICE_ID = _SLOTS["device_id"].__set__
+_SET_METER_ID = _SLOTS["meter_id"].__set__
+_SET_TOTAL_USAGE = _SLOTS["total_usage"].__set__
+_SET_EVENT_TIME = _SLOTS["event_time"].__set__
+_SET_METADATA = _SLOTS["metadata"].__set__
+_SET_START_TIME = _SLOTS["start_time"].__set__
+_SET_END_TIME = _SLOTS["end_time"].__set__
+_SET_EVENT_ID = _SLOTS["event_id"].__set__
+del _SLOTS
 
 
 def _is_uuid(value: str) -> bool:
