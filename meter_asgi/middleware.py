@@ -62,8 +62,10 @@ class MeterMiddleware:
       app's lifespan, ``await client.aclose()``). ``None``: one is built from the
       environment with ``MeterClient.from_env()`` at first need, owned by the
       middleware, flushed and closed at lifespan shutdown (and at process exit by the
-      client itself). A later lifespan startup of the same app (served again, e.g. one
-      test client per test) builds a new one from the environment as it is then.
+      client itself, which SIGTERM under uvicorn skips: without lifespan events, a
+      warning is logged when it is built). A later lifespan startup of the same app
+      (served again, e.g. one test client per test) builds a new one from the
+      environment as it is then.
     - ``routes``: ``{"POST /documents/{doc_id}/scan": "page.processed.basic", ...}``
       (see :mod:`meter_asgi.routes`), or a :class:`~meter_core.RouteRules`.
     - ``tenant`` / ``device``: a constant id, a callable ``(scope) -> str | None`` or a

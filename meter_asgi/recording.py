@@ -101,6 +101,7 @@ class Recorder:
         self.owns_client = client is None
         self._client_failed = False
         self._client_closed = False  # the owned client was closed by close()
+        self._lifespan = False  # a lifespan startup came through (renew() ran)
         self._build_lock = threading.Lock()
         self._tenant = tenant
         self._tenant_resolver = tenant_resolver
@@ -136,6 +137,15 @@ class Recorder:
                         exc,
                     )
                     return None
+                if not self._lifespan:
+                    logger.warning(
+                        "MeterMiddleware got no lifespan startup (the server runs with "
+                        "lifespan off, or the middleware is on a mounted app, which gets "
+                        "none): nothing closes the client it built at shutdown, and on "
+                        "SIGTERM uvicorn skips exit hooks, so events still queued then are "
+                        "lost. Pass client= and close it in the app's lifespan, or set "
+                        "METER_DURABLE=true"
+                    )
                 if self._device is None and self._client.device_id is None:
                     logger.error(
                         "no device id: set METER_DEVICE_ID or pass device= to "
@@ -148,6 +158,7 @@ class Recorder:
         that could not be built, so that the next :meth:`client` call builds one from the
         environment as it is now (an app object served again, e.g. one test client or
         server per test). A given client, or an owned one still open, is kept."""
+        self._lifespan = True
         if not self.owns_client:
             return
         with self._build_lock:

@@ -61,6 +61,30 @@ def test_owned_client_is_flushed_and_closed_at_lifespan_shutdown(
     assert {v["device_id"] for v in values} == {"env-device"}
 
 
+@pytest.mark.parametrize("lifespan", ["on", "off"])
+def test_an_owned_client_built_without_lifespan_startup_is_warned_about(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+    env_for: Callable[[DevServer], None],
+    caplog: pytest.LogCaptureFixture,
+    lifespan: str,
+) -> None:
+    env_for(meter_backend)
+    metered = MeterMiddleware(apps.fastapi_app(), routes=ROUTES, tenant="acme")
+    with caplog.at_level("WARNING", logger="meter.asgi"):
+        server = serve(metered, lifespan=lifespan)
+        for doc in ("a", "b"):
+            assert http.post(f"{server.url}/documents/{doc}/scan").is_success
+        server.stop()
+    client = metered.client
+    assert client is not None
+    client.close(5)  # (without lifespan, nothing else closes it before the backend stops)
+    assert len(settled(meter_backend, client)) == 2
+    warned = [r for r in caplog.records if "got no lifespan startup" in r.getMessage()]
+    assert len(warned) == (1 if lifespan == "off" else 0)
+
+
 def test_a_given_client_is_flushed_and_left_open_at_shutdown(
     serve: Callable[..., LiveServer],
     meter_backend: DevServer,
