@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
-from meter_asgi.recording import Recorder
+from meter_asgi.recording import Recorder, logger
 from meter_asgi.resolvers import compile_resolver, from_user
 from meter_asgi.routes import RouteMatcher, compile_routes
+from meter_asgi.rule_check import unmatched_rules
 from meter_asgi.sessions import run_session
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
 from meter_core import ConfigurationError, InvalidEvent, MeterClient, RequestUsage, UsageEvent
@@ -134,6 +135,7 @@ class MeterMiddleware:
         if close_timeout < 0:
             raise ConfigurationError(f"close_timeout: must be >= 0, got {close_timeout!r}")
         self._close_timeout = float(close_timeout)
+        self._rules_checked = False
         self._recorder = Recorder(
             client=client,
             tenant=tenant_id,
@@ -310,11 +312,26 @@ class MeterMiddleware:
             kind = message["type"]
             if kind == "lifespan.startup.complete":
                 recorder.client()
+                self._check_rules()
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
                 await recorder.shutdown(self._close_timeout)
             await send(message)
 
         await self.app(scope, receive, observe)
+
+    def _check_rules(self) -> None:
+        """Warn, once, about each rule that no route of the app can match (see
+        :mod:`meter_asgi.rule_check`); the app is fully built at lifespan startup."""
+        if self._rules_checked or not self._has_rules:
+            return
+        self._rules_checked = True
+        try:
+            messages = unmatched_rules(self.app, self._rules)
+        except Exception as exc:  # a router of an unexpected shape: no check, no harm
+            logger.debug("route rules not checked: %s", exc)
+            return
+        for message in messages or ():
+            logger.warning("%s", message)
 
 
 def _strip_headers(

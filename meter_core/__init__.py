@@ -31,7 +31,13 @@ from meter_core.errors import (
 from meter_core.events import MAX_USAGE, UsageEvent, now_ms, validate_identifier
 from meter_core.redeliver import RedeliveryReport, redeliver
 from meter_core.retry import RetryPolicy
-from meter_core.rules import METHODS_WITHOUT_RESULT, MeterSpec, RouteRules, parse_usage_header
+from meter_core.rules import (
+    METHODS_WITHOUT_RESULT,
+    MeterSpec,
+    RouteRules,
+    normalize_template,
+    parse_usage_header,
+)
 from meter_core.spool import SQLiteSpool
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
 from meter_core.transport import HTTPTransport, LogTransport, MemoryTransport, Transport
@@ -79,6 +85,7 @@ __all__ = [
     "__version__",
     "capture_events",
     "is_known_meter",
+    "normalize_template",
     "now_ms",
     "parse_usage_header",
     "post_ai_meter_usage",

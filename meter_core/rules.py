@@ -179,6 +179,7 @@ class _Rule:
     target: str  # normalized template or view name
     meters: tuple[MeterSpec, ...]
     regex: re.Pattern[str] | None
+    key: str  # as given
 
 
 class RouteRules:
@@ -248,8 +249,18 @@ class RouteRules:
         if target.startswith("/"):
             _check_target(key, target)
             normalized = normalize_template(target)
-            return _Rule(methods, normalized, meters, _template_regex(normalized, target))
-        return _Rule(methods, target, meters, None)
+            return _Rule(methods, normalized, meters, _template_regex(normalized, target), key)
+        return _Rule(methods, target, meters, None, key)
+
+    def template_rules(self) -> list[tuple[str, str]]:
+        """``(key, normalized template)`` of each rule whose target is a route template
+        (not a view name): what a check for rules no route can match needs."""
+        return [
+            (rule.key, rule.target)
+            for rules in self._by_target.values()
+            for rule in rules
+            if rule.regex is not None
+        ]
 
     def match(self, method: str, target: str | None) -> tuple[MeterSpec, ...]:
         """Meters of the rules for ``target`` (a normalized route template or a view
