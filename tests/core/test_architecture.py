@@ -21,7 +21,7 @@ DOCUMENTED_API = {
     "RequestUsage", "RetryPolicy", "RouteRules", "SQLiteSpool", "Secret", "StoreError",
     "StoredEvent", "Transport", "UsageEvent", "__version__", "capture_events",
     "is_known_meter", "now_ms", "post_ai_meter_usage", "post_meter_usage", "redeliver",
-    "parse_usage_header", "register_meter",
+    "normalize_template", "parse_usage_header", "register_meter",
     "validate_identifier",
 }  # fmt: skip
 
