@@ -1,6 +1,14 @@
 """Admin of FailedMeterEvent: browse, filter and search stored events, look at their
 payload (read-only), and act on them: "retry now" resends the selected events at once,
-"discard" gives up on them. Nothing here shows the API key (it is not stored)."""
+"discard" gives up on them. Nothing here shows the API key (it is not stored).
+
+Every read and write goes to the database of ``METER["DATABASE"]``, router or not (as
+Django's multi-database admin recipe does, with ``using()``). The changelist view, where
+the actions run, never runs inside the request transaction of that database
+(``ATOMIC_REQUESTS``): "retry now" claims, sends and marks events in units of work of
+its own, so a later error in the request cannot roll back the record of events already
+delivered (they would be sent again), and SQLite's write lock is not held while events
+are on the wire."""
 
 from __future__ import annotations
 
@@ -9,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
 from django.db.models import Count, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
@@ -39,7 +47,8 @@ class LastErrorFilter(admin.SimpleListFilter):
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         rows = (
-            FailedMeterEvent.objects.exclude(last_error="")
+            model_admin.get_queryset(request)
+            .exclude(last_error="")
             .values("last_error")
             .annotate(n=Count("id"))
             .order_by("-n")[:_ERROR_CHOICES]
@@ -55,6 +64,20 @@ class LastErrorFilter(admin.SimpleListFilter):
 
 def _short(text: str) -> str:
     return text if len(text) <= _ERROR_LABEL else text[: _ERROR_LABEL - 1] + "…"
+
+
+class _MeterDatabase(set[str]):
+    """``_non_atomic_requests`` of the changelist view: holds the alias of
+    ``METER["DATABASE"]`` as it is at each request (Django reads it per request in
+    ``BaseHandler.make_view_atomic``), besides any alias added to it."""
+
+    def __contains__(self, alias: object) -> bool:
+        if super().__contains__(alias):
+            return True
+        try:
+            return alias == conf.database
+        except ConfigurationError:
+            return False
 
 
 @admin.register(FailedMeterEvent)
@@ -101,6 +124,20 @@ class FailedMeterEventAdmin(_ModelAdmin):
     @admin.display(description="payload")
     def payload_pretty(self, obj: FailedMeterEvent) -> SafeString:
         return format_html("<pre>{}</pre>", json.dumps(obj.payload, indent=2, sort_keys=True))
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[FailedMeterEvent]:
+        queryset: QuerySet[FailedMeterEvent] = super().get_queryset(request).using(conf.database)
+        return queryset
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        return super().changelist_view(request, extra_context)
+
+    # Not in the request transaction of the meter database (see the module docstring):
+    # ModelAdmin.get_urls copies this attribute onto the URL's view, where
+    # ATOMIC_REQUESTS looks for it, as for a view under @transaction.non_atomic_requests.
+    changelist_view._non_atomic_requests = _MeterDatabase()  # type: ignore[attr-defined]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -14,7 +14,8 @@ meter_django.E006   ``TENANT`` or ``DEVICE`` cannot be used
 meter_django.E007   ``TENANT`` or ``DEVICE`` reads a request header not marked trusted
                     (clients can forge headers)
 meter_django.E008   ``METER_STATUSES`` is not a collection of HTTP status codes
-meter_django.E009   ``STORE`` is not usable, or ``DATABASE`` is not a database alias
+meter_django.E009   ``STORE`` is not usable, or ``DATABASE`` is not a database alias, or
+                    the database routers do not migrate FailedMeterEvent on it
 meter_django.E010   the client cannot be built from these settings
 meter_django.E011   no device id while metering is enabled: neither ``DEVICE_ID`` (nor
                     ``METER_DEVICE_ID``) nor a ``DEVICE`` resolver
@@ -225,11 +226,36 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
     if alias not in settings.DATABASES:
         out.append(_error("E009", f"METER['DATABASE'] is not a database alias: {alias!r}."))
     elif "failure_store" not in options:
+        store = meter.get("STORE", DJANGO_DEFAULTS["STORE"])
         try:
-            build_store(meter.get("STORE", DJANGO_DEFAULTS["STORE"]), alias)
+            build_store(store, alias)
         except ConfigurationError as exc:
             out.append(_error("E009", str(exc)))
+        else:
+            if store == "database":
+                out += _check_table_database(alias)
     return out
+
+
+def _check_table_database(alias: str) -> list[CheckMessage]:
+    """The FailedMeterEvent table is read and written on ``alias`` with ``using()``,
+    whatever the database routers say (so none is needed); but a router that keeps the
+    table from being migrated there leaves the store without a table."""
+    from django.db import router
+
+    from meter_django.models import FailedMeterEvent
+
+    if router.allow_migrate_model(alias, FailedMeterEvent):
+        return []
+    return [
+        _error(
+            "E009",
+            f"METER['DATABASE'] is {alias!r}, but the database routers do not migrate "
+            f"meter_django's FailedMeterEvent there (allow_migrate): the table of undelivered "
+            "events would not exist where they are stored. Set METER['DATABASE'] to the "
+            "alias the routers give meter_django.",
+        )
+    ]
 
 
 def _check_decorated_meters(allow_unknown: bool) -> list[CheckMessage]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import Error as DBError
 from django.db.models import Min
 from django.utils import timezone
 
@@ -26,8 +27,16 @@ class Command(BaseCommand):
             store = DatabaseFailureStore(conf.database)
             counts = store.counts()
             by_meter = store.pending_by_meter()
+            owed = FailedMeterEvent.objects.using(conf.database).filter(status__in=PENDING_STATUSES)
+            now = timezone.now()
+            due = owed.filter(next_attempt_at__lte=now)
+            leased = due.filter(leased_until__gt=now).count()  # being sent by a worker now
+            due_count = due.count()
+            oldest = owed.aggregate(oldest=Min("created_at"))["oldest"]
         except (ConfigurationError, StoreError) as exc:
             raise CommandError(str(exc)) from exc
+        except DBError as exc:
+            raise CommandError(f"database error: {exc}") from exc
         out = self.stdout
         out.write("Stored events by status:")
         for status in ("queued", "failed", "delivered", "discarded"):
@@ -37,12 +46,7 @@ class Command(BaseCommand):
             out.write(f"  {meter_id:<32} {n}")
         if not by_meter:
             out.write("  (none)")
-        owed = FailedMeterEvent.objects.using(conf.database).filter(status__in=PENDING_STATUSES)
-        now = timezone.now()
-        due = owed.filter(next_attempt_at__lte=now)
-        leased = due.filter(leased_until__gt=now).count()  # being sent by a worker now
-        oldest = owed.aggregate(oldest=Min("created_at"))["oldest"]
-        out.write(f"Due for retry now: {due.count() - leased}")
+        out.write(f"Due for retry now: {due_count - leased}")
         if leased:
             out.write(f"Being sent (leased by a worker): {leased}")
         if oldest is not None:

@@ -1,13 +1,25 @@
-"""``manage.py retry_meter_events``: resend the usage events stored in the database."""
+"""``manage.py retry_meter_events``: resend the usage events stored in the database.
+
+With ``--loop`` it is a long-running worker: a run that fails on the database (a dropped
+connection, a restart or failover, a lock timeout) is reported on one line of stderr (the
+traceback too with ``--traceback`` or ``-v 2``) and the next run comes after
+``--interval`` as usual; between runs the worker gives back connections that are broken
+or older than ``CONN_MAX_AGE``, as Django does between requests. Misconfiguration still
+stops it (it would fail the same way every run), and so does Ctrl-C, quietly. A single
+run that fails on the database exits non-zero with the reason.
+"""
 
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import Error as DBError
+from django.db import close_old_connections
 
-from meter_core import ConfigurationError, RedeliveryReport
+from meter_core import ConfigurationError, RedeliveryReport, StoreError
 from meter_django.retry import retry_events
 
 
@@ -15,7 +27,8 @@ class Command(BaseCommand):
     help = (
         "Resend due usage events from the FailedMeterEvent table with their original "
         "event ids. Exits non-zero when some stay failed. Safe to run in several copies "
-        "at once on PostgreSQL."
+        "at once on PostgreSQL. With --loop, a run that fails on the database is "
+        "reported and the worker carries on."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -38,19 +51,53 @@ class Command(BaseCommand):
             value = options[name]
             if value is not None and value < 1:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
+        if options["interval"] < 0:
+            raise CommandError("--interval must not be negative")
+        if not options["loop"]:
+            once = self._run_once(options)
+            if not once.ok:
+                raise CommandError(f"{once.failed} events are still failed")
+            return
         runs = 0
+        report: RedeliveryReport | None = None
         while True:
-            report = self._run_once(options)
-            runs += 1
-            if not options["loop"] or (options["runs"] is not None and runs >= options["runs"]):
-                break
             try:
+                # a unit of work, as Django makes of a request: no broken or expired
+                # connection is carried into a run, nor kept idle through the sleep
+                close_old_connections()
+                try:
+                    report = self._run_once(options)
+                except CommandError as exc:
+                    if not isinstance(exc.__cause__, (StoreError, DBError)):
+                        raise  # misconfiguration: every run would fail alike
+                    report = None
+                    self._report_run_error(exc, options)
+                finally:
+                    close_old_connections()
+                runs += 1
+                if options["runs"] is not None and runs >= options["runs"]:
+                    break
                 time.sleep(options["interval"])
-            except KeyboardInterrupt:  # Ctrl-C between runs: a normal way to stop the loop
+            except KeyboardInterrupt:  # Ctrl-C: a normal way to stop the loop
+                # events claimed by an interrupted run are due again when their lease ends
                 self.stdout.write("stopped")
                 return
+        if report is None:
+            raise CommandError("the last run failed on the database (see above)")
         if not report.ok:
             raise CommandError(f"{report.failed} events are still failed")
+
+    def _report_run_error(self, exc: CommandError, options: dict[str, Any]) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        # one line: PostgreSQL adds lines that quote the SQL (shown with -v 2)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc.__cause__)
+        self.stderr.write(
+            f"{when} run failed: {reason}; next run in {options['interval']:g}s",
+            style_func=self.style.ERROR,
+        )
+        if options.get("traceback") or options["verbosity"] >= 2:
+            cause = exc.__cause__ or exc
+            self.stderr.write("".join(traceback.format_exception(cause)).rstrip())
 
     def _run_once(self, options: dict[str, Any]) -> RedeliveryReport:
         def progress(report: RedeliveryReport) -> None:
@@ -70,6 +117,8 @@ class Command(BaseCommand):
             )
         except ConfigurationError as exc:
             raise CommandError(str(exc)) from exc
+        except (StoreError, DBError) as exc:
+            raise CommandError(f"database error: {exc}") from exc
         style = self.style.SUCCESS if report.ok else self.style.ERROR
         self.stdout.write(style(report.summary()))
         return report
