@@ -7,6 +7,7 @@ and run ``migrate``. Then::
     from meter_django import record_usage, meter
 
     record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=3)
+    await arecord_usage(...)        # from async code (required in durable mode)
 
     @meter("report.generated.small")
     def report(request): ...
@@ -23,9 +24,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from meter_django.client import get_client, reset_client
     from meter_django.decorators import meter
-    from meter_django.recording import record_session, record_usage
+    from meter_django.recording import (
+        arecord_session,
+        arecord_usage,
+        record_session,
+        record_usage,
+    )
 
-__all__ = ["get_client", "meter", "record_session", "record_usage", "reset_client"]
+__all__ = [
+    "arecord_session",
+    "arecord_usage",
+    "get_client",
+    "meter",
+    "record_session",
+    "record_usage",
+    "reset_client",
+]
 
 _LAZY = {
     "get_client": "meter_django.client",
@@ -33,6 +47,8 @@ _LAZY = {
     "meter": "meter_django.decorators",
     "record_usage": "meter_django.recording",
     "record_session": "meter_django.recording",
+    "arecord_usage": "meter_django.recording",
+    "arecord_session": "meter_django.recording",
 }
 
 

@@ -31,6 +31,7 @@ from meter_django.resolvers import device_resolver, tenant_resolver
 
 __all__ = [
     "Entry",
+    "MeteredRequestUsage",
     "record_request",
     "route_rules",
     "spec_usage",
@@ -82,8 +83,40 @@ def route_rules() -> RouteRules:
     )
 
 
-def new_request_usage() -> RequestUsage:
-    return RequestUsage(allow_unknown_meters=conf.allow_unknown_meters)
+_late_add = LogThrottle(logger, interval=60.0)
+
+
+class MeteredRequestUsage(RequestUsage):
+    """``request.meter`` under the middleware: a :class:`meter_core.RequestUsage` that
+    logs a warning (rate limited) for usage added once the request was metered, which
+    is not billed: say, from a thread the view started."""
+
+    __slots__ = ("_where", "closed")
+
+    def __init__(self, *, allow_unknown_meters: bool = False) -> None:
+        super().__init__(allow_unknown_meters=allow_unknown_meters)
+        self.closed = False
+        self._where = ""
+
+    def add(self, meter_id: str, n: int = 1, *, metadata: Mapping[str, str] | None = None) -> None:
+        super().add(meter_id, n, metadata=metadata)
+        if self.closed:
+            _late_add.log(
+                logging.WARNING,
+                "usage of %r added to request.meter after %s was metered: not billed "
+                "(record it with record_usage())",
+                meter_id,
+                self._where or "the request",
+            )
+
+    def close(self, request: HttpRequest) -> None:
+        """No more usage of this request is billed: a later add() logs a warning."""
+        self.closed = True
+        self._where = f"{request.method} {request.path}"
+
+
+def new_request_usage() -> MeteredRequestUsage:
+    return MeteredRequestUsage(allow_unknown_meters=conf.allow_unknown_meters)
 
 
 def _as_count(value: Any, source: str) -> int | None:
@@ -124,13 +157,32 @@ def pop_header(response: HttpResponseBase, name: str) -> str | None:
     return value
 
 
+def pop_headers(specs: Iterable[MeterSpec], response: HttpResponseBase) -> dict[str, str | None]:
+    """Remove the usage headers of ``specs`` from the response; their values by name."""
+    values: dict[str, str | None] = {}
+    for spec in specs:
+        if spec.header and spec.header not in values:
+            values[spec.header] = pop_header(response, spec.header)
+    return values
+
+
 def usage_of(
-    specs: Iterable[MeterSpec], request: HttpRequest, response: HttpResponseBase
+    specs: Iterable[MeterSpec],
+    request: HttpRequest,
+    response: HttpResponseBase,
+    headers: Mapping[str, str | None] | None = None,
 ) -> list[Entry]:
-    """Entries for ``specs``; usage headers are always removed from the response."""
+    """Entries for ``specs``; usage headers are always removed from the response.
+    ``headers``: the values of usage headers already removed (by :func:`pop_headers`,
+    before a streaming response's headers left)."""
     entries: list[Entry] = []
     for spec in specs:
-        header_value = pop_header(response, spec.header) if spec.header else None
+        if not spec.header:
+            header_value = None
+        elif headers is not None and spec.header in headers:
+            header_value = headers[spec.header]
+        else:
+            header_value = pop_header(response, spec.header)
         try:
             n = spec_usage(spec, request, response, header_value)
         except Exception:

@@ -15,26 +15,40 @@ The tenant is resolved after the view (``METER["TENANT"]``), so users authentica
 during the view (DRF's authentication sets ``request.user`` on the Django request) are
 billed. Requests without a tenant are counted and logged, not metered.
 
+A streaming response is metered when its body has been sent in full, so usage the
+body adds to ``request.meter`` while it streams is billed; a stream cut short (the
+client left, the body raised) bills nothing. Usage added to ``request.meter`` after
+the request was metered is not billed and logs a warning.
+
+With ``ATOMIC_REQUESTS``, Django wraps the view, not this middleware, in the request's
+transaction: a view that marks it for rollback (``transaction.set_rollback(True)``) yet
+answers 2xx is still billed by rules and ``request.meter``. Bill such work with
+``record_usage()`` inside it (it waits for the commit), or answer with an error status.
+
 Guarantees: the request path never waits on the network (recording only enqueues); an
 internal error, or settings that cannot build a client, is logged and swallowed, and the
 response goes out unchanged (apart from usage headers). Works in sync and async stacks
-without a thread switch for requests that meter nothing.
+without a thread switch for requests that meter nothing. On the async stack, usage
+callables of ``RULES`` run with the recording, in one ``sync_to_async`` call (they may
+query the database).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
-from django.http import HttpRequest
+from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 
 from meter_core import ConfigurationError, LogThrottle, MeterSpec, RequestUsage
 from meter_django.metering import (
     Entry,
+    MeteredRequestUsage,
     new_request_usage,
+    pop_headers,
     record_request,
     route_rules,
     success_statuses,
@@ -61,6 +75,17 @@ def _attach(request: HttpRequest) -> None:
         request.meter = RequestUsage()  # type: ignore[attr-defined]
 
 
+def _usage(request: HttpRequest) -> RequestUsage | None:
+    usage = getattr(request, "meter", None)
+    return usage if isinstance(usage, RequestUsage) else None
+
+
+def _close_usage(request: HttpRequest) -> None:
+    usage = _usage(request)
+    if isinstance(usage, MeteredRequestUsage):
+        usage.close(request)
+
+
 def _matching_specs(request: HttpRequest) -> tuple[MeterSpec, ...]:
     rules = route_rules()
     if not rules:
@@ -72,23 +97,99 @@ def _matching_specs(request: HttpRequest) -> tuple[MeterSpec, ...]:
     return rules.match_route(method, match.route) + rules.match(method, match.view_name)
 
 
-def _collect(request: HttpRequest, response: HttpResponseBase) -> list[Entry]:
-    """Usage of this request, with usage headers removed; [] when nothing is metered."""
+# -- what a response meters ------------------------------------------------------------
+
+
+def _plan(request: HttpRequest, response: HttpResponseBase) -> tuple[MeterSpec, ...] | None:
+    """The rules to meter this response with, or None when it meters nothing (usage
+    headers are then removed and request.meter closed)."""
     try:
         specs = _matching_specs(request)
     except Exception:
         logger.exception("METER['RULES'] cannot be used: no rule metered this request")
         specs = ()
     if response.status_code not in success_statuses():
-        for spec in specs:
-            if spec.header:
-                response.headers.pop(spec.header, None)
-        return []
-    entries = usage_of(specs, request, response)
-    usage = getattr(request, "meter", None)
-    if isinstance(usage, RequestUsage):
+        pop_headers(specs, response)
+        _close_usage(request)
+        return None
+    return specs
+
+
+def _collect(
+    request: HttpRequest,
+    response: HttpResponseBase,
+    specs: tuple[MeterSpec, ...],
+    headers: dict[str, str | None] | None = None,
+) -> list[Entry]:
+    """Usage of this request (usage callables included: they may query the database),
+    with usage headers removed; request.meter is closed."""
+    entries = usage_of(specs, request, response, headers)
+    usage = _usage(request)
+    if usage is not None:
         entries.extend((m, n, md) for m, n, md in usage.entries if n)
+    _close_usage(request)
     return entries
+
+
+def _collect_and_record(
+    request: HttpRequest,
+    response: HttpResponseBase,
+    specs: tuple[MeterSpec, ...],
+    headers: dict[str, str | None] | None = None,
+) -> None:
+    """Sync code only (resolvers and usage callables may query the database)."""
+    try:
+        entries = _collect(request, response, specs, headers)
+        if entries:
+            record_request(request, entries)
+    except Exception:
+        logger.exception("metering of %s %s failed", request.method, request.path)
+
+
+def _defer_to_stream_end(
+    request: HttpRequest, response: HttpResponseBase, specs: tuple[MeterSpec, ...]
+) -> bool:
+    """A streaming response is metered once its body has been sent in full: usage added
+    while it streams is billed, and a stream cut short (the client left, the body
+    raised) bills nothing, as in meter_asgi. Its usage headers leave with its first
+    bytes, so they are removed now. A FileResponse the server sends itself
+    (wsgi.file_wrapper) is metered now: its body adds no usage. Returns False when the
+    response is not such a stream."""
+    if not isinstance(response, StreamingHttpResponse):
+        return False
+    if getattr(response, "file_to_stream", None) is not None:
+        return False
+    headers = pop_headers(specs, response)
+    content = response.streaming_content
+    if response.is_async:
+
+        async def done_async() -> None:
+            await sync_to_async(_collect_and_record, thread_sensitive=True)(
+                request, response, specs, headers
+            )
+
+        response.streaming_content = _astream(cast(AsyncIterator[bytes], content), done_async)
+    else:
+        response.streaming_content = _stream(
+            cast(Iterator[bytes], content),
+            lambda: _collect_and_record(request, response, specs, headers),
+        )
+    return True
+
+
+def _stream(content: Iterator[bytes], done: Callable[[], None]) -> Iterator[bytes]:
+    # consumed by the server's thread (WSGI), or by Django's sync_to_async (ASGI):
+    # sync code either way. Not reached when the consumer stops early (close()).
+    yield from content
+    done()
+
+
+async def _astream(
+    content: AsyncIterator[bytes], done: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
+    async for part in content:
+        yield part
+    await done()
 
 
 class MeterMiddleware:
@@ -109,9 +210,9 @@ class MeterMiddleware:
         _attach(request)
         response = cast(HttpResponseBase, self.get_response(request))
         try:
-            entries = _collect(request, response)
-            if entries:
-                record_request(request, entries)
+            specs = _plan(request, response)
+            if specs is not None and not _defer_to_stream_end(request, response, specs):
+                _collect_and_record(request, response, specs)
         except Exception:
             logger.exception("metering of %s %s failed", request.method, request.path)
         return response
@@ -120,10 +221,20 @@ class MeterMiddleware:
         _attach(request)
         response: HttpResponseBase = await self.get_response(request)  # type: ignore[misc]
         try:
-            entries = _collect(request, response)
+            specs = _plan(request, response)
+            if specs is None or _defer_to_stream_end(request, response, specs):
+                return response
+            if any(callable(spec.usage) for spec in specs):
+                # a usage callable may query the database (request.user too): collect
+                # and record in one sync call
+                await sync_to_async(_collect_and_record, thread_sensitive=True)(
+                    request, response, specs
+                )
+                return response
+            entries = _collect(request, response, specs)
             if entries:
                 # resolving the tenant may query the database (request.user)
-                await sync_to_async(record_request)(request, entries)
+                await sync_to_async(record_request, thread_sensitive=True)(request, entries)
         except Exception:
             logger.exception("metering of %s %s failed", request.method, request.path)
         return response

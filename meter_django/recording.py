@@ -3,12 +3,19 @@
 - The event is validated at once: bad arguments raise :class:`meter_core.InvalidEvent`.
 - Inside ``transaction.atomic`` the event is handed to the client only when the
   transaction commits (``transaction.on_commit``): a rolled-back operation is never billed.
+  The transaction that decides is the caller's, not the meter table's: with ``using``,
+  that database's; without it, every database this thread has in an atomic block (the
+  operation may be on any of them: the event waits for all of them to commit, and a
+  rollback of any drops it). ``METER["DATABASE"]`` only says where the table lives.
 - In durable mode (``METER["DURABLE"]``) the event is written to the FailedMeterEvent
   table as ``queued`` in the caller's transaction (a transactional outbox): it exists
   exactly when the operation's own writes do, and the client's sender delivers it from
-  there after the commit. That needs the table on the transaction's database (``using``,
-  default ``METER["DATABASE"]``); with another database, or a store outside the database
-  (a SQLite spool), the event is written after the commit instead.
+  there after the commit. That needs the table on the deciding transaction's database
+  (the only one in an atomic block); with another database, several of them, or a store
+  outside the database (a SQLite spool), the event is written after the commit instead.
+- Async code calls :func:`arecord_usage` / :func:`arecord_session`. In durable mode
+  :func:`record_usage` called from a running event loop raises
+  ``SynchronousOnlyOperation`` naming them (the outbox write is a database write).
 - The return value is the event's ``event_id`` in every case.
 - When the settings cannot build a client (``manage.py check`` reports why), the event
   is validated and kept in the FailedMeterEvent table as ``failed`` with the reason, in
@@ -25,16 +32,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 
-from django.db import transaction
+from asgiref.sync import sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
+from django.db import connections, transaction
 
 from meter_core import ConfigurationError, LogThrottle, MeterClient, UsageEvent
 from meter_django.client import get_client
 from meter_django.conf import conf
 
-__all__ = ["UNCONFIGURED_DEVICE", "record_session", "record_usage", "submit"]
+__all__ = [
+    "UNCONFIGURED_DEVICE",
+    "arecord_session",
+    "arecord_usage",
+    "record_session",
+    "record_usage",
+    "submit",
+]
 
 logger = logging.getLogger("meter.django")
 _unconfigured = LogThrottle(logger, interval=60.0)
@@ -54,21 +72,41 @@ def _client_or_none() -> MeterClient | None:
         return None
 
 
-def _keep_unsent(event: UsageEvent) -> None:
-    """The misconfigured case: keep the event for the retry command, or log it lost."""
+def _keep_unsent(event: UsageEvent, using: str | None = None) -> None:
+    """The misconfigured case: keep the event for the retry command, or log it lost.
+    Written in the caller's transaction when that is the table's database alone, else
+    after the deciding transactions commit (as :func:`submit` does)."""
     try:
         if conf.get("STORE") != "database":
             raise ConfigurationError(f"METER['STORE'] is {conf.get('STORE')!r}")
-        from meter_django.store import DatabaseFailureStore
-
-        problem = ", no device id" if event.device_id == UNCONFIGURED_DEVICE else ""
-        DatabaseFailureStore(conf.database).store(
-            [event], error=f"not sent: metering misconfigured{problem} (see manage.py check)"
-        )
+        table_db = conf.database
+        deciding = _deciding(using)
+        if set(deciding) <= {table_db}:
+            _store_unsent(event, table_db)
+        else:
+            _after_commit(deciding, lambda: _store_unsent(event, table_db, after_commit=True))
     except Exception as exc:
         logger.error(
             "usage event %s (%s x%s for %s) lost: metering is misconfigured and it could "
             "not be kept: %s",
+            event.event_id, event.meter_id, event.total_usage, event.tenant_id, exc,
+        )  # fmt: skip
+
+
+def _store_unsent(event: UsageEvent, table_db: str, *, after_commit: bool = False) -> None:
+    from meter_django.store import DatabaseFailureStore
+
+    problem = ", no device id" if event.device_id == UNCONFIGURED_DEVICE else ""
+    try:
+        DatabaseFailureStore(table_db).store(
+            [event], error=f"not sent: metering misconfigured{problem} (see manage.py check)"
+        )
+    except Exception as exc:
+        if not after_commit:
+            raise
+        logger.error(
+            "usage event %s (%s x%s for %s) lost: metering is misconfigured and it could "
+            "not be kept after the commit: %s",
             event.event_id, event.meter_id, event.total_usage, event.tenant_id, exc,
         )  # fmt: skip
 
@@ -119,24 +157,90 @@ def _recorder(device_id: str | None) -> tuple[MeterClient, MeterClient | None, s
     return builder, client, device_id
 
 
+def _deciding(using: str | None) -> list[str]:
+    """The databases whose open transactions decide whether an event recorded now is
+    billed: ``using`` when given (if it is in an atomic block), else every database this
+    thread has in an atomic block. Whatever the caller's operation wrote is in one of
+    them, and which one is not known here: waiting for all of them is the rule under
+    which rolled-back work is never billed (a rollback of an unrelated transaction of
+    the same thread drops the event: an under-bill, never a bill for undone work)."""
+    if using is not None:
+        return [using] if transaction.get_connection(using).in_atomic_block else []
+    return [c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block]
+
+
+def _after_commit(aliases: list[str], func: Callable[[], None]) -> None:
+    """Run ``func`` once every transaction of ``aliases`` (open now) has committed; never
+    if one rolls back. No alias: now."""
+    if not aliases:
+        func()
+        return
+    if len(aliases) == 1:
+        transaction.on_commit(func, using=aliases[0])
+        return
+    waiting = set(aliases)
+
+    def committed(alias: str) -> None:
+        waiting.discard(alias)
+        if not waiting:
+            func()
+
+    for alias in aliases:
+        transaction.on_commit(lambda alias=alias: committed(alias), using=alias)  # type: ignore[misc]
+
+
+def _in_event_loop() -> bool:
+    """Whether this thread runs an event loop (where Django refuses database access,
+    unless DJANGO_ALLOW_ASYNC_UNSAFE is set)."""
+    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+        return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _refuse_in_event_loop(client: MeterClient | None, name: str) -> None:
+    """Durable mode writes the event to the database before returning: Django refuses
+    that on an event loop thread. Say so, naming the async variant."""
+    if client is None or not client.enabled or not _in_event_loop():
+        return
+    try:
+        durable = conf.durable
+    except ConfigurationError:
+        return
+    if durable:
+        raise SynchronousOnlyOperation(
+            f"{name}() in durable mode (METER['DURABLE']) writes the event to the "
+            f"database, which cannot be done from async code: use `await a{name}(...)` "
+            f"(meter_django.a{name}) there"
+        )
+
+
 def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
     """Hand a built event to ``client`` with the transaction rules of this module.
     In durable mode the store write may raise :class:`meter_core.StoreError`."""
     from meter_django.store import DatabaseFailureStore  # (models: not at import time)
 
-    db = using or conf.database
+    deciding = _deciding(using)
     store = client.failure_store
-    outbox = isinstance(store, DatabaseFailureStore) and store.using == db
-    if client.enabled and conf.durable and outbox:
-        client.enqueue(event)  # the store write joins the caller's transaction
-        if transaction.get_connection(db).in_atomic_block:
+    if (
+        client.enabled
+        and conf.durable
+        and isinstance(store, DatabaseFailureStore)
+        and set(deciding) <= {store.using}
+    ):
+        client.enqueue(event)  # the store write joins the caller's transaction, if any
+        if deciding:
             # the sender cannot see the row before the commit: tell it when there is one
-            transaction.on_commit(client.wake, using=db)
+            transaction.on_commit(client.wake, using=store.using)
         return
-    # Not the outbox's transaction (another database, or a store outside the database):
-    # written after the commit, so rolled-back work is never billed.
-    if transaction.get_connection(db).in_atomic_block:
-        transaction.on_commit(lambda: _enqueue_after_commit(client, event), using=db)
+    # Not the outbox's transaction (the table on another database, several databases in
+    # a transaction, or a store outside the database): handed over after the commit, so
+    # rolled-back work is never billed.
+    if deciding:
+        _after_commit(deciding, lambda: _enqueue_after_commit(client, event))
     else:
         client.enqueue(event)
 
@@ -160,15 +264,18 @@ def record_usage(
 ) -> str:
     """Record ``total_usage`` units of ``meter_id`` for ``tenant_id``; returns the
     ``event_id``. ``device_id`` defaults to ``METER["DEVICE_ID"]``, ``timestamp`` (epoch
-    ms) to now. ``using`` is the database whose transaction decides (default
-    ``METER["DATABASE"]``). Never does network I/O. See the module docstring."""
+    ms) to now. ``using`` is the database whose transaction decides (default: every
+    database in an atomic block; ``METER["DATABASE"]`` is only where the table lives).
+    Never does network I/O. In durable mode, not from async code: see
+    :func:`arecord_usage`. See the module docstring."""
     builder, client, device_id = _recorder(device_id)
+    _refuse_in_event_loop(client, "record_usage")
     event = builder.event(
         tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
         device_id=device_id, metadata=metadata, timestamp=timestamp,
     )  # fmt: skip
     if client is None:
-        _keep_unsent(event)
+        _keep_unsent(event, using)
     else:
         submit(client, event, using=using)
     return event.event_id
@@ -187,12 +294,49 @@ def record_session(
     """Record an AI session boundary (exactly one of ``start_time`` / ``end_time``, epoch
     ms) with the same guarantees as :func:`record_usage`; returns the ``event_id``."""
     builder, client, device_id = _recorder(device_id)
+    _refuse_in_event_loop(client, "record_session")
     event = builder.session_event(
         tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,
         start_time=start_time, end_time=end_time, metadata=metadata,
     )  # fmt: skip
     if client is None:
-        _keep_unsent(event)
+        _keep_unsent(event, using)
     else:
         submit(client, event, using=using)
     return event.event_id
+
+
+async def arecord_usage(
+    *,
+    tenant_id: str,
+    meter_id: str,
+    total_usage: int,
+    device_id: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    timestamp: int | None = None,
+    using: str | None = None,
+) -> str:
+    """:func:`record_usage` for async code: runs it through ``sync_to_async`` with
+    ``thread_sensitive=True``, on the thread (and so the database connection) of the
+    request's other sync code. Returns the ``event_id``."""
+    return await sync_to_async(record_usage, thread_sensitive=True)(
+        tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
+        device_id=device_id, metadata=metadata, timestamp=timestamp, using=using,
+    )  # fmt: skip
+
+
+async def arecord_session(
+    *,
+    tenant_id: str,
+    meter_id: str,
+    device_id: str | None = None,
+    start_time: int | None = None,
+    end_time: int | None = None,
+    metadata: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> str:
+    """:func:`record_session` for async code (see :func:`arecord_usage`)."""
+    return await sync_to_async(record_session, thread_sensitive=True)(
+        tenant_id=tenant_id, meter_id=meter_id, device_id=device_id,
+        start_time=start_time, end_time=end_time, metadata=metadata, using=using,
+    )  # fmt: skip

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_public_api_is_exactly_the_documented_one() -> None:
     assert set(meter_django.__all__) == {
+        "arecord_session",
+        "arecord_usage",
         "get_client",
         "meter",
         "record_session",
