@@ -3,8 +3,10 @@
 :func:`get_client` builds the client on first use (never at start-up, and building does
 no network I/O), then returns the same one from every thread. meter_core flushes and
 closes it at interpreter exit and starts a fresh sender in a forked child.
-:func:`reset_client` closes it so the next call builds a new one from the current
-settings; it runs by itself when the ``METER`` setting changes (``override_settings``).
+:func:`reset_client` closes it, and the database connection its sender thread kept, so the
+next call builds a new one from the current settings; it runs by itself when the ``METER``
+setting changes (``override_settings``) and before the test runner creates or drops a test
+database (see :mod:`meter_django.signals`).
 """
 
 from __future__ import annotations
@@ -76,13 +78,20 @@ def get_client() -> MeterClient:
 
 def reset_client(timeout: float | None = 2.0) -> None:
     """Close the current client (flushing for up to ``timeout`` seconds; what is left
-    goes to its failure store) and forget it: the next :func:`get_client` builds a new
-    one from the settings of that moment."""
+    goes to its failure store), close the database connection its sender thread kept
+    (``STORE`` "database"), and forget it: the next :func:`get_client` builds a new one
+    from the settings of that moment."""
     global _client
     with _lock:
         client, _client = _client, None
-    if client is not None:
-        try:
-            client.close(timeout=timeout)
-        except Exception:
-            logger.exception("closing the meter client failed")
+    if client is None:
+        return
+    try:
+        client.close(timeout=timeout)
+    except Exception:
+        logger.exception("closing the meter client failed")
+    from meter_django.store import DatabaseFailureStore
+
+    store = client.failure_store
+    if isinstance(store, DatabaseFailureStore):
+        store.close_connections()

@@ -13,19 +13,27 @@ Guarantees:
   lease holds. On SQLite (no row locks) one conditional update selects and leases the
   due rows: it takes the write lock first, so it waits for another writer instead of
   failing, and two workers never both lease a row; run one worker there anyway.
-- Database errors are raised as :class:`meter_core.StoreError`; an error inside the
-  caller's transaction rolls back to a savepoint, so that transaction stays usable.
-- Called outside any atomic block from a thread other than the main thread (the client's
-  sender thread, a worker thread), the store treats each call as a unit of work, as Django
-  does a request: it drops the thread's connection before and after the call when it is
-  broken or older than ``CONN_MAX_AGE``. So a long-lived background thread neither keeps
-  a dead connection nor holds one longer than the project allows.
+- Every error of a call (a database error, or any other: a value the backend refuses) is
+  raised as :class:`meter_core.StoreError`; an error inside the caller's transaction rolls
+  back to a savepoint, so that transaction stays usable.
+- Connections. On the caller's threads (requests, workers, commands, anything but the
+  meter's own sender thread) the store uses the thread's connection as the ORM does and
+  never closes it: its lifetime is the caller's (Django's request cycle, or the code that
+  runs the thread). On the client's sender thread (named ``meter-sender`` by meter_core)
+  the store owns the connection: it keeps it from one poll to the next (an idle process
+  holds one connection and opens none per poll, whatever ``CONN_MAX_AGE``), and drops it
+  when it is found unusable after a database error (or fails ``CONN_HEALTH_CHECKS``),
+  when it is older than a positive ``CONN_MAX_AGE``, or when the database settings it was
+  opened with have changed. :meth:`DatabaseFailureStore.close_connections` closes it when
+  the client is closed (:func:`meter_django.reset_client` does).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,8 +41,10 @@ from datetime import datetime, timedelta
 from datetime import timezone as dt_timezone
 from typing import Any
 
+from django.conf import settings
 from django.db import Error as DBError
 from django.db import connections, transaction
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -58,10 +68,100 @@ DEFAULT_LEASE_SECONDS = 300.0
 MAX_ERROR_LENGTH = 2000
 
 
+#: The name meter_core gives the client's sender thread (``meter_core.sender``).
+SENDER_THREAD_NAME = "meter-sender"
+
+
 def _as_datetime(epoch_seconds: float | None) -> datetime:
+    """A time for the table: aware (UTC) with ``USE_TZ``, else naive in the default time
+    zone, as Django stores datetimes then."""
     if epoch_seconds is None:
         return timezone.now()
-    return datetime.fromtimestamp(epoch_seconds, tz=dt_timezone.utc)
+    value = datetime.fromtimestamp(epoch_seconds, tz=dt_timezone.utc)
+    if settings.USE_TZ:
+        return value
+    return timezone.make_naive(value, timezone.get_default_timezone())
+
+
+def _epoch(value: datetime) -> float:
+    """The epoch seconds of a time read from the table (naive: the default time zone)."""
+    if timezone.is_naive(value):
+        value = timezone.make_aware(value, timezone.get_default_timezone())
+    return value.timestamp()
+
+
+def _on_sender_thread() -> bool:
+    return threading.current_thread().name == SENDER_THREAD_NAME
+
+
+def _settings_key(conn: BaseDatabaseWrapper) -> tuple[Any, ...]:
+    """What a connection was opened to (the test runner changes NAME in place)."""
+    s = conn.settings_dict
+    return (s.get("ENGINE"), s.get("NAME"), s.get("HOST"), s.get("PORT"), s.get("USER"))
+
+
+def _close_quietly(conn: BaseDatabaseWrapper, *, other_thread: bool = False) -> None:
+    """Close ``conn`` (a connection of another thread with ``other_thread``, which must
+    not be using it meanwhile). A failure to close leaves nothing to do."""
+    if conn.connection is None or conn.in_atomic_block:
+        return
+    try:
+        if other_thread:
+            conn.inc_thread_sharing()
+        try:
+            conn.close()
+        finally:
+            if other_thread:
+                conn.dec_thread_sharing()
+    except Exception:
+        logger.debug("closing a meter sender's database connection failed", exc_info=True)
+
+
+class _SenderConnection:
+    """The connection of one sender thread, as the store keeps it between calls."""
+
+    __slots__ = ("conn", "key", "lock", "retired", "thread")
+
+    def __init__(self, thread: threading.Thread, conn: BaseDatabaseWrapper) -> None:
+        self.thread = thread
+        self.conn = conn
+        self.key: tuple[Any, ...] | None = None  # the settings it was opened with
+        self.lock = threading.Lock()  # held by the thread during a call, and to close it
+        self.retired = False  # its client is closed: close it after every call
+
+    def recycle(self) -> None:
+        """Before a call: drop the connection when it must not be used again."""
+        conn = self.conn
+        if conn.connection is None:
+            self.key = None
+            return
+        max_age = conn.settings_dict.get("CONN_MAX_AGE")
+        if (
+            (self.key is not None and self.key != _settings_key(conn))
+            or (max_age and conn.close_at is not None and time.monotonic() >= conn.close_at)
+            or conn.get_autocommit() != conn.settings_dict.get("AUTOCOMMIT", True)
+            or (
+                (conn.errors_occurred or getattr(conn, "health_check_enabled", False))
+                and not conn.is_usable()
+            )
+        ):
+            _close_quietly(conn)
+            self.key = None
+        else:
+            conn.errors_occurred = False
+
+    def settle(self, failed: bool) -> None:
+        """After a call: close the connection once retired, or when a database error left
+        it unusable; else remember what it was opened to."""
+        conn = self.conn
+        if self.retired or (
+            failed and conn.connection is not None and conn.errors_occurred and not conn.is_usable()
+        ):
+            _close_quietly(conn)
+        if conn.connection is None:
+            self.key = None
+        elif self.key is None:
+            self.key = _settings_key(conn)
 
 
 def _unleased(now: datetime) -> Q:
@@ -93,6 +193,10 @@ class DatabaseFailureStore:
         # claimed again at once by the same run (its schedule is ignored)
         self._handed_out: set[str] = set()
         self._handed_lock = threading.Lock()
+        # the connections of the sender threads that call this store (see _unit)
+        self._senders: dict[threading.Thread, _SenderConnection] = {}
+        self._senders_lock = threading.Lock()
+        self._senders_pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"DatabaseFailureStore(using={self.using!r})"
@@ -111,20 +215,79 @@ class DatabaseFailureStore:
 
     @contextmanager
     def _unit(self) -> Iterator[None]:
+        """One call: its own transaction (a savepoint inside the caller's), every error as
+        StoreError. The connection of a caller's thread is left as it is; that of a sender
+        thread is the store's to keep or drop (see the module docstring)."""
         conn = connections[self.using]
-        background = (
-            not conn.in_atomic_block and threading.current_thread() is not threading.main_thread()
-        )
-        if background:
-            conn.close_if_unusable_or_obsolete()
+        held = None
+        if not conn.in_atomic_block and _on_sender_thread():
+            held = self._sender_connection(conn)
+            held.lock.acquire()
+        failed = False
         try:
+            if held is not None:
+                held.recycle()
             with transaction.atomic(using=self.using):
                 yield
         except DBError as exc:  # InterfaceError too ("connection already closed")
+            failed = True
             raise StoreError(f"meter event table ({self.using}): {exc}") from exc
+        except StoreError:
+            raise
+        except Exception as exc:  # a value the backend refuses, a bug of a backend
+            raise StoreError(
+                f"meter event table ({self.using}): {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
-            if background:
-                conn.close_if_unusable_or_obsolete()
+            if held is not None:
+                try:
+                    held.settle(failed)
+                finally:
+                    held.lock.release()
+
+    def _sender_connection(self, conn: BaseDatabaseWrapper) -> _SenderConnection:
+        """The entry of the current (sender) thread, made on its first call."""
+        thread = threading.current_thread()
+        dead: list[_SenderConnection] = []
+        with self._senders_lock:
+            if self._senders_pid != os.getpid():
+                # a forked child: the parent's connections are not ours to close
+                self._senders, self._senders_pid = {}, os.getpid()
+            held = self._senders.get(thread)
+            if held is None:
+                for other in list(self._senders):
+                    if not other.is_alive():
+                        dead.append(self._senders.pop(other))
+                held = self._senders[thread] = _SenderConnection(thread, conn)
+        for entry in dead:  # a sender thread that ended without its client being closed
+            _close_quietly(entry.conn, other_thread=True)
+        if held.conn is not conn:  # the thread's connection was replaced meanwhile
+            _close_quietly(held.conn)
+            held.conn, held.key = conn, None
+        return held
+
+    def close_connections(self, timeout: float = 2.0) -> None:
+        """Close the connections this store keeps on sender threads: call it once the
+        client using this store is closed (:func:`meter_django.reset_client` does). A
+        sender thread still inside a call (a slow database) closes its own when the call
+        ends, waited for up to ``timeout`` seconds; one still running later (a send that
+        outlived ``close()``) closes its connection after each call."""
+        with self._senders_lock:
+            if self._senders_pid != os.getpid():
+                return
+            entries = list(self._senders.values())
+            for thread in [t for t in self._senders if not t.is_alive()]:
+                del self._senders[thread]
+        current = threading.current_thread()
+        for held in entries:
+            held.retired = True
+            if held.thread is current:  # (closed from a hook of the sender thread)
+                _close_quietly(held.conn)
+            elif held.lock.acquire(timeout=timeout):
+                try:
+                    _close_quietly(held.conn, other_thread=True)
+                finally:
+                    held.lock.release()
 
     # -- the protocol ------------------------------------------------------------------
 
@@ -141,25 +304,25 @@ class DatabaseFailureStore:
         lowered) and due time and drops any lease; a plain re-store leaves them alone."""
         if not events:
             return
-        due = _as_datetime(next_attempt_at)
         status = FAILED if error else QUEUED
         error = error[:MAX_ERROR_LENGTH]
-        rows = [
-            FailedMeterEvent(
-                event_id=event.event_id,
-                payload=event.to_dict(),
-                tenant_id=event.tenant_id,
-                device_id=event.device_id,
-                meter_id=event.meter_id,
-                total_usage=event.total_usage,
-                status=status,
-                attempts=attempts,
-                last_error=error,
-                next_attempt_at=due,
-            )
-            for event in events
-        ]
         with self._unit():
+            due = _as_datetime(next_attempt_at)
+            rows = [
+                FailedMeterEvent(
+                    event_id=event.event_id,
+                    payload=event.to_dict(),
+                    tenant_id=event.tenant_id,
+                    device_id=event.device_id,
+                    meter_id=event.meter_id,
+                    total_usage=event.total_usage,
+                    status=status,
+                    attempts=attempts,
+                    last_error=error,
+                    next_attempt_at=due,
+                )
+                for event in events
+            ]
             self._objects().bulk_create(rows, ignore_conflicts=True)
             if error:
                 self._objects().filter(
@@ -269,7 +432,7 @@ class DatabaseFailureStore:
                     row["status"],
                     row["attempts"],
                     row["last_error"],
-                    row["next_attempt_at"].timestamp(),
+                    _epoch(row["next_attempt_at"]),
                 )
             )
         return claimed, unreadable
