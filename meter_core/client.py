@@ -345,10 +345,8 @@ class MeterClient:
 
     def enqueue(self, event: UsageEvent) -> None:
         """Hand an already built event to the background sender (see :meth:`record`)."""
-        if capture._active:
-            capture.notify(event)
-        if self._before_send is not None:
-            hooked = self._apply_before_send(event)
+        if capture._active or self._before_send is not None:
+            hooked = self._hooked(event)
             if hooked is None:
                 return
             event = hooked
@@ -365,16 +363,7 @@ class MeterClient:
     def enqueue_many(self, events: Sequence[UsageEvent]) -> None:
         """:meth:`enqueue` for the events of one unit of work (say, one request): in
         durable mode they are written to the store in one transaction, all or none."""
-        kept: list[UsageEvent] = []
-        for event in events:
-            if capture._active:
-                capture.notify(event)
-            if self._before_send is not None:
-                hooked = self._apply_before_send(event)
-                if hooked is None:
-                    continue
-                event = hooked
-            kept.append(event)
+        kept = [e for e in map(self._hooked, events) if e is not None]
         if not self.enabled:
             logger.debug("metering disabled: %d events not sent", len(kept))
             return
@@ -406,6 +395,15 @@ class MeterClient:
         if sender is None or (not _FORK_HOOK and sender.pid != os.getpid()):
             sender = self._get_sender()
         return sender
+
+    def _hooked(self, event: UsageEvent) -> UsageEvent | None:
+        """``event`` once seen by :func:`capture_events` and passed through the
+        ``before_send`` hook (None: the hook dropped it)."""
+        if capture._active:
+            capture.notify(event)
+        if self._before_send is not None:
+            return self._apply_before_send(event)
+        return event
 
     def _apply_before_send(self, event: UsageEvent) -> UsageEvent | None:
         assert self._before_send is not None
