@@ -49,6 +49,11 @@ that is always set (what :func:`~meter_asgi.meter_usage` reads)."""
 # second one on the same request (nested apps) finds it there.
 _METERED_BY = "meter.metered_by"
 
+# Messages that end a response when they carry no more_body (pathsend always does).
+_FINAL_KINDS = frozenset(
+    {"http.response.body", "http.response.zerocopysend", "http.response.pathsend"}
+)
+
 _DEFAULT_TENANT = from_user("tenant_id")
 
 
@@ -210,8 +215,8 @@ class MeterMiddleware:
                     message = {**message, "headers": raw_headers}
                 if strip and raw_headers:
                     message, header_usage = _strip_headers(message, raw_headers, strip)
-            elif (kind == "http.response.body" and not message.get("more_body", False)) or (
-                kind == "http.response.pathsend"
+            elif kind in _FINAL_KINDS and not (
+                kind != "http.response.pathsend" and message.get("more_body", False)
             ):
                 await send(message)
                 complete = True  # the server took the end of the response
@@ -229,15 +234,16 @@ class MeterMiddleware:
             built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
             if built is not None:
                 client, events = built
-                if client.enqueue_blocks(len(events)):  # a store write: in a worker thread
-                    await recorder.submit(client, events)
-                else:
-                    recorder.submit_nowait(client, events)
+                # (counted first: a cancelled wait below does not stop the store write)
                 recorder.counters["metered_requests"] += 1
                 other = state.get(_METERED_BY)
                 if other is not None and other is not self:
                     recorder.metered_twice(scope.get("method", "GET"), path)
                 state[_METERED_BY] = self
+                if client.enqueue_blocks(len(events)):  # a store write: in a worker thread
+                    await recorder.submit(client, events)
+                else:
+                    recorder.submit_nowait(client, events)
         except Exception as exc:
             recorder.internal_error("metering a request", exc)
 

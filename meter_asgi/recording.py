@@ -274,9 +274,13 @@ class Recorder:
         is logged."""
         try:
             await client.aenqueue_many(events)
-            self.counters["events"] += len(events)
+        except asyncio.CancelledError:
+            self.counters["events"] += len(events)  # (the write goes on in its thread)
+            raise
         except Exception as exc:
             self.internal_error("enqueueing a usage event", exc)
+        else:
+            self.counters["events"] += len(events)
 
     def metered_twice(self, method: str, path: str) -> None:
         """A MeterMiddleware nested in this one (on a mounted app, or the middleware

@@ -18,9 +18,10 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from meter_core import capture
 from meter_core.config import CLIENT_OPTIONS, Secret, coerce_option, options_from_env, redact_url
@@ -32,6 +33,7 @@ from meter_core.sender import Sender, SenderConfig
 from meter_core.spool import SQLiteSpool
 from meter_core.stats import DeliveryStats
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
+from meter_core.store_writes import StoreWrites
 from meter_core.transport import HTTPTransport, LogTransport, MemoryTransport, Transport
 
 __all__ = ["MeterClient"]
@@ -46,27 +48,6 @@ _clients: weakref.WeakSet[MeterClient] = weakref.WeakSet()
 # until it stops even when its client is gone.
 _senders: weakref.WeakSet[Sender] = weakref.WeakSet()
 _FORK_HOOK = hasattr(os, "register_at_fork")
-
-
-_T = TypeVar("_T")
-
-
-async def _in_worker_thread(func: Callable[[_T], None], arg: _T) -> None:
-    """Run ``func(arg)`` in a worker thread and wait for it. Shielded: a cancellation of
-    the caller does not cancel the job (a job not yet started in the pool would then
-    never run, losing the events it writes); a failure after such a cancellation is
-    logged, as no caller is left to raise it to."""
-    job = asyncio.ensure_future(asyncio.to_thread(func, arg))
-    try:
-        await asyncio.shield(job)
-    except asyncio.CancelledError:
-        job.add_done_callback(_log_orphaned_failure)
-        raise
-
-
-def _log_orphaned_failure(job: asyncio.Future[None]) -> None:
-    if not job.cancelled() and (exc := job.exception()) is not None:
-        logger.error("a store write whose caller was cancelled failed: %s", exc, exc_info=exc)
 
 
 class MeterClient:
@@ -187,6 +168,7 @@ class MeterClient:
         self._stats = DeliveryStats()
         self._fallback = MemoryFailureStore(self._options["max_failed_in_memory"])
         self._sender: Sender | None = None
+        self._writes = StoreWrites()  # store writes handed off by async callers
         self._closed = False
 
     @staticmethod
@@ -480,7 +462,7 @@ class MeterClient:
         a worker thread, so the event loop never waits on it, and completes even if the
         awaiting task is cancelled."""
         if self.enqueue_blocks():
-            await _in_worker_thread(self.enqueue, event)
+            await self._writes.run(self.enqueue, event)
         else:
             self.enqueue(event)
 
@@ -488,17 +470,22 @@ class MeterClient:
         """:meth:`enqueue_many` for async code. A store write runs in a worker thread as
         one call, which completes even if the awaiting task is cancelled."""
         if self.enqueue_blocks(len(events)):
-            await _in_worker_thread(self.enqueue_many, events)
+            await self._writes.run(self.enqueue_many, events)
         else:
             self.enqueue_many(events)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Send everything waiting now; True when nothing is left pending in memory within
-        ``timeout`` seconds (events that failed for good count as done: they are stored)."""
+        ``timeout`` seconds (events that failed for good count as done: they are stored).
+        Store writes that async callers handed off (:meth:`aenqueue`) are waited for
+        first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._writes.wait(timeout):
+            return False
         sender = self._sender
         if sender is None or sender.pid != os.getpid():
             return True
-        return sender.flush(timeout)
+        return sender.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wake(self) -> None:
         """Ask the background sender to look for work now, without waiting. For durable
@@ -522,12 +509,16 @@ class MeterClient:
         and stop the sender. Safe from any thread and more than once; called at exit.
         Events recorded after close go straight to the failure store. In durable mode it
         waits for this process's events in memory only: those in the store stay there for
-        any process sharing it (or the next start) to send."""
+        any process sharing it (or the next start) to send. Store writes that async
+        callers handed off are waited for first (within the same ``timeout``)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._writes.wait(timeout):
+            logger.error("close(): store writes handed off by async code still running")
         with self._lock:
             self._closed = True
             sender = self._sender
         if sender is not None and sender.pid == os.getpid():
-            sender.close(timeout)
+            sender.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         if sender is None:
             self._get_sender().close(0)
 

@@ -69,6 +69,9 @@ def test_a_durable_requests_events_are_stored_whole_when_its_task_is_cancelled(
             time.sleep(0.02)
         time.sleep(0.1)
         assert [size for _, size in store.calls] == [USAGE_ENTRIES] * 3
+        # counted although each wait for its write was cancelled
+        assert metered.stats["metered_requests"] == 3
+        assert metered.stats["events"] == 3 * USAGE_ENTRIES
     finally:
         transport.gate.set()
         client.close(5)

@@ -71,3 +71,45 @@ def test_a_durable_unit_of_work_is_stored_whole_even_if_its_task_is_cancelled() 
     finally:
         transport.gate.set()
         client.close(5)
+
+
+class GatedStore(WatchedStore):
+    """A store whose writes wait for ``gate`` (a disk or database lock held elsewhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        self.gate.wait(10)
+        super().store(events, **kwargs)
+
+
+def test_writes_of_cancelled_callers_outlive_the_event_loop_and_flush_waits_for_them() -> None:
+    transport, store = GatedTransport(), GatedStore()
+    client = client_with(transport, failure_store=store, durable=True)
+    writes = 12  # more than any thread pool here runs at once: some wait in its queue
+
+    async def main() -> None:
+        tasks = [
+            asyncio.create_task(client.aenqueue_many([_event(client, n), _event(client, n)]))
+            for n in range(1, writes + 1)
+        ]
+        await asyncio.sleep(0.05)
+        for task in tasks:
+            task.cancel()  # a request timeout, a server shutting down
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run(main())  # the loop is gone; the writes are still waiting for the lock
+        assert store.calls == [] or len(store.calls) < writes
+        store.gate.set()
+        transport.gate.set()
+        assert client.flush(10)  # waits for the handed-off writes first
+        assert sorted(size for _, size in store.calls) == [2] * writes
+        delivered = [v["total_usage"] for v in transport.values()]
+        assert sorted(delivered) == sorted([*range(1, writes + 1)] * 2)
+    finally:
+        store.gate.set()
+        transport.gate.set()
+        client.close(5)
