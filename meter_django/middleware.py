@@ -164,6 +164,10 @@ def _defer_to_stream_end(
     if response.is_async:
 
         async def done_async() -> None:
+            usage = _usage(request)
+            if not specs and not (usage is not None and usage.entries):
+                _close_usage(request)  # nothing to meter: no thread switch
+                return
             await sync_to_async(_collect_and_record, thread_sensitive=True)(
                 request, response, specs, headers
             )

@@ -3,10 +3,11 @@
 - The event is validated at once: bad arguments raise :class:`meter_core.InvalidEvent`.
 - Inside ``transaction.atomic`` the event is handed to the client only when the
   transaction commits (``transaction.on_commit``): a rolled-back operation is never billed.
-  The transaction that decides is the caller's, not the meter table's: with ``using``,
-  that database's; without it, every database this thread has in an atomic block (the
-  operation may be on any of them: the event waits for all of them to commit, and a
-  rollback of any drops it). ``METER["DATABASE"]`` only says where the table lives.
+  The transaction that decides: with ``using``, that database's; without it, the meter
+  table's database's (``METER["DATABASE"]``) when it has one open, else every database
+  this thread has in an atomic block (the event waits for all of them to commit, and a
+  rollback of any drops it): work on another database is never billed when it rolls
+  back, even with the table elsewhere.
 - In durable mode (``METER["DURABLE"]``) the event is written to the FailedMeterEvent
   table as ``queued`` in the caller's transaction (a transactional outbox): it exists
   exactly when the operation's own writes do, and the client's sender delivers it from
@@ -159,14 +160,20 @@ def _recorder(device_id: str | None) -> tuple[MeterClient, MeterClient | None, s
 
 def _deciding(using: str | None) -> list[str]:
     """The databases whose open transactions decide whether an event recorded now is
-    billed: ``using`` when given (if it is in an atomic block), else every database this
-    thread has in an atomic block. Whatever the caller's operation wrote is in one of
-    them, and which one is not known here: waiting for all of them is the rule under
-    which rolled-back work is never billed (a rollback of an unrelated transaction of
-    the same thread drops the event: an under-bill, never a bill for undone work)."""
-    if using is not None:
-        return [using] if transaction.get_connection(using).in_atomic_block else []
-    return [c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block]
+    billed: ``using`` when given (if it is in an atomic block); else the meter table's
+    database when it is in one (the usual single-database project, ``ATOMIC_REQUESTS``,
+    a multi-database ``TestCase``); else every database this thread has in an atomic
+    block: the work is in one of them, which one is not known here, and waiting for all
+    of them is the rule under which rolled-back work is never billed (a rollback of an
+    unrelated transaction drops the event: an under-bill, never a bill for undone
+    work). Work on another database than the table's, inside a transaction of both:
+    pass ``using``."""
+    if using is None:
+        table_db = conf.database
+        if transaction.get_connection(table_db).in_atomic_block:
+            return [table_db]
+        return [c.alias for c in connections.all(initialized_only=True) if c.in_atomic_block]
+    return [using] if transaction.get_connection(using).in_atomic_block else []
 
 
 def _after_commit(aliases: list[str], func: Callable[[], None]) -> None:
@@ -264,8 +271,8 @@ def record_usage(
 ) -> str:
     """Record ``total_usage`` units of ``meter_id`` for ``tenant_id``; returns the
     ``event_id``. ``device_id`` defaults to ``METER["DEVICE_ID"]``, ``timestamp`` (epoch
-    ms) to now. ``using`` is the database whose transaction decides (default: every
-    database in an atomic block; ``METER["DATABASE"]`` is only where the table lives).
+    ms) to now. ``using`` is the database whose transaction decides (default: the
+    table's database when it is in a transaction, else every database that is).
     Never does network I/O. In durable mode, not from async code: see
     :func:`arecord_usage`. See the module docstring."""
     builder, client, device_id = _recorder(device_id)

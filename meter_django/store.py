@@ -22,7 +22,7 @@ Guarantees:
   runs the thread). On the client's sender thread (named ``meter-sender`` by meter_core)
   the store owns the connection: it keeps it from one poll to the next (an idle process
   holds one connection and opens none per poll, whatever ``CONN_MAX_AGE``), and drops it
-  when it is found unusable after a database error (or fails ``CONN_HEALTH_CHECKS``),
+  when it is found unusable after a database error or after 5 s without use,
   when it is older than a positive ``CONN_MAX_AGE``, or when the database settings it was
   opened with have changed. :meth:`DatabaseFailureStore.close_connections` closes it when
   the client is closed (:func:`meter_django.reset_client` does).
@@ -70,6 +70,9 @@ MAX_ERROR_LENGTH = 2000
 
 #: The name meter_core gives the client's sender thread (``meter_core.sender``).
 SENDER_THREAD_NAME = "meter-sender"
+
+# A sender connection idle for longer is checked (one round trip) before its next use.
+_IDLE_CHECK_SECONDS = 5.0
 
 
 def _as_datetime(epoch_seconds: float | None) -> datetime:
@@ -120,7 +123,7 @@ def _close_quietly(conn: BaseDatabaseWrapper, *, other_thread: bool = False) -> 
 class _SenderConnection:
     """The connection of one sender thread, as the store keeps it between calls."""
 
-    __slots__ = ("conn", "key", "lock", "retired", "thread")
+    __slots__ = ("conn", "key", "lock", "retired", "thread", "used_at")
 
     def __init__(self, thread: threading.Thread, conn: BaseDatabaseWrapper) -> None:
         self.thread = thread
@@ -128,6 +131,7 @@ class _SenderConnection:
         self.key: tuple[Any, ...] | None = None  # the settings it was opened with
         self.lock = threading.Lock()  # held by the thread during a call, and to close it
         self.retired = False  # its client is closed: close it after every call
+        self.used_at = time.monotonic()  # end of its last call
 
     def recycle(self) -> None:
         """Before a call: drop the connection when it must not be used again."""
@@ -141,7 +145,10 @@ class _SenderConnection:
             or (max_age and conn.close_at is not None and time.monotonic() >= conn.close_at)
             or conn.get_autocommit() != conn.settings_dict.get("AUTOCOMMIT", True)
             or (
-                (conn.errors_occurred or getattr(conn, "health_check_enabled", False))
+                # An idle connection may have been cut meanwhile (a database restart, a
+                # proxy's or firewall's idle timeout): checked before it is trusted with
+                # a write that would otherwise fail (events kept only in memory then).
+                (conn.errors_occurred or time.monotonic() - self.used_at > _IDLE_CHECK_SECONDS)
                 and not conn.is_usable()
             )
         ):
@@ -162,6 +169,7 @@ class _SenderConnection:
             self.key = None
         elif self.key is None:
             self.key = _settings_key(conn)
+        self.used_at = time.monotonic()
 
 
 def _unleased(now: datetime) -> Q:

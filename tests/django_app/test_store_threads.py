@@ -186,6 +186,28 @@ def test_after_a_database_error_the_sender_reconnects_and_goes_on(
     assert len(sender_connections) == 2  # one new connection, not one per poll
 
 
+@postgres_server
+def test_an_idle_sender_connection_cut_meanwhile_is_replaced_before_a_failed_batch_is_stored(
+    meter_settings: MeterSettings,
+    sender_connections: list[BaseDatabaseWrapper],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Default mode, backend down: failed events go to the table from the sender thread,
+    # whose connection then sits idle until the next failure, and may be cut meanwhile.
+    monkeypatch.setattr("meter_django.store._IDLE_CHECK_SECONDS", 0.2)
+    meter_settings(KAFKA_URL="http://127.0.0.1:9", INTERNAL_URL="http://127.0.0.1:9",
+                   MAX_RETRIES=0, TIMEOUT=0.5)  # fmt: skip
+    first = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
+    _wait_for(lambda: FailedMeterEvent.objects.filter(event_id=first).exists())
+    [conn] = sender_connections
+    with connection.cursor() as cursor:  # a restart, a failover, a proxy's idle timeout
+        cursor.execute("SELECT pg_terminate_backend(%s)", [conn.connection.info.backend_pid])
+    time.sleep(0.5)
+    second = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=2)
+    _wait_for(lambda: FailedMeterEvent.objects.filter(event_id=second).exists())
+    assert get_client().stats()["failed_in_memory"] == 0  # nothing kept in memory only
+
+
 # -- bug: a test database could not be dropped while the sender held a connection ---------
 
 

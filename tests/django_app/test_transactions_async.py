@@ -17,7 +17,7 @@ from django.contrib.auth.models import User
 from django.core.exceptions import SynchronousOnlyOperation
 from django.db import connections, transaction
 from django.http import HttpRequest, HttpResponse
-from django.test import AsyncClient, Client
+from django.test import AsyncClient, Client, TestCase
 
 from meter_core import LogThrottle, capture_events
 from meter_core.devserver import DevServer
@@ -143,11 +143,12 @@ def test_using_names_the_database_whose_transaction_decides(
             raise Refused
 
     def refused_on_one_of_two() -> None:
-        # several databases in a transaction: the event waits for all of them
+        # both databases in a transaction, the work on default: using names it (without
+        # it, the meter table's transaction would decide)
         with transaction.atomic():
             with transaction.atomic(using=meter_db):
                 lost.append(record_usage(tenant_id="acme", meter_id="page.processed.basic",
-                                         total_usage=1))  # fmt: skip
+                                         total_usage=1, using="default"))  # fmt: skip
             raise Refused
 
     with pytest.raises(Refused):
@@ -159,6 +160,23 @@ def test_using_names_the_database_whose_transaction_decides(
     assert get_client().flush(5)
     time.sleep(0.2)
     assert backend.event_ids() == [kept]
+
+
+def test_a_test_wrapping_several_databases_captures_usage_on_the_tables_database(
+    meter_settings: MeterSettings,
+    backend: DevServer,
+    meter_db: str,
+) -> None:
+    meter_settings()  # the table on default
+    # what a TestCase on two databases does: a transaction on each, never committed
+    with transaction.atomic(), transaction.atomic(using=meter_db):
+        with TestCase.captureOnCommitCallbacks(execute=True):  # (default's callbacks)
+            kept = record_usage(tenant_id="acme", meter_id="page.processed.basic",
+                                total_usage=4)  # fmt: skip
+        assert get_client().flush(5)
+        _wait_for(lambda: backend.event_ids() == [kept])
+        transaction.set_rollback(True, using=meter_db)
+        transaction.set_rollback(True)
 
 
 # -- 2. async code records with arecord_usage -----------------------------------------
