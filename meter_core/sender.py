@@ -315,6 +315,7 @@ class Sender:
             self._retrying = 0
         if leased and not still_sending and self._store is not None:
             self._release(leased)
+        self._drain_fallback()  # a store that failed earlier may work again now
         if leftover:
             self._store_final(leftover, "undelivered at close", count_failed=False)
             if self._store is None:
@@ -556,6 +557,24 @@ class Sender:
             except Exception:
                 logger.exception("on_error hook raised")
 
+    def _drain_fallback(self) -> None:
+        """Move the events kept in memory while the failure store failed into the store
+        (they would die with the process there). Left in memory if it fails again."""
+        if self._store is None or not len(self._fallback):
+            return
+        groups: dict[tuple[str, int], list[UsageEvent]] = {}
+        for held in self._fallback.events():
+            groups.setdefault((held.last_error, held.attempts), []).append(held.event)
+        for (error, attempts), events in groups.items():
+            try:
+                self._store.store(events, error=error, attempts=attempts)
+            except Exception:
+                logger.exception("failure store unavailable: %d events stay in memory",
+                                 len(self._fallback))  # fmt: skip
+                return
+            self._fallback.discard([e.event_id for e in events])
+            logger.warning("%d events kept in memory moved to the failure store", len(events))
+
     def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:
         """Hand events to the failure store (or the in-memory fallback) for the retry
         command. Sender-side attempts are marked as used up."""
@@ -572,6 +591,7 @@ class Sender:
                 )
             else:
                 self._stats.add(stored=len(events))
+                self._drain_fallback()  # the store works again: what it missed goes there
                 return
         before = self._fallback.dropped
         self._fallback.store(events, error=reason, attempts=attempts)

@@ -218,6 +218,13 @@ class MemoryFailureStore:
                 by_status[DELIVERED] = self._delivered
         return {"by_status": by_status, "by_reason": by_reason}
 
+    def discard(self, event_ids: Sequence[str]) -> None:
+        """Forget these events (moved elsewhere); not counted as delivered."""
+        with self._lock:
+            for event_id in event_ids:
+                self._events.pop(event_id, None)
+                self._leases.pop(event_id, None)
+
     def events(self) -> list[StoredEvent]:
         """A snapshot of what is held, oldest first."""
         with self._lock:

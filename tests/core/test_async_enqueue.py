@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from meter_core import MemoryFailureStore, MeterClient, UsageEvent
-from tests.core.test_sender import GatedTransport, client_with
+from meter_core import MemoryFailureStore, MeterClient, StoreError, UsageEvent
+from tests.core.test_sender import DownTransport, GatedTransport, client_with
 
 
 class WatchedStore(MemoryFailureStore):
@@ -113,3 +114,48 @@ def test_writes_of_cancelled_callers_outlive_the_event_loop_and_flush_waits_for_
         store.gate.set()
         transport.gate.set()
         client.close(5)
+
+
+class FlakyStore(MemoryFailureStore):
+    """A store whose first ``failures`` writes fail (a database restarting)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("the database is restarting")
+        super().store(events, **kwargs)
+
+
+def test_events_kept_in_memory_while_the_store_failed_move_to_it_once_it_works() -> None:
+    store = FlakyStore(failures=1)
+    client = client_with(DownTransport(), failure_store=store, max_retries=0)
+    try:
+        first = client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        deadline = time.monotonic() + 5
+        while client.stats()["failed_in_memory"] < 1:  # the store failed: kept in memory
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        second = client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=2)
+        while {e.event.event_id for e in store.events()} != {first, second}:
+            assert time.monotonic() < deadline, store.events()
+            time.sleep(0.01)
+        assert client.stats()["failed_in_memory"] == 0
+    finally:
+        client.close(1)
+
+
+def test_close_moves_events_kept_in_memory_to_a_store_that_works_again() -> None:
+    store = FlakyStore(failures=1)
+    client = client_with(DownTransport(), failure_store=store, max_retries=0)
+    event_id = client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    deadline = time.monotonic() + 5
+    while client.stats()["failed_in_memory"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.close(1)
+    assert [e.event.event_id for e in store.events()] == [event_id]
+    assert client.stats()["failed_in_memory"] == 0
