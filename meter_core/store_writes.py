@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import itertools
 import logging
 import os
 import threading
@@ -57,7 +58,8 @@ class StoreWrites:
     """The store writes of one client that async callers handed off. Thread-safe."""
 
     def __init__(self) -> None:
-        self._running = 0
+        self._pending: set[int] = set()  # tickets of writes queued or running
+        self._tickets = itertools.count()
         self._idle = threading.Condition()
 
     async def run(self, func: Callable[[_T], None], arg: _T) -> None:
@@ -76,15 +78,17 @@ class StoreWrites:
             else:
                 waiter.set_exception(error)
 
-        def work() -> None:  # on a write thread
+        def work() -> None:  # on a write thread (or inline, see below)
             error: BaseException | None = None
+            _current.ticket = ticket
             try:
                 context.run(func, arg)
             except BaseException as exc:
                 error = exc
             finally:
+                _current.ticket = None
                 with self._idle:
-                    self._running -= 1
+                    self._pending.discard(ticket)
                     self._idle.notify_all()
             try:
                 loop.call_soon_threadsafe(settle, error)
@@ -93,20 +97,29 @@ class StoreWrites:
                     _log_orphaned(error)
 
         with self._idle:
-            self._running += 1
+            ticket = next(self._tickets)
+            self._pending.add(ticket)
         try:
             _shared_pool().submit(work)
-        except BaseException:
-            with self._idle:
-                self._running -= 1
-                self._idle.notify_all()
-            raise
+        except RuntimeError:
+            # The interpreter is shutting down and the pool takes no more work: written
+            # here, on the loop's thread, rather than dropped.
+            work()
         await waiter
 
     def wait(self, timeout: float | None) -> bool:
-        """Wait until no handed-off write is running or queued; False on timeout."""
+        """Wait until the writes handed off before this call have ended (those handed
+        off meanwhile are not waited for, nor the write of the calling thread itself,
+        when a hook or a store calls this from one); False on timeout."""
+        own = getattr(_current, "ticket", None)
         with self._idle:
-            return self._idle.wait_for(lambda: self._running == 0, timeout)
+            before = next(self._tickets)  # (a ticket number no write will have)
+            return self._idle.wait_for(
+                lambda: not any(t < before and t != own for t in self._pending), timeout
+            )
+
+
+_current = threading.local()  # .ticket: the write this thread is running, if any
 
 
 def _log_orphaned(error: BaseException) -> None:

@@ -61,12 +61,15 @@ def test_a_durable_unit_of_work_is_stored_whole_even_if_its_task_is_cancelled() 
 
     async def main() -> None:
         task = asyncio.create_task(client.aenqueue_many(events))
-        await asyncio.sleep(0)  # the write has started in its thread
+        await asyncio.sleep(0)  # the write is handed off
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
     try:
-        asyncio.run(main())  # (asyncio.run waits for the worker thread to finish)
+        asyncio.run(main())
+        deadline = time.monotonic() + 5  # (the write may still run on its thread)
+        while not store.calls and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert [size for _, size in store.calls] == [300]
         assert {e.event.total_usage for e in store.events()} == set(range(1, 301))
     finally:
@@ -159,3 +162,23 @@ def test_close_moves_events_kept_in_memory_to_a_store_that_works_again() -> None
     client.close(1)
     assert [e.event.event_id for e in store.events()] == [event_id]
     assert client.stats()["failed_in_memory"] == 0
+
+
+def test_flush_from_a_hook_on_a_write_thread_does_not_wait_for_its_own_write() -> None:
+    waited: list[float] = []
+
+    def hook(event: UsageEvent) -> UsageEvent:
+        started = time.monotonic()
+        client.flush(3)  # a hook that flushes: it runs inside the write it would wait for
+        waited.append(time.monotonic() - started)
+        return event
+
+    transport = GatedTransport()
+    transport.gate.set()
+    client = client_with(transport, failure_store=WatchedStore(), durable=True,
+                         before_send=hook)  # fmt: skip
+    try:
+        asyncio.run(client.aenqueue(_event(client)))
+        assert waited and waited[0] < 2.5
+    finally:
+        client.close(5)
