@@ -13,8 +13,8 @@ does some work, against the trivial one); ``--batch-size N`` sets the meter clie
              (its own process, see _backend.py); every request becomes one event
   meter-nodelivery  the same, with a disabled client: each event is built and validated,
              then discarded (the middleware's own cost, without the delivery work)
-  meter-idle MeterMiddleware installed, but the route driven is not metered (the cost
-             of the pass-through path alone)
+  meter-idle MeterMiddleware installed, but the route driven is not metered (its only
+             rule is for another method: the cost of the pass-through path alone)
   moesif     moesifasgi's MoesifMiddleware (the nearest public peer), sending to a
              closed loopback port
 
@@ -137,7 +137,9 @@ def build_app(
             enabled=variant != "meter-nodelivery",
             **({"batch_size": batch_size} if batch_size else {}),
         )  # fmt: skip
-        metered = "POST /other" if variant == "meter-idle" else "GET /documents/{doc_id}/scan"
+        # meter-idle: the rule is for another method of the route, so requests are not metered
+        method = "POST" if variant == "meter-idle" else "GET"
+        metered = f"{method} /documents/{{doc_id}}/scan"
         app.add_middleware(
             MeterMiddleware,
             client=client,
@@ -253,7 +255,8 @@ def in_process_costs(calls: int = 5000, repeats: int = 10) -> dict[str, float]:
             client = MeterClient(transport="memory", device_id="bench",
                                  enabled=variant != "metered, client disabled")  # fmt: skip
             clients.append(client)
-            route = "POST /other" if variant == "idle" else "GET /documents/{doc_id}/scan"
+            method = "POST" if variant == "idle" else "GET"  # idle: another method's rule
+            route = f"{method} /documents/{{doc_id}}/scan"
             app.add_middleware(
                 MeterMiddleware, client=client, routes={route: "page.processed.basic"},
                 tenant="bench-tenant",
