@@ -121,6 +121,11 @@ class Sender:
         self._closed = False
         self._taken_over: list[_Item] | None = None  # the in-flight batch close() stored
         self._spilled = False
+        # Durable mode: events this process stored since the last claim. Like the memory
+        # queue, the store is read once per flush_interval, or at once when a batch is
+        # full: waking up for every event would send batches of one or two (each a claim,
+        # a request and a mark in the store), several times the work per event.
+        self._stored_since_claim = 0
         self._dropping = False
         self._busy = False
         self._flush_waiters = 0
@@ -144,7 +149,9 @@ class Sender:
             self._stats.add(recorded=1)
             if self._thread is None:
                 self._start()
-            self._wake.set()
+            self._stored_since_claim += 1  # (approximate under threads: a wake-up hint)
+            if self._stored_since_claim >= self._batch_size and not self._wake.is_set():
+                self._wake.set()
             return
         queue = self._queue
         # max_queue bounds every event held in memory, those waiting for a retry included:
@@ -176,7 +183,9 @@ class Sender:
         self._stats.add(recorded=len(events))
         if self._thread is None:
             self._start()
-        self._wake.set()
+        self._stored_since_claim += len(events)
+        if self._stored_since_claim >= self._batch_size and not self._wake.is_set():
+            self._wake.set()
 
     def enqueue_blocks(self, count: int = 1) -> bool:
         """Whether enqueueing ``count`` events now would write to the store rather than
@@ -428,6 +437,7 @@ class Sender:
 
     def _claim_from_store(self, limit: int) -> list[_Item]:
         assert self._store is not None
+        self._stored_since_claim = 0
         try:
             claimed = self._store.claim(
                 limit,

@@ -238,10 +238,10 @@ def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) 
         and isinstance(store, DatabaseFailureStore)
         and set(deciding) <= {store.using}
     ):
-        client.enqueue(event)  # the store write joins the caller's transaction, if any
-        if deciding:
-            # the sender cannot see the row before the commit: tell it when there is one
-            transaction.on_commit(client.wake, using=store.using)
+        # The store write joins the caller's transaction, if any; the sender finds the
+        # row at its next poll after the commit (flush_interval), as it finds events in
+        # memory (waking it at every commit would send batches of one).
+        client.enqueue(event)
         return
     # Not the outbox's transaction (the table on another database, several databases in
     # a transaction, or a store outside the database): handed over after the commit, so

@@ -186,16 +186,27 @@ def test_misconfigured_settings_do_not_break_the_caller_and_keep_the_event(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_durable_events_go_out_at_the_commit_not_at_the_next_poll(
+def test_durable_events_go_out_after_the_commit_at_the_next_poll_in_batches(
     meter_settings: MeterSettings, backend: DevServer
 ) -> None:
-    meter_settings(DURABLE=True, FLUSH_INTERVAL=60)
+    meter_settings(DURABLE=True, FLUSH_INTERVAL=0.3)
     with transaction.atomic():
         first = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
-        # the sender is awake now, but the row is not committed: it sees nothing yet
-        time.sleep(0.3)
-    # woken by the commit: well before the next poll, 60 s away
+        time.sleep(0.6)  # polls come and go: the row is not committed, nothing is sent
+        assert backend.event_ids() == []
     _wait_for(lambda: backend.event_ids() == [first], timeout=10)
+    # One commit each, in quick succession: they go out together, not one request each
+    # (a wake-up per commit made batches of one or two, several times the work per event).
+    requests_before = backend.produce_requests
+    ids = []
+    for n in range(40):  # 0.2 s in all, less than the flush interval
+        with transaction.atomic():
+            ids.append(record_usage(tenant_id="acme", meter_id="page.processed.basic",
+                                    total_usage=n + 1))  # fmt: skip
+        time.sleep(0.005)
+    _wait_for(lambda: len(backend.event_ids()) == 41, timeout=10)
+    assert sorted(backend.event_ids()) == sorted([first, *ids])
+    assert backend.produce_requests - requests_before <= 5
 
 
 @pytest.fixture
