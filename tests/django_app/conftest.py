@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -82,3 +83,12 @@ def meter_settings(settings: Any, backend: DevServer) -> MeterSettings:
 def close_thread_connection() -> None:
     """For worker threads of a test: give their connection back."""
     connection.close()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` is true (the sender works on its own thread)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)

@@ -15,15 +15,7 @@ from meter_core.devserver import DevServer
 from meter_django import get_client, record_session, record_usage, recording
 from meter_django.models import FailedMeterEvent
 from meter_django.recording import UNCONFIGURED_DEVICE
-from tests.django_app.conftest import MeterSettings
-
-
-def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+from tests.django_app.conftest import MeterSettings, wait_for
 
 
 def test_recorded_event_reaches_the_backend_with_the_default_device(
@@ -132,8 +124,8 @@ def test_durable_mode_writes_the_outbox_row_in_the_callers_transaction(
 
     with transaction.atomic():
         kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=7)
-    _wait_for(lambda: backend.event_ids() == [kept])
-    _wait_for(lambda: FailedMeterEvent.objects.get(event_id=kept).status == "delivered")
+    wait_for(lambda: backend.event_ids() == [kept])
+    wait_for(lambda: FailedMeterEvent.objects.get(event_id=kept).status == "delivered")
     assert lost not in backend.event_ids()
 
 
@@ -162,7 +154,7 @@ def test_durable_mode_with_a_store_outside_the_database_writes_after_the_commit(
     [lost] = seen
     with transaction.atomic():
         kept = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=2)
-    _wait_for(lambda: backend.event_ids() == [kept])
+    wait_for(lambda: backend.event_ids() == [kept])
     time.sleep(0.2)
     assert lost not in backend.event_ids() and spool.pending_count() == 0
 
@@ -194,7 +186,7 @@ def test_durable_events_go_out_after_the_commit_at_the_next_poll_in_batches(
         first = record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
         time.sleep(0.6)  # polls come and go: the row is not committed, nothing is sent
         assert backend.event_ids() == []
-    _wait_for(lambda: backend.event_ids() == [first], timeout=10)
+    wait_for(lambda: backend.event_ids() == [first], timeout=10)
     # One commit each, in quick succession: they go out together, not one request each
     # (a wake-up per commit made batches of one or two, several times the work per event).
     requests_before = backend.produce_requests
@@ -204,7 +196,7 @@ def test_durable_events_go_out_after_the_commit_at_the_next_poll_in_batches(
             ids.append(record_usage(tenant_id="acme", meter_id="page.processed.basic",
                                     total_usage=n + 1))  # fmt: skip
         time.sleep(0.005)
-    _wait_for(lambda: len(backend.event_ids()) == 41, timeout=10)
+    wait_for(lambda: len(backend.event_ids()) == 41, timeout=10)
     assert sorted(backend.event_ids()) == sorted([first, *ids])
     assert backend.produce_requests - requests_before <= 5
 

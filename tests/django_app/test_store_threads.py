@@ -30,7 +30,7 @@ from meter_core.devserver import DevServer
 from meter_django import get_client, record_usage, reset_client
 from meter_django.models import FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
-from tests.django_app.conftest import ON_POSTGRES, MeterSettings
+from tests.django_app.conftest import ON_POSTGRES, MeterSettings, wait_for
 
 postgres_server = pytest.mark.skipif(
     not ON_POSTGRES,
@@ -42,14 +42,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 ROOT = Path(__file__).resolve().parents[2]
 METER_ID = "page.processed.basic"
-
-
-def _wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def _in_worker_thread(job: Callable[[], None]) -> None:
@@ -115,7 +107,7 @@ def test_recording_per_row_of_an_iterator_in_a_worker_thread_keeps_its_connectio
 
     _in_worker_thread(per_row)
     assert len(ids) == 10
-    _wait_for(lambda: sorted(backend.event_ids()) == sorted(ids))
+    wait_for(lambda: sorted(backend.event_ids()) == sorted(ids))
 
 
 def test_a_manual_transaction_of_a_worker_thread_commits_or_rolls_back_with_its_event(
@@ -140,7 +132,7 @@ def test_a_manual_transaction_of_a_worker_thread_commits_or_rolls_back_with_its_
     _in_worker_thread(lambda: manual(True))
     rolled_back, committed = ids
     assert list(User.objects.values_list("username", flat=True)) == ["manual-True"]
-    _wait_for(lambda: _delivered(committed))
+    wait_for(lambda: _delivered(committed))
     time.sleep(0.2)  # several polls of the sender
     assert backend.event_ids() == [committed]  # the rolled-back work is never billed
     assert not FailedMeterEvent.objects.filter(event_id=rolled_back).exists()
@@ -157,7 +149,7 @@ def test_an_idle_sender_keeps_one_connection_and_gives_it_back_when_the_client_c
     meter_settings(DURABLE=True)  # FLUSH_INTERVAL 0.02 s: 25 polls in half a second
     with transaction.atomic():
         event_id = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
-    _wait_for(lambda: _delivered(event_id))
+    wait_for(lambda: _delivered(event_id))
     time.sleep(0.5)  # idle
     assert len(sender_connections) == 1  # opened once, kept from one poll to the next
     [conn] = sender_connections
@@ -174,14 +166,14 @@ def test_after_a_database_error_the_sender_reconnects_and_goes_on(
 ) -> None:
     meter_settings(DURABLE=True)
     first = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
-    _wait_for(lambda: _delivered(first))
+    wait_for(lambda: _delivered(first))
     [conn] = sender_connections
     backend_pid = conn.connection.info.backend_pid
     with connection.cursor() as cursor:  # the server drops it (a restart, a failover)
         cursor.execute("SELECT pg_terminate_backend(%s)", [backend_pid])
     time.sleep(0.2)
     second = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=2)
-    _wait_for(lambda: _delivered(second))
+    wait_for(lambda: _delivered(second))
     assert sorted(backend.event_ids()) == sorted([first, second])
     assert len(sender_connections) == 2  # one new connection, not one per poll
 
@@ -198,13 +190,13 @@ def test_an_idle_sender_connection_cut_meanwhile_is_replaced_before_a_failed_bat
     meter_settings(KAFKA_URL="http://127.0.0.1:9", INTERNAL_URL="http://127.0.0.1:9",
                    MAX_RETRIES=0, TIMEOUT=0.5)  # fmt: skip
     first = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
-    _wait_for(lambda: FailedMeterEvent.objects.filter(event_id=first).exists())
+    wait_for(lambda: FailedMeterEvent.objects.filter(event_id=first).exists())
     [conn] = sender_connections
     with connection.cursor() as cursor:  # a restart, a failover, a proxy's idle timeout
         cursor.execute("SELECT pg_terminate_backend(%s)", [conn.connection.info.backend_pid])
     time.sleep(0.5)
     second = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=2)
-    _wait_for(lambda: FailedMeterEvent.objects.filter(event_id=second).exists())
+    wait_for(lambda: FailedMeterEvent.objects.filter(event_id=second).exists())
     assert get_client().stats()["failed_in_memory"] == 0  # nothing kept in memory only
 
 
@@ -220,7 +212,7 @@ def test_opening_a_connection_without_a_database_releases_the_senders_connection
     # What the test runner does before it creates or drops a test database.
     meter_settings(DURABLE=True)
     event_id = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
-    _wait_for(lambda: _delivered(event_id))
+    wait_for(lambda: _delivered(event_id))
     client = get_client()
     [conn] = sender_connections
     with connection._nodb_cursor() as cursor:
@@ -236,7 +228,7 @@ class TeardownProbe(TransactionTestCase):
 
     def test_durable_usage_is_delivered(self) -> None:
         event_id = record_usage(tenant_id="acme", meter_id=METER_ID, total_usage=1)
-        _wait_for(lambda: _delivered(event_id))
+        wait_for(lambda: _delivered(event_id))
         time.sleep(0.3)  # the sender polls on, holding its connection
 
 

@@ -23,19 +23,11 @@ from meter_core import LogThrottle, capture_events
 from meter_core.devserver import DevServer
 from meter_django import get_client, metering, record_usage, reset_client
 from meter_django.models import FailedMeterEvent
-from tests.django_app.conftest import MeterSettings
+from tests.django_app.conftest import MeterSettings, wait_for
 
 URLS = "tests.django_app.urls_transactions_async"
 TRUSTED = {"header": "X-Tenant", "trusted": True}
 H = {"X-Tenant": "acme"}
-
-
-def _wait_for(predicate: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def _totals(events: Any) -> dict[str, int]:
@@ -120,14 +112,14 @@ def test_rolled_back_work_is_not_billed_with_the_table_on_another_database(
         time.sleep(0.1)
         assert get_client().flush(2)
         assert backend.event_ids() == []  # not before the commit
-    _wait_for(lambda: backend.event_ids() == [kept])
+    wait_for(lambda: backend.event_ids() == [kept])
     assert get_client().flush(5)
     time.sleep(0.2)
     assert backend.event_ids() == [kept]
     rows = FailedMeterEvent.objects.using(meter_db)
     assert not rows.filter(event_id=lost[0]).exists()
     if durable:  # the outbox row, written after the commit on the meter database
-        _wait_for(lambda: rows.get(event_id=kept).status == "delivered")
+        wait_for(lambda: rows.get(event_id=kept).status == "delivered")
 
 
 def test_using_names_the_database_whose_transaction_decides(
@@ -174,7 +166,7 @@ def test_a_test_wrapping_several_databases_captures_usage_on_the_tables_database
             kept = record_usage(tenant_id="acme", meter_id="page.processed.basic",
                                 total_usage=4)  # fmt: skip
         assert get_client().flush(5)
-        _wait_for(lambda: backend.event_ids() == [kept])
+        wait_for(lambda: backend.event_ids() == [kept])
         transaction.set_rollback(True, using=meter_db)
         transaction.set_rollback(True)
 
@@ -215,8 +207,8 @@ def test_arecord_usage_and_arecord_session_in_durable_mode(
     ids = async_to_sync(call)()
     rows = FailedMeterEvent.objects.all()
     assert {str(i) for i in rows.values_list("event_id", flat=True)} == set(ids)
-    _wait_for(lambda: sorted(backend.event_ids()) == sorted(ids))
-    _wait_for(lambda: not rows.exclude(status="delivered").exists())
+    wait_for(lambda: sorted(backend.event_ids()) == sorted(ids))
+    wait_for(lambda: not rows.exclude(status="delivered").exists())
 
 
 def test_async_view_records_with_arecord_usage_in_durable_mode(
@@ -225,10 +217,10 @@ def test_async_view_records_with_arecord_usage_in_durable_mode(
     meter_settings(DURABLE=True, TENANT=TRUSTED)
     response = async_to_sync(AsyncClient().get)("/async-record/", headers=H)
     assert response.status_code == 200
-    _wait_for(lambda: len(backend.event_ids()) == 2)
+    wait_for(lambda: len(backend.event_ids()) == 2)
     rows = FailedMeterEvent.objects.all()
     assert rows.count() == 2
-    _wait_for(lambda: not rows.exclude(status="delivered").exists())
+    wait_for(lambda: not rows.exclude(status="delivered").exists())
 
 
 def test_record_usage_on_an_event_loop_keeps_working_outside_durable_mode(
