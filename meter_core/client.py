@@ -488,10 +488,9 @@ class MeterClient:
         return sender.flush(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def wake(self) -> None:
-        """Ask the background sender to look for work now, without waiting. For durable
-        events written inside a transaction: the sender looked when they were recorded,
-        before they were committed, and would otherwise find them only at its next poll
-        (``flush_interval``)."""
+        """Ask the background sender to look for work now, without waiting, rather than
+        at its next poll (``flush_interval``): say, for durable events just committed that
+        must go out at once. The adapters do not call it per event: batching is cheaper."""
         sender = self._sender
         if sender is not None and sender.pid == os.getpid():
             sender.wake()
