@@ -196,7 +196,7 @@ class RouteMatcher:
     against the request path: when it describes the whole path, the meters are one dict
     lookup away; when it describes only the end of it (a route of a mounted app), the
     prefix the mounts added to ``root_path`` is kept as a concrete path in front of the
-    template and matched with :meth:`RouteRules.match_path` (without such a root_path,
+    template and matched with :meth:`RouteRules.match_prefixed` (without such a root_path,
     the prefix is the shortest one after which the template fits). A template with a
     ``{x:path}`` parameter fits after many prefixes (``/{rest:path}`` after any): its
     start comes from the values the framework matched that parameter to (see
@@ -256,7 +256,7 @@ class RouteMatcher:
                 if start == 0:
                     return rules.match(method, compiled.normalized)
                 if start > 0:
-                    return rules.match_path(method, path[:start] + compiled.normalized)
+                    return rules.match_prefixed(method, path[:start], compiled.normalized)
             # A route of a mounted app: Starlette's Mount has added its prefix to the
             # scope's root_path, which says exactly where the template starts (a
             # {rest:path} template would also describe the whole path).
@@ -264,7 +264,7 @@ class RouteMatcher:
             if type(mounted) is str and len(mounted) > len(root_path):
                 prefix = mounted[len(root_path) :] if mounted.startswith(root_path) else ""
                 if prefix and path.startswith(prefix) and regex.fullmatch(path, len(prefix)):
-                    return rules.match_path(method, prefix + compiled.normalized)
+                    return rules.match_prefixed(method, prefix, compiled.normalized)
             if regex.fullmatch(path) is not None:
                 if mounted == root_path:
                     self._remember(route, template, compiled)
@@ -274,7 +274,7 @@ class RouteMatcher:
             start = path.find("/", 1)
             while start > 0:
                 if regex.fullmatch(path, start) is not None:
-                    return rules.match_path(method, path[:start] + compiled.normalized)
+                    return rules.match_prefixed(method, path[:start], compiled.normalized)
                 start = path.find("/", start + 1)
         return rules.match_path(method, path)
 

@@ -30,6 +30,7 @@ value is read with :func:`parse_usage_header`, the same way in every adapter.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -291,6 +292,25 @@ class RouteRules:
             return ()
         return self.match(method, normalize_template(template))
 
+    def match_prefixed(self, method: str, prefix: str, template: str) -> tuple[MeterSpec, ...]:
+        """Meters for a route ``template`` (normalized) that the framework matched after
+        a concrete ``prefix`` of the path (a mount, an included router): first the whole
+        as a literal template, then the rules made of the route's template after a part
+        that fits the prefix (``/tenants/{t}/docs`` for ``/docs`` under
+        ``/tenants/acme``). So a rule for another route, such as a catch-all
+        ``/{rest:path}``, does not bill this one."""
+        found = self.match(method, prefix + template)
+        if found:
+            return found
+        matched = [
+            r
+            for r in self._path_rules
+            if len(r.target) > len(template)
+            and r.target.endswith(template)
+            and _prefix_pattern(r.target[: len(r.target) - len(template)]).fullmatch(prefix)
+        ]
+        return _collect(matched, method) if matched else ()
+
     def match_path(self, method: str, path: str) -> tuple[MeterSpec, ...]:
         """Meters for a concrete request path (no router): first the path as a literal
         template, then each template's pattern in rule order."""
@@ -299,6 +319,18 @@ class RouteRules:
             return found
         matched = [r for r in self._path_rules if r.regex is not None and r.regex.match(path)]
         return _collect(matched, method) if matched else ()
+
+
+@functools.lru_cache(maxsize=1024)
+def _prefix_pattern(leading: str) -> re.Pattern[str]:
+    """A normalized template's leading part as a pattern of the concrete prefix it
+    describes (each ``{}`` one path segment)."""
+    return re.compile(
+        "".join("[^/]+" if part == "{}" else re.escape(part) for part in _BRACES.split(leading))
+    )
+
+
+_BRACES = re.compile(r"(\{\})")
 
 
 def _collect(rules: list[_Rule], method: str) -> tuple[MeterSpec, ...]:

@@ -259,3 +259,41 @@ def test_the_path_params_say_where_a_path_template_starts() -> None:
     # without path params (or with values that do not fit) the path is searched as before
     assert meters("/files/a/b", {}) == [SMALL]
     assert meters("/files/a/b", {"path_params": {"p": "zz/a/b/c/d"}}) == [SMALL]
+
+
+def test_a_catch_all_rule_does_not_bill_routes_under_a_prefix_without_rules_of_their_own(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    items = APIRouter()
+
+    @items.get("/items/{item_id}")
+    async def item(item_id: str) -> dict[str, str]:
+        return {"item": item_id}
+
+    async def asset(request: Request) -> JSONResponse:
+        return JSONResponse({"asset": request.path_params["rest"]})
+
+    service = FastAPI()
+    service.include_router(items, prefix="/api")
+    service.include_router(files_router(), prefix="/api/files")
+    add_catch_all(service)
+    app = Starlette(routes=[Mount("/static", routes=[Route("/{rest:path}", asset)]),
+                            Mount("", app=service)])  # fmt: skip
+    routes = {"GET /api/files/{file_path:path}": BASIC, "GET /{rest:path}": SMALL}
+    server = serve(metered(app, meter_client, routes), lifespan="off")
+    got = billed(
+        server,
+        meter_backend,
+        meter_client,
+        http,
+        [
+            ("/api/items/3", {"item": "3"}),  # no rule of its own: not the catch-all's
+            ("/static/site.css", {"asset": "site.css"}),  # the same, under a mount
+            ("/api/files/a/b", {"file": "a/b"}),  # its own rule
+            ("/about/us", {"spa": "about/us"}),  # the catch-all's own route
+        ],
+    )
+    assert got == ["nothing", "nothing", BASIC, SMALL]
