@@ -253,11 +253,12 @@ class RouteRules:
             return _Rule(methods, normalized, meters, _template_regex(normalized, target), key)
         return _Rule(methods, target, meters, None, key)
 
-    def template_rules(self) -> list[tuple[str, str]]:
-        """``(key, normalized template)`` of each rule whose target is a route template
-        (not a view name): what a check for rules no route can match needs."""
+    def template_rules(self) -> list[tuple[str, str, frozenset[str] | None]]:
+        """``(key, normalized template, methods)`` of each rule whose target is a route
+        template (not a view name); methods None: the rule names none (every method but
+        HEAD and OPTIONS). What a check for rules no route can match needs."""
         return [
-            (rule.key, rule.target)
+            (rule.key, rule.target, rule.methods)
             for rules in self._by_target.values()
             for rule in rules
             if rule.regex is not None

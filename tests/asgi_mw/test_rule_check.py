@@ -10,7 +10,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from meter_asgi import MeterMiddleware
@@ -62,6 +62,63 @@ def test_mounts_add_their_prefix_and_an_app_listing_no_routes_is_not_judged(
     assert messages == [
         "routes rule '/docs/{id}' matches no route of the app, so it never meters; "
         "did you mean '/api/docs/{doc_id}'?"
+    ]
+
+
+def test_a_rule_for_a_method_its_route_does_not_accept_is_reported() -> None:
+    app = FastAPI()
+    app.add_api_route("/documents/{doc_id}/scan", _ok, methods=["POST"])
+    app.add_api_route("/reports/{kind}", _ok, methods=["GET"])
+    app.add_api_route("/reports/{kind}", _ok, methods=["PUT"])  # same template, other method
+    messages = unmatched_rules(
+        app,
+        _rules("GET /documents/{id}/scan", "POST /documents/{id}/scan", "GET,PUT /reports/{k}",
+               "DELETE /reports/{k}", "HEAD /reports/{k}", "/documents/{id}/scan",
+               "WEBSOCKET /reports/{k}"),
+    )  # fmt: skip
+    assert messages == [
+        "routes rule 'GET /documents/{id}/scan' never meters: the route "
+        "'/documents/{doc_id}/scan' does not accept GET (it accepts POST)",
+        "routes rule 'DELETE /reports/{k}' never meters: the route '/reports/{kind}' does "
+        "not accept DELETE (it accepts GET, PUT)",
+        # FastAPI answers HEAD on a GET route with 405 (Starlette accepts it, below)
+        "routes rule 'HEAD /reports/{k}' never meters: the route '/reports/{kind}' does not "
+        "accept HEAD (it accepts GET, PUT)",
+        "routes rule 'WEBSOCKET /reports/{k}' never meters: the route '/reports/{kind}' is "
+        "not a websocket route (it accepts GET, PUT)",
+    ]
+
+
+def test_starlette_head_on_get_routes_websocket_routes_and_any_method_endpoints() -> None:
+    from starlette.endpoints import HTTPEndpoint
+
+    class Anything(HTTPEndpoint):
+        async def get(self, request: Any) -> PlainTextResponse:
+            return PlainTextResponse("ok")
+
+    async def chat(websocket: Any) -> None:
+        await websocket.close()
+
+    app = Starlette(
+        routes=[
+            Route("/docs/{doc_id}", _ok),  # GET (and HEAD)
+            Route("/things", Anything),  # an endpoint class: methods None
+            Route("/probe", _ok, methods=["OPTIONS"]),
+            WebSocketRoute("/ws/chat", chat),
+        ]
+    )
+    messages = unmatched_rules(
+        app,
+        _rules("HEAD /docs/{id}", "POST /things", "WEBSOCKET /ws/chat", "GET /ws/chat",
+               "/probe", "WEBSOCKET /docs/{id}", "POST /docs/{id}"),
+    )  # fmt: skip
+    assert sorted(messages or ()) == [
+        "routes rule '/probe' never meters: the route '/probe' accepts OPTIONS only, which "
+        "a rule without methods does not meter",
+        "routes rule 'POST /docs/{id}' never meters: the route '/docs/{doc_id}' does not "
+        "accept POST (it accepts GET, HEAD)",
+        "routes rule 'WEBSOCKET /docs/{id}' never meters: the route '/docs/{doc_id}' is not "
+        "a websocket route (it accepts GET, HEAD)",
     ]
 
 
