@@ -28,7 +28,7 @@ from meter_core import RouteRules, normalize_template
 __all__ = ["unmatched_rules"]
 
 _MAX_DEPTH = 64  # middleware layers between us and the router (a cycle must not hang us)
-_WEBSOCKET = "WEBSOCKET"
+_WEBSOCKET_ONLY = frozenset({"WEBSOCKET"})
 _WITHOUT_RESULT = frozenset({"HEAD", "OPTIONS"})  # what a rule without methods leaves out
 
 
@@ -44,10 +44,11 @@ class _Routes:
     other_kind: bool = False
 
     def add(self, route: Any) -> None:
-        methods = getattr(route, "methods", self)
-        if methods is self:
+        if not hasattr(route, "methods"):
             self.other_kind = True
-        elif methods is None:
+            return
+        methods = route.methods
+        if methods is None:
             self.any_method = True
         else:
             self.methods.update(str(method).upper() for method in methods)
@@ -55,7 +56,7 @@ class _Routes:
     def refuses(self, methods: frozenset[str] | None) -> str | None:
         """Why a rule for ``methods`` never meters on these routes; None when it can."""
         accepted = "any method" if self.any_method else ", ".join(sorted(self.methods))
-        if methods == {_WEBSOCKET}:
+        if methods == _WEBSOCKET_ONLY:
             return None if self.other_kind else f"is not a websocket route (it accepts {accepted})"
         if self.any_method or self.other_kind:
             return None
