@@ -22,7 +22,8 @@ request, and only when it finished without an exception and with a success statu
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+import asyncio
+from collections.abc import Collection, Coroutine, Iterable, Sequence
 from typing import Any
 
 from meter_asgi.recording import Recorder, logger
@@ -223,12 +224,46 @@ class MeterMiddleware:
                 return
             await send(message)
 
-        await self.app(scope, receive, observe)
+        try:
+            await self.app(scope, receive, observe)
+        except asyncio.CancelledError:
+            # Cancelled once the response went out in full and succeeded: the server
+            # stopped the request afterwards (a background task outlived its graceful
+            # shutdown timeout, a timeout middleware). The caller got its result: bill it,
+            # with the usage added so far.
+            if complete and status in self._success and (self._has_rules or usage.entries):
+                writing = self._record(
+                    scope, state, path, root_path, status, raw_headers, header_usage, usage
+                )
+                if writing is not None:
+                    await writing
+            raise
 
         # A response is billed once complete: a stream cut short (the client left, the
         # app stopped) was not a successful call.
         if not complete or status not in self._success or not (self._has_rules or usage.entries):
             return
+        writing = self._record(
+            scope, state, path, root_path, status, raw_headers, header_usage, usage
+        )
+        if writing is not None:  # a store write, in a worker thread
+            await writing
+
+    def _record(
+        self,
+        scope: Scope,
+        state: dict[str, Any],
+        path: str,
+        root_path: str,
+        status: int,
+        raw_headers: Sequence[tuple[bytes, bytes]] | None,
+        header_usage: dict[str, str] | None,
+        usage: RequestUsage,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Record the events of a complete, successful response: enqueued here, or, when
+        that writes to the store, the write to await (it runs in a worker thread and goes
+        on if the caller is cancelled; it never raises but CancelledError). Never raises:
+        a failure is logged."""
         recorder = self._recorder
         try:
             built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
@@ -240,12 +275,12 @@ class MeterMiddleware:
                 if other is not None and other is not self:
                     recorder.metered_twice(scope.get("method", "GET"), path)
                 state[_METERED_BY] = self
-                if client.enqueue_blocks(len(events)):  # a store write: in a worker thread
-                    await recorder.submit(client, events)
-                else:
-                    recorder.submit_nowait(client, events)
+                if client.enqueue_blocks(len(events)):
+                    return recorder.submit(client, events)
+                recorder.submit_nowait(client, events)
         except Exception as exc:
             recorder.internal_error("metering a request", exc)
+        return None
 
     def _events(
         self,

@@ -3,6 +3,7 @@ shutdown: with lifespan events, and at process exit when the server sends none."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -15,8 +16,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.background import BackgroundTask
 
-from meter_asgi import MeterMiddleware
+from meter_asgi import MeterMiddleware, meter_usage
 from meter_core import MeterClient
 from meter_core.devserver import DevServer
 from tests.asgi_mw import apps
@@ -224,3 +228,34 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def test_a_request_cancelled_after_its_response_is_still_billed(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    # A background task outlives uvicorn's graceful-shutdown timeout: uvicorn cancels the
+    # request's task after the response went out in full. The client got its result.
+    async def slow_follow_up() -> None:
+        await asyncio.sleep(60)
+
+    app = FastAPI()
+
+    @app.post("/documents/{doc_id}/scan")
+    async def scan(doc_id: str, request: Request) -> JSONResponse:
+        meter_usage(request).add("page.processed.advanced", 2)
+        return JSONResponse({}, background=BackgroundTask(slow_follow_up))
+
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="d",
+                         flush_interval=60)  # fmt: skip
+    app.add_middleware(MeterMiddleware, client=client, routes=ROUTES, tenant="acme")
+    server = serve(app, lifespan="on", timeout_graceful_shutdown=0.5)
+    assert http.post(f"{server.url}/documents/a/scan").status_code == 200
+    server.stop()
+    values = settled(meter_backend, client)
+    assert sorted((v["meter_id"], v["total_usage"]) for v in values) == [
+        ("page.processed.advanced", 2),
+        ("page.processed.basic", 1),
+    ]
+    client.close()
