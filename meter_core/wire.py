@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from meter_core.errors import (
@@ -71,16 +70,98 @@ class RecordResult(NamedTuple):
         return DeliveryRejected(message, status=200, error_code=self.error_code)
 
 
-@dataclass(frozen=True, slots=True)
 class ProduceResult:
-    """A 2xx produce answer: the proxy's JSON and one :class:`RecordResult` per record."""
+    """A 2xx produce answer: the proxy's JSON (``body``) and one :class:`RecordResult` per
+    record (``records``, in request order). Immutable.
 
-    body: dict[str, Any]
-    records: tuple[RecordResult, ...]
+    ``count`` and ``all_ok`` are answered without building ``records``: an answer of
+    :func:`parse_produce_response` whose records all succeeded (the common case, and all
+    the sender needs to know of it) builds them only when they are first read.
+    """
+
+    __slots__ = ("_all_ok", "_body", "_count", "_offsets", "_records")
+
+    _body: dict[str, Any]
+    _count: int
+    _records: tuple[RecordResult, ...] | None  # None: not built yet, from _offsets
+    _offsets: list[dict[str, Any]]
+    _all_ok: bool | None  # None: not known yet
+
+    def __init__(self, body: dict[str, Any], records: Sequence[RecordResult]) -> None:
+        records = tuple(records)
+        self._init(body, len(records), records, [], None)
+
+    @classmethod
+    def _succeeded(cls, body: dict[str, Any], offsets: list[dict[str, Any]]) -> ProduceResult:
+        """The answer whose ``offsets`` entries are all dicts without an error code."""
+        result = cls.__new__(cls)
+        result._init(body, len(offsets), None, offsets, True)
+        return result
+
+    def _init(
+        self,
+        body: dict[str, Any],
+        count: int,
+        records: tuple[RecordResult, ...] | None,
+        offsets: list[dict[str, Any]],
+        all_ok: bool | None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "_body", body)
+        set_(self, "_count", count)
+        set_(self, "_records", records)
+        set_(self, "_offsets", offsets)
+        set_(self, "_all_ok", all_ok)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The proxy's JSON answer."""
+        return self._body
+
+    @property
+    def count(self) -> int:
+        """The number of records answered: ``len(records)``."""
+        return self._count
+
+    @property
+    def records(self) -> tuple[RecordResult, ...]:
+        """One result per record, in request order."""
+        records = self._records
+        if records is None:
+            ok = RecordResult._make
+            records = tuple(
+                [ok((None, None, e.get("partition"), e.get("offset"))) for e in self._offsets]
+            )
+            object.__setattr__(self, "_records", records)
+        return records
 
     @property
     def all_ok(self) -> bool:
-        return all(r.ok for r in self.records)
+        """Whether every record was written."""
+        all_ok = self._all_ok
+        if all_ok is None:
+            all_ok = all(r.ok for r in self.records)
+            object.__setattr__(self, "_all_ok", all_ok)
+        return all_ok
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ProduceResult is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"ProduceResult is immutable: cannot delete {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ProduceResult) or other.__class__ is not self.__class__:
+            return NotImplemented
+        return self._body == other._body and self.records == other.records
+
+    __hash__ = None  # type: ignore[assignment]  # (unhashable, as its body is a dict)
+
+    def __repr__(self) -> str:
+        return f"ProduceResult(body={self._body!r}, records={self.records!r})"
+
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any], tuple[RecordResult, ...]]]:
+        return self.__class__, (self._body, self.records)  # (pickle, copy)
 
 
 def encode_records(records: Sequence[Mapping[str, Any]]) -> bytes:
@@ -200,6 +281,11 @@ def parse_produce_response(
             f"produce answered HTTP {status} with {got} offsets for {record_count} records",
             status=status,
         )
+    for entry in offsets:  # the common answer first: every record written
+        if type(entry) is not dict or entry.get("error_code") is not None:
+            break
+    else:
+        return ProduceResult._succeeded(data, offsets)
     results: list[RecordResult] = []
     append = results.append
     ok = RecordResult._make  # (tuple.__new__: a tenth of the cost of the constructor)

@@ -449,6 +449,98 @@ def test_a_transport_answering_too_few_results_gets_the_batch_retried_not_lost()
     assert {v["event_id"] for v in transport.values()} == set(ids)
 
 
+class FailOneRecordTransport(MemoryTransport):
+    """Answers through the proxy's JSON, as HTTPTransport does: its first answer fails the
+    record at ``index`` with ``error_code``; every other record gets an offset."""
+
+    def __init__(self, index: int, error_code: int = 50003) -> None:
+        super().__init__()
+        self.index = index
+        self.error_code = error_code
+        self.requests: list[list[str]] = []
+
+    def produce_encoded(self, records: Sequence[str]) -> ProduceResult:
+        from meter_core.wire import parse_produce_response
+
+        values = [json.loads(r) for r in records]
+        offsets: list[dict[str, Any]] = []
+        for i, value in enumerate(values):
+            if not self.requests and i == self.index:
+                offsets.append({"partition": None, "offset": None,
+                                "error_code": self.error_code, "error": "no leader"})  # fmt: skip
+            else:
+                offsets.append({"partition": 0, "offset": len(self.records), "error_code": None,
+                                "error": None})  # fmt: skip
+                self.records.append(value)
+        self.requests.append([v["value"]["event_id"] for v in values])
+        body = json.dumps({"key_schema_id": None, "value_schema_id": None, "offsets": offsets})
+        return parse_produce_response(200, {}, body.encode(), len(records))
+
+
+@pytest.mark.parametrize("index", [0, 250, 499])
+def test_one_failed_record_of_a_full_batch_is_retried_alone(index: int) -> None:
+    transport = FailOneRecordTransport(index)
+    client = client_with(transport, flush_interval=5, backoff_base=0.01, backoff_cap=0.02)
+    try:
+        client.lookup_customer("acme")
+        ids = [client.record(**RECORD) for _ in range(500)]
+        assert client.flush(5)
+        stats = client.stats()
+    finally:
+        client.close()
+    assert [len(r) for r in transport.requests] == [500, 1]
+    assert transport.requests[1] == [ids[index]]
+    assert sorted(v["event_id"] for v in transport.values()) == sorted(ids)
+    assert stats["sent"] == 500 and stats["retried"] == 1 and stats["failed"] == 0
+
+
+def test_a_record_failing_for_good_among_a_full_batch_is_the_only_one_stored() -> None:
+    transport = FailOneRecordTransport(3, error_code=50002)
+    store = MemoryFailureStore()
+    client = client_with(transport, flush_interval=5, failure_store=store)
+    try:
+        client.lookup_customer("acme")
+        ids = [client.record(**RECORD) for _ in range(500)]
+        assert client.flush(5)
+        stats = client.stats()
+    finally:
+        client.close()
+    assert [s.event.event_id for s in store.events()] == [ids[3]]
+    assert stats["sent"] == 499 and stats["failed"] == 1 and stats["retried"] == 0
+
+
+@pytest.mark.parametrize("transport", [MemoryTransport(), EncodedTransport()])
+def test_events_of_a_tenant_without_account_fail_alone_after_one_lookup(
+    transport: MemoryTransport,
+) -> None:
+    from meter_core import CustomerNotFound
+    from meter_core.customers import CustomerCache
+    from meter_core.delivery import deliver_once
+
+    lookups: list[str] = []
+
+    def lookup(tenant: str) -> str:
+        lookups.append(tenant)
+        if tenant != "acme":
+            raise CustomerNotFound(f"no account for {tenant}")
+        return "c-1"
+
+    events = [
+        UsageEvent(tenant, "dev", "page.processed.basic", n)
+        for n, tenant in enumerate(["acme", "ghost", "acme", "ghost", "acme"])
+    ]
+    outcome = deliver_once(
+        events, lambda e: e, transport=transport, customers=CustomerCache(lookup),
+        max_batch_bytes=1 << 20,
+    )  # fmt: skip
+    assert outcome.delivered == events[0::2]
+    [(error, group)] = outcome.final
+    assert isinstance(error, CustomerNotFound) and group == events[1::2]
+    assert outcome.retriable == [] and outcome.batches == 1
+    assert lookups == ["acme", "ghost"]
+    assert [v["total_usage"] for v in transport.values()] == [0, 2, 4]
+
+
 def test_sender_thread_starts_lazily() -> None:
     before = {t.name for t in threading.enumerate()}
     client = client_with(MemoryTransport())

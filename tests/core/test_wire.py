@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 
@@ -11,7 +13,9 @@ from meter_core import (
     CustomerNotFound,
     DeliveryRejected,
     MeterClient,
+    ProduceResult,
     RateLimited,
+    RecordResult,
     UsageEvent,
 )
 from meter_core.devserver import DevServer
@@ -153,3 +157,78 @@ def test_the_sender_posts_exactly_what_json_dumps_would(backend: DevServer) -> N
     for raw in bodies:
         assert raw == json.dumps(json.loads(raw)).encode()
     assert sorted(v["total_usage"] for v in backend.values()) == list(range(20))
+
+
+def ok_offsets(count: int) -> list[dict[str, object]]:
+    return [
+        {"partition": 0, "offset": 1000 + i, "error_code": None, "error": None}
+        for i in range(count)
+    ]
+
+
+def test_an_answer_where_all_succeeded_reads_as_one_ok_result_per_record() -> None:
+    result = parse_produce_response(200, JSON, body({"offsets": ok_offsets(500)}), 500)
+    assert result.all_ok
+    assert result.count == 500
+    assert result.records == tuple(RecordResult(None, None, 0, 1000 + i) for i in range(500))
+    assert result.records is result.records  # built once
+    assert result.body["offsets"][499]["offset"] == 1499
+    assert result == ProduceResult(body=result.body, records=result.records)
+
+
+def test_one_failed_record_among_500_fails_alone() -> None:
+    offsets = ok_offsets(500)
+    offsets[250] = {"partition": None, "offset": None, "error_code": 50003, "error": "moving"}
+    result = parse_produce_response(200, JSON, body({"offsets": offsets}), 500)
+    assert not result.all_ok
+    assert result.count == 500
+    failed = [i for i, r in enumerate(result.records) if not r.ok]
+    assert failed == [250]
+    assert result.records[250].retriable
+    assert [r.offset for r in result.records if r.ok] == [1000 + i for i in range(500) if i != 250]
+
+
+@pytest.mark.parametrize("entry", [None, "ok", 42, [], [None]])
+def test_an_offsets_entry_that_is_not_an_object_fails_its_record_only(entry: object) -> None:
+    for index in (0, 499):
+        offsets: list[object] = list(ok_offsets(500))
+        offsets[index] = entry
+        result = parse_produce_response(200, JSON, body({"offsets": offsets}), 500)
+        assert not result.all_ok
+        assert [i for i, r in enumerate(result.records) if not r.ok] == [index]
+        assert result.records[index].error_code == 50001
+        assert isinstance(result.records[index].as_error(), BackendUnavailable)
+
+
+@pytest.mark.parametrize(
+    ("code", "read_as"),
+    [("50003", 50001), (True, 50001), (False, 50001), (1.5, 50001), ([], 50001), ({}, 50001),
+     (0, 0), (50002, 50002)],
+)  # fmt: skip
+def test_an_error_code_that_is_not_null_fails_its_record(code: object, read_as: int) -> None:
+    offsets = ok_offsets(500)
+    offsets[7] = {"partition": 0, "offset": 1007, "error_code": code, "error": "x"}
+    result = parse_produce_response(200, JSON, body({"offsets": offsets}), 500)
+    assert not result.all_ok
+    assert [i for i, r in enumerate(result.records) if not r.ok] == [7]
+    assert result.records[7].error_code == read_as
+
+
+def test_an_empty_answer_for_no_records_is_all_ok() -> None:
+    result = parse_produce_response(200, JSON, body({"offsets": []}), 0)
+    assert result.all_ok and result.count == 0 and result.records == ()
+
+
+def test_a_produce_result_built_by_a_transport_reads_its_records() -> None:
+    records = [RecordResult(partition=0, offset=1), RecordResult(50003, "moving")]
+    result = ProduceResult(body={"offsets": []}, records=records)
+    assert result.records == tuple(records)
+    assert result.count == 2
+    assert not result.all_ok
+    assert ProduceResult(body={}, records=records[:1]).all_ok
+    assert "50003" in repr(result)
+    with pytest.raises(AttributeError):
+        result.body = {}  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        hash(result)
+    assert pickle.loads(pickle.dumps(result)) == copy.copy(result) == result
