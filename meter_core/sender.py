@@ -73,6 +73,9 @@ _event_of: Callable[[_Item], UsageEvent] = operator.attrgetter("event")
 
 
 OnError = Callable[[Sequence[UsageEvent], BaseException], None]
+# Events kept in memory while the failure store failed are offered to it again this often
+# (also at its next successful write, and at close): they die with the process there.
+FALLBACK_RETRY_SECONDS = 5.0
 
 
 class Sender:
@@ -101,6 +104,8 @@ class Sender:
         self._config = config
         self._store = store
         self._fallback = fallback
+        self._fallback_retry_at = 0.0  # monotonic time of the next offer to the store
+        self._drain_lock = threading.Lock()
         self._stats = stats
         self._on_error = on_error
         self._queue: deque[UsageEvent] = deque()
@@ -369,6 +374,11 @@ class Sender:
         batches, unless a flush is waiting: a busy sender must not turn a steady stream
         of events into many small requests (each costs the app's process CPU)."""
         limit = self._config.batch_size
+        if self._store is not None and len(self._fallback):
+            now = time.monotonic()
+            if now >= self._fallback_retry_at:
+                self._fallback_retry_at = now + FALLBACK_RETRY_SECONDS
+                self._drain_fallback(quiet=True)
         items = self._take_in_flight()
         while items:
             self._deliver(items)
@@ -569,23 +579,33 @@ class Sender:
             except Exception:
                 logger.exception("on_error hook raised")
 
-    def _drain_fallback(self) -> None:
+    def _drain_fallback(self, *, quiet: bool = False) -> None:
         """Move the events kept in memory while the failure store failed into the store
-        (they would die with the process there). Left in memory if it fails again."""
+        (they would die with the process there). Left in memory if it fails again: logged
+        with its traceback, or, ``quiet`` (the periodic offer), as one throttled line."""
         if self._store is None or not len(self._fallback):
             return
-        groups: dict[tuple[str, int], list[UsageEvent]] = {}
-        for held in self._fallback.events():
-            groups.setdefault((held.last_error, held.attempts), []).append(held.event)
-        for (error, attempts), events in groups.items():
-            try:
-                self._store.store(events, error=error, attempts=attempts)
-            except Exception:
-                logger.exception("failure store unavailable: %d events stay in memory",
-                                 len(self._fallback))  # fmt: skip
-                return
-            self._fallback.discard([e.event_id for e in events])
-            logger.warning("%d events kept in memory moved to the failure store", len(events))
+        with self._drain_lock:  # (close() may drain while the thread does)
+            groups: dict[tuple[str, int], list[UsageEvent]] = {}
+            for held in self._fallback.events():
+                groups.setdefault((held.last_error, held.attempts), []).append(held.event)
+            for (error, attempts), events in groups.items():
+                try:
+                    self._store.store(events, error=error, attempts=attempts)
+                except Exception as exc:
+                    if quiet:
+                        self._store_log.log(
+                            logging.WARNING,
+                            "failure store still unavailable (%s): %d events stay in memory",
+                            exc,
+                            len(self._fallback),
+                        )
+                    else:
+                        logger.exception("failure store unavailable: %d events stay in memory",
+                                         len(self._fallback))  # fmt: skip
+                    return
+                self._fallback.discard([e.event_id for e in events])
+                logger.warning("%d events kept in memory moved to the failure store", len(events))
 
     def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:
         """Hand events to the failure store (or the in-memory fallback) for the retry

@@ -9,6 +9,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import pytest
+
+import meter_core.sender as sender_module
 from meter_core import MemoryFailureStore, MeterClient, StoreError, UsageEvent
 from tests.core.test_sender import DownTransport, GatedTransport, client_with
 
@@ -182,3 +185,22 @@ def test_flush_from_a_hook_on_a_write_thread_does_not_wait_for_its_own_write() -
         assert waited and waited[0] < 2.5
     finally:
         client.close(5)
+
+
+def test_events_kept_in_memory_are_offered_to_the_store_again_without_new_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The store was down when the batch failed; nothing fails after that, so no store
+    # write comes to carry them there: the sender offers them again on its own.
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.2)
+    store = FlakyStore(failures=1)
+    client = client_with(DownTransport(), failure_store=store, max_retries=0)
+    try:
+        event_id = client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        deadline = time.monotonic() + 5
+        while [e.event.event_id for e in store.events()] != [event_id]:
+            assert time.monotonic() < deadline, client.stats()
+            time.sleep(0.02)
+        assert client.stats()["failed_in_memory"] == 0
+    finally:
+        client.close(1)
