@@ -224,30 +224,26 @@ class MeterMiddleware:
                 return
             await send(message)
 
+        cancelled: asyncio.CancelledError | None = None
         try:
             await self.app(scope, receive, observe)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             # Cancelled once the response went out in full and succeeded: the server
             # stopped the request afterwards (a background task outlived its graceful
-            # shutdown timeout, a timeout middleware). The caller got its result: bill it,
-            # with the usage added so far.
-            if complete and status in self._success and (self._has_rules or usage.entries):
-                writing = self._record(
-                    scope, state, path, root_path, status, raw_headers, header_usage, usage
-                )
-                if writing is not None:
-                    await writing
-            raise
+            # shutdown timeout, a timeout middleware). The caller got its result: it is
+            # billed below, with the usage added so far, before the cancellation goes on.
+            cancelled = exc
 
         # A response is billed once complete: a stream cut short (the client left, the
         # app stopped) was not a successful call.
-        if not complete or status not in self._success or not (self._has_rules or usage.entries):
-            return
-        writing = self._record(
-            scope, state, path, root_path, status, raw_headers, header_usage, usage
-        )
-        if writing is not None:  # a store write, in a worker thread
-            await writing
+        if complete and status in self._success and (self._has_rules or usage.entries):
+            writing = self._record(
+                scope, state, path, root_path, status, raw_headers, header_usage, usage
+            )
+            if writing is not None:  # a store write, in a worker thread
+                await writing
+        if cancelled is not None:
+            raise cancelled
 
     def _record(
         self,
