@@ -73,9 +73,11 @@ _event_of: Callable[[_Item], UsageEvent] = operator.attrgetter("event")
 
 
 OnError = Callable[[Sequence[UsageEvent], BaseException], None]
-# Events kept in memory while the failure store failed are offered to it again this often
-# (also at its next successful write, and at close): they die with the process there.
+# Events kept in memory while the failure store failed are offered to it again (they die
+# with the process there): this long after they were kept, then twice as long after each
+# failed offer, up to the maximum; also at the store's next successful write, and at close.
 FALLBACK_RETRY_SECONDS = 5.0
+FALLBACK_RETRY_MAX_SECONDS = 60.0
 
 
 class Sender:
@@ -105,6 +107,8 @@ class Sender:
         self._store = store
         self._fallback = fallback
         self._fallback_retry_at = 0.0  # monotonic time of the next offer to the store
+        self._fallback_wait = FALLBACK_RETRY_SECONDS  # ...after a failed one
+        self._offering = False  # an offer is running on its own thread
         self._drain_lock = threading.Lock()
         self._stats = stats
         self._on_error = on_error
@@ -138,6 +142,7 @@ class Sender:
         self._retry_log = LogThrottle(logger, interval=10.0)
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
+        self._overflow_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -146,6 +151,11 @@ class Sender:
         writes the event to the store first (raises StoreError if that fails)."""
         closed = self._closed  # (read into a local: checked again after the append)
         if closed:
+            if self._config.durable:  # accepted only once in the store, as when open
+                assert self._store is not None
+                self._store.store([event])
+                self._stats.add(recorded=1, stored=1)
+                return
             self._stats.add(recorded=1)
             self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
             return
@@ -217,15 +227,22 @@ class Sender:
         if self._store is not None:
             try:
                 self._store.store([event])
-            except Exception:  # StoreError, or any failure of a custom store
-                logger.exception(
-                    "queue full and the failure store failed: event %s dropped", event.event_id
+            except Exception as exc:  # StoreError, or any failure of a custom store
+                # (throttled: during an outage of both, this runs for every new event)
+                self._overflow_log.log(
+                    logging.ERROR,
+                    "meter queue is full (%d events) and the failure store failed: new "
+                    "event dropped (see stats()['dropped']): %s: %s",
+                    self._config.max_queue,
+                    type(exc).__name__,
+                    exc,
                 )
-            else:
-                self._stats.add(recorded=1, stored=1)
-                self._spilled = True
-                self._wake.set()
+                self._stats.add(dropped=1)
                 return
+            self._stats.add(recorded=1, stored=1)
+            self._spilled = True
+            self._wake.set()
+            return
         self._stats.add(dropped=1)
         if not self._dropping:
             self._dropping = True
@@ -374,16 +391,45 @@ class Sender:
         batches, unless a flush is waiting: a busy sender must not turn a steady stream
         of events into many small requests (each costs the app's process CPU)."""
         limit = self._config.batch_size
-        if self._store is not None and len(self._fallback):
-            now = time.monotonic()
-            if now >= self._fallback_retry_at:
-                self._fallback_retry_at = now + FALLBACK_RETRY_SECONDS
-                self._drain_fallback(quiet=True)
+        if (
+            self._store is not None
+            and len(self._fallback)
+            and not self._offering
+            and time.monotonic() >= self._fallback_retry_at
+        ):
+            self._start_offer()
         items = self._take_in_flight()
         while items:
             self._deliver(items)
             more = len(items) >= limit or len(self._queue) >= limit or self._flush_waiters > 0
             items = self._take_in_flight() if more else []
+
+    def _start_offer(self) -> None:
+        """Offer the events kept in memory to the store on a thread of its own: a store
+        that fails slowly (a file locked for its whole busy timeout) must not hold up
+        delivery, nor, through a queue that fills meanwhile, the app's record() calls."""
+        self._offering = True
+        try:
+            threading.Thread(
+                target=self._offer_fallback, name="meter-fallback", daemon=True
+            ).start()
+        except RuntimeError:  # no new thread at interpreter exit: close() drains them
+            self._offering = False
+
+    def _offer_fallback(self) -> None:
+        drained = False
+        try:
+            drained = self._drain_fallback(quiet=True)
+        except Exception:  # (never expected: _drain_fallback logs its failures)
+            logger.exception("offering events kept in memory to the failure store failed")
+        finally:
+            self._fallback_wait = (
+                FALLBACK_RETRY_SECONDS
+                if drained
+                else min(self._fallback_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
+            )
+            self._fallback_retry_at = time.monotonic() + self._fallback_wait
+            self._offering = False
 
     def _take_in_flight(self) -> list[_Item]:
         """The next batch, marked in flight in the same step; [] once close() began (it
@@ -456,7 +502,8 @@ class Sender:
                 # events the sender gave up on are left to the retry command
                 max_attempts=self._policy.max_retries + 1 if self._config.durable else 1,
             )
-        except StoreError:
+        except Exception:  # StoreError, or any failure of a custom store: the batch
+            # already taken from memory must still be delivered
             logger.exception("could not read the failure store")
             return []
         if not claimed and not self._config.durable:
@@ -579,12 +626,13 @@ class Sender:
             except Exception:
                 logger.exception("on_error hook raised")
 
-    def _drain_fallback(self, *, quiet: bool = False) -> None:
+    def _drain_fallback(self, *, quiet: bool = False) -> bool:
         """Move the events kept in memory while the failure store failed into the store
-        (they would die with the process there). Left in memory if it fails again: logged
-        with its traceback, or, ``quiet`` (the periodic offer), as one throttled line."""
+        (they would die with the process there); False when it failed again. Left in
+        memory then: logged with its traceback, or, ``quiet`` (the periodic offer), as
+        one throttled line."""
         if self._store is None or not len(self._fallback):
-            return
+            return True
         with self._drain_lock:  # (close() may drain while the thread does)
             groups: dict[tuple[str, int], list[UsageEvent]] = {}
             for held in self._fallback.events():
@@ -603,9 +651,11 @@ class Sender:
                     else:
                         logger.exception("failure store unavailable: %d events stay in memory",
                                          len(self._fallback))  # fmt: skip
-                    return
+                    return False
                 self._fallback.discard([e.event_id for e in events])
+                self._stats.add(stored=len(events))
                 logger.warning("%d events kept in memory moved to the failure store", len(events))
+        return True
 
     def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:
         """Hand events to the failure store (or the in-memory fallback) for the retry
@@ -621,10 +671,17 @@ class Sender:
                 logger.exception(
                     "failure store unavailable: keeping %d events in memory", len(events)
                 )
-            else:
-                self._stats.add(stored=len(events))
-                self._drain_fallback()  # the store works again: what it missed goes there
+                # counted as stored once they reach the store; offered again from then on
+                self._fallback_retry_at = max(
+                    self._fallback_retry_at, time.monotonic() + FALLBACK_RETRY_SECONDS
+                )
+                before = self._fallback.dropped
+                self._fallback.store(events, error=reason, attempts=attempts)
+                self._stats.add(dropped=self._fallback.dropped - before)
                 return
+            self._stats.add(stored=len(events))
+            self._drain_fallback()  # the store works again: what it missed goes there
+            return
         before = self._fallback.dropped
         self._fallback.store(events, error=reason, attempts=attempts)
         self._stats.add(stored=len(events), dropped=self._fallback.dropped - before)

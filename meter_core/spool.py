@@ -14,6 +14,7 @@ the backlog.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -23,12 +24,15 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from meter_core.errors import StoreError
+from meter_core.errors import InvalidEvent, StoreError
 from meter_core.events import UsageEvent
 from meter_core.store import DEFAULT_LEASE_SECONDS, DISCARDED, FAILED, QUEUED, StoredEvent
 
 __all__ = ["SQLiteSpool"]
+
+logger = logging.getLogger("meter.spool")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meter_events (
@@ -244,14 +248,19 @@ class SQLiteSpool:
                 " ORDER BY next_attempt_at LIMIT ?",
                 [*params, limit],
             ).fetchall()
+            claimed, unreadable = _rebuild(rows)
             conn.executemany(
                 "UPDATE meter_events SET claimed_until = ?, claim_token = ? WHERE event_id = ?",
-                [(now + lease_seconds, token, row[0]) for row in rows],
+                [(now + lease_seconds, token, s.event.event_id) for s in claimed],
             )
-        return [
-            StoredEvent(UsageEvent.from_dict(json.loads(payload)), status, attempts, error, due)
-            for _, payload, status, attempts, error, due in rows
-        ]
+            # A row no event can be rebuilt from (written by hand, or by another tool) is
+            # set aside, as discarded with the reason, rather than failing every claim.
+            conn.executemany(
+                f"UPDATE meter_events SET status = '{DISCARDED}', claimed_until = 0,"
+                " last_error = 'unreadable payload', updated_at = ? WHERE event_id = ?",
+                [(now, event_id) for event_id in unreadable],
+            )
+        return claimed
 
     def mark_delivered(self, event_ids: Sequence[str]) -> None:
         with self._transaction() as conn:
@@ -311,3 +320,19 @@ class SQLiteSpool:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
             self._connection.drop()
+
+
+def _rebuild(rows: Sequence[Any]) -> tuple[list[StoredEvent], list[str]]:
+    """The events of claimed rows, and the ids of the rows whose payload is unreadable
+    (each logged)."""
+    claimed: list[StoredEvent] = []
+    unreadable: list[str] = []
+    for event_id, payload, status, attempts, error, due in rows:
+        try:
+            event = UsageEvent.from_dict(json.loads(payload))
+        except (InvalidEvent, KeyError, TypeError, ValueError):
+            logger.exception("spooled meter event %s has an unreadable payload", event_id)
+            unreadable.append(event_id)
+            continue
+        claimed.append(StoredEvent(event, status, attempts, error, due))
+    return claimed, unreadable

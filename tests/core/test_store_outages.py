@@ -1,0 +1,217 @@
+"""The client while its failure store misbehaves: a file locked for longer than its busy
+timeout, an unreadable row, a store failing at the same time as the backend. Delivery to
+a healthy backend goes on, nothing already accepted is lost, and the log stays short."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import meter_core.sender as sender_module
+from meter_core import (
+    MemoryFailureStore,
+    MeterClient,
+    SQLiteSpool,
+    StoreError,
+    StoredEvent,
+    UsageEvent,
+)
+from meter_core.devserver import DevServer
+from tests.core.test_sender import RECORD, DownTransport, client_with
+
+
+def _wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_a_store_slow_to_fail_does_not_hold_up_delivery(
+    backend: DevServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_client: Any
+) -> None:
+    # Another connection holds the spool's write lock (a backup, a long transaction), so
+    # every write waits its whole busy timeout, then fails. An event that fails for good
+    # meanwhile is kept in memory and offered to the store again and again: those offers
+    # must not stall the delivery of the other events to the healthy backend.
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.1)
+    backend.remove_customer("ghost")
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=1.5)
+    spool.counts()  # (creates the file)
+    client = make_client(failure_store=spool, max_retries=0)
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")
+        client.record(tenant_id="ghost", meter_id="page.processed.basic", total_usage=1)
+        _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+        recorded_at: dict[str, float] = {}
+        for _ in range(30):  # 3 s: the offers (each waits 1.5 s) run meanwhile
+            recorded_at[client.record(**RECORD)] = time.monotonic()
+            time.sleep(0.1)
+        _wait_until(lambda: set(recorded_at) <= set(backend.event_ids()))
+        arrived_at = time.monotonic()
+        # Each event was delivered within the flush interval, not a busy timeout later
+        # (before: held up to 1.5 s, behind each offer on the sender thread).
+        latest = {r["value"]["event_id"]: r["received_at"] for r in backend.records}
+        offset = time.time() - time.monotonic()
+        delays = [latest[e] - offset - t for e, t in recorded_at.items()]
+        assert max(delays) < 0.8, sorted(delays)[-5:]
+        assert arrived_at - max(recorded_at.values()) < 0.8
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    # the store works again: the event kept in memory reaches it at the next offer
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    assert spool.pending_count() == 1
+    spool.close()
+
+
+def test_an_unreadable_spool_row_is_set_aside_and_the_others_are_claimed(
+    tmp_path: Path,
+) -> None:
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    good = UsageEvent("acme", "dev-1", "page.processed.basic", 2)
+    spool.store([good])
+    bad_id = "0190b3c2-0000-8000-8000-000000000001"
+    now = time.time()
+    with sqlite3.connect(tmp_path / "spool.db") as conn:  # written by another tool
+        conn.execute(
+            "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status, attempts,"
+            " last_error, next_attempt_at, created_at, updated_at)"
+            " VALUES (?, ?, 'acme', 'page.processed.basic', 'queued', 0, '', ?, ?, ?)",
+            (bad_id, json.dumps({"event_id": bad_id, "usage": 3}), now - 1, now, now),
+        )
+    claimed = spool.claim(10, lease_seconds=60)
+    assert [s.event.event_id for s in claimed] == [good.event_id]
+    assert spool.claim(10, lease_seconds=60) == []  # set aside, not due again
+    assert spool.counts()["by_reason"] == {"discarded: unreadable payload": 1, "queued": 1}
+    spool.close()
+
+
+class ClaimFailsStore(MemoryFailureStore):
+    """A custom store whose claim fails with an error that is not a StoreError."""
+
+    def claim(self, limit: int, **kwargs: Any) -> list[StoredEvent]:
+        raise KeyError("payload")
+
+
+def test_a_claim_failing_with_any_error_still_delivers_the_batch_taken_from_memory() -> None:
+    # A full queue spills to the store, so the sender claims from it after taking a
+    # batch off the queue: a claim that fails must not lose that batch.
+    transport = DownTransport()
+    transport.up.set()
+    client = client_with(transport, failure_store=ClaimFailsStore(), max_queue=20,
+                         flush_interval=5)  # fmt: skip
+    try:
+        ids = [client.record(**RECORD) for _ in range(30)]  # 20 queued, 10 spilled
+        client.wake()
+        _wait_until(lambda: len(transport.records) >= 20)
+        delivered = {r["value"]["event_id"] for r in transport.records}
+        assert set(ids[:20]) <= delivered
+        assert client.stats()["sent"] >= 20
+    finally:
+        client.close(1)
+
+
+class LockedStore(MemoryFailureStore):
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        raise StoreError("database is locked")
+
+
+def test_a_full_queue_with_a_failing_store_logs_a_line_not_one_per_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), max_queue=10)
+    try:
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            for _ in range(500):
+                client.record(**RECORD)
+        full = [r for r in caplog.records if "queue is full" in r.getMessage()]
+        assert len(full) == 1 and full[0].exc_info is None
+        assert "the failure store failed" in full[0].getMessage()
+        assert "database is locked" in full[0].getMessage()
+        assert "no failure store is set" not in caplog.text
+        assert client.stats()["dropped"] >= 490
+    finally:
+        client.close(0)
+
+
+def test_durable_record_after_close_raises_when_the_store_fails() -> None:
+    # Durable mode accepts an event only once it is in the store, closed or not: kept
+    # in memory after close, nothing would ever send it.
+    client = client_with(DownTransport(), failure_store=LockedStore(), durable=True)
+    client.close(0)
+    with pytest.raises(StoreError, match="locked"):
+        client.record(**RECORD)
+    assert client.stats()["failed_in_memory"] == 0
+
+
+def test_durable_record_after_close_is_stored() -> None:
+    store = MemoryFailureStore()
+    client = client_with(DownTransport(), failure_store=store, durable=True)
+    client.close(0)
+    event_id = client.record(**RECORD)
+    assert [s.event.event_id for s in store.events()] == [event_id]
+    assert client.stats()["stored"] == 1
+
+
+class FlakyStore(MemoryFailureStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = threading.Event()
+        self.broken.set()
+
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        if self.broken.is_set():
+            raise StoreError("the database is restarting")
+        super().store(events, **kwargs)
+
+
+def test_events_kept_in_memory_count_as_stored_once_they_reach_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.1)
+    store = FlakyStore()
+    client: MeterClient = client_with(DownTransport(), failure_store=store, max_retries=0)
+    try:
+        client.record(**RECORD)
+        _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+        assert client.stats()["stored"] == 0  # in memory, not in the store
+        store.broken.clear()
+        _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+        assert client.stats()["stored"] == 1 and len(store.events()) == 1
+    finally:
+        client.close(0)
+
+
+def test_failed_offers_to_the_store_back_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_MAX_SECONDS", 0.4)
+    offers: list[float] = []
+
+    class CountingStore(FlakyStore):
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+            offers.append(time.monotonic())
+            super().store(events, **kwargs)
+
+    store = CountingStore()
+    client = client_with(DownTransport(), failure_store=store, max_retries=0)
+    try:
+        client.record(**RECORD)
+        time.sleep(2.0)
+        gaps = [b - a for a, b in zip(offers[1:], offers[2:])]
+        # 0.05, 0.1, 0.2, then 0.4 s apart: a handful of offers, not one per cycle (0.02 s)
+        assert 4 <= len(offers) <= 10, offers
+        assert gaps[-1] >= 0.35
+    finally:
+        store.broken.clear()
+        client.close(0)
