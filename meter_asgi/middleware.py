@@ -79,7 +79,8 @@ class MeterMiddleware:
       resolver (:func:`from_user`, :func:`from_state`, :func:`from_path_param`,
       :func:`from_header`). They run after the app has handled the request. ``tenant``
       defaults to ``from_user("tenant_id")``; ``device`` to the client's ``device_id``
-      (``METER_DEVICE_ID``).
+      (``METER_DEVICE_ID``). With neither, an error is logged here and requests are not
+      metered (counted as ``unconfigured``): the app keeps serving.
     - ``success_statuses``: statuses that are metered (default ``range(200, 300)``).
     - ``allow_unknown_meters``: accept meter ids outside the catalog (default: the
       client's setting).
@@ -132,9 +133,13 @@ class MeterMiddleware:
         device_id, device_resolver = compile_resolver("device", device)
         no_device = device_id is None and device_resolver is None
         if no_device and client is not None and client.device_id is None:
-            raise ConfigurationError(
-                "device: no device id; pass device= (an id or a resolver) or build the "
-                "client with device_id= (env METER_DEVICE_ID)"
+            # Logged, not raised: it comes from the environment (METER_DEVICE_ID unset on
+            # one host), and Starlette builds middleware at the first call, so a raise
+            # here would answer every request of the app with a 500.
+            logger.error(
+                "MeterMiddleware has no device id: set METER_DEVICE_ID (the client's "
+                "device_id) or pass device=; until then requests are not metered "
+                "(counted as unconfigured in stats)"
             )
         if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
             raise ConfigurationError(f"close_timeout: must be a number, got {close_timeout!r}")
@@ -300,17 +305,13 @@ class MeterMiddleware:
         if client is None:
             recorder.counters["unconfigured"] += 1
             return None
-        who = recorder.who(scope, method, path)
+        who = recorder.who(scope, method, path, client)
         if who is None:
             return None
         tenant, device = who
-        if device is None:
-            device = client.device_id
         allow_unknown = client.allow_unknown_meters
         events: list[UsageEvent] = []
         try:
-            if device is None:
-                raise InvalidEvent("device_id", "is required (no resolver, no client default)")
             # UsageEvent directly rather than client.event(): the same checks, one call less
             # on the path of every metered request.
             for spec in specs:

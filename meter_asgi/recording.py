@@ -110,6 +110,7 @@ class Recorder:
         self._allow_unknown = allow_unknown_meters
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._untenanted_log = LogThrottle(logger)
+        self._unconfigured_log = LogThrottle(logger)
         self._invalid_log = LogThrottle(logger)
         self._error_log = LogThrottle(logger)
         self._twice_log = LogThrottle(logger)
@@ -189,10 +190,13 @@ class Recorder:
 
     # -- who is billed -----------------------------------------------------------------
 
-    def who(self, scope: Scope, method: str, path: str) -> tuple[str, str | None] | None:
-        """``(tenant_id, device_id)`` for this request (device None: the client's
-        default), or None when it must not be metered: no tenant (counted as
-        ``untenanted`` and logged, rate limited) or a resolver failed (logged)."""
+    def who(
+        self, scope: Scope, method: str, path: str, client: MeterClient
+    ) -> tuple[str, str] | None:
+        """``(tenant_id, device_id)`` for this request (the device defaults to the
+        client's), or None when it must not be metered: no tenant (counted as
+        ``untenanted`` and logged, rate limited), no device id anywhere (counted as
+        ``unconfigured``, logged, rate limited) or a resolver failed (logged)."""
         tenant = self._tenant
         try:
             if tenant is None and self._tenant_resolver is not None:
@@ -206,10 +210,24 @@ class Recorder:
             return None
         if not tenant:
             self.counters["untenanted"] += 1
-            self._untenanted_log.log(
-                logging.WARNING, "%s %s not metered: no tenant id for the request", method, path
-            )
+            reason = "no tenant id for the request"
+            explain = getattr(self._tenant_resolver, "explain", None)
+            if callable(explain):
+                reason = f"{reason} ({explain(scope)})"
+            self._untenanted_log.log(logging.WARNING, "%s %s not metered: %s", method, path, reason)
             return None
+        if device is None:
+            device = client.device_id
+            if device is None:
+                self.counters["unconfigured"] += 1
+                self._unconfigured_log.log(
+                    logging.WARNING,
+                    "%s %s not metered: no device id (set METER_DEVICE_ID or pass device= "
+                    "to MeterMiddleware)",
+                    method,
+                    path,
+                )
+                return None
         return tenant, device
 
     # -- how much ----------------------------------------------------------------------

@@ -39,14 +39,26 @@ class Resolver:
     raises ``TypeError`` (the middleware logs it and does not meter the request).
     """
 
-    __slots__ = ("_func", "description")
+    __slots__ = ("_func", "_why", "description")
 
-    def __init__(self, func: ResolverFunc, description: str) -> None:
+    def __init__(
+        self,
+        func: ResolverFunc,
+        description: str,
+        why: Callable[[Scope], str] | None = None,
+    ) -> None:
         self._func = func
+        self._why = why
         self.description = description
 
     def __call__(self, scope: Scope) -> str | None:
         return _as_id(self._func(scope), self.description)
+
+    def explain(self, scope: Scope) -> str:
+        """Why this resolver finds no id in ``scope``, for a log line (only called
+        then: it is not on the path of a request that has one)."""
+        why = self._why(scope) if self._why is not None else "gave none"
+        return f"{self.description}: {why}"
 
     def __repr__(self) -> str:
         return f"<Resolver {self.description}>"
@@ -85,7 +97,20 @@ def from_user(attr: str = "tenant_id") -> Resolver:
             return user.get(attr)
         return getattr(user, attr, None)
 
-    return Resolver(resolve, f"from_user({attr!r})")
+    def why(scope: Scope) -> str:
+        user = scope.get("user")
+        if user is None:
+            return (
+                'the scope has no "user": no authentication middleware set one (or use '
+                "from_state / a callable to take the tenant from elsewhere)"
+            )
+        kind = type(user).__name__
+        if not getattr(user, "is_authenticated", True):
+            return f"the user ({kind}) is not authenticated"
+        has = attr in user if isinstance(user, Mapping) else hasattr(user, attr)
+        return f"the user ({kind}) has {'an empty' if has else 'no'} {attr!r}"
+
+    return Resolver(resolve, f"from_user({attr!r})", why)
 
 
 def from_state(attr: str) -> Resolver:

@@ -41,7 +41,7 @@ class _Session:
     client: MeterClient
     specs: tuple[MeterSpec, ...]
     tenant: str
-    device: str | None
+    device: str
     session_id: str
 
 
@@ -126,7 +126,7 @@ def _open(
     if client is None:
         recorder.counters["unconfigured"] += 1
         return None
-    who = recorder.who(scope, "websocket session", path)
+    who = recorder.who(scope, "websocket session", path, client)
     if who is None:
         return None
     session = _Session(client, specs, who[0], who[1], str(uuid.uuid4()))

@@ -114,7 +114,9 @@ def _devserver(args: argparse.Namespace) -> int:
             print(f"error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     print(f"local metering backend on {server.url} (Ctrl-C stops it)")
-    print(f"  METER_KAFKA_URL={server.url}  METER_INTERNAL_URL={server.url}", flush=True)
+    print("point a client at it with:")
+    print(f"  export METER_KAFKA_URL={server.url} METER_INTERNAL_URL={server.url} "
+          "METER_DEVICE_ID=local-dev", flush=True)  # fmt: skip
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from meter_core import (
 )
 from meter_django.conf import conf, parse_statuses
 from meter_django.recording import record_usage
-from meter_django.resolvers import device_resolver, tenant_resolver
+from meter_django.resolvers import device_resolver, tenant_resolver, why_no_tenant
 
 __all__ = [
     "Entry",
@@ -52,11 +52,16 @@ class _UntenantedCounter:
         self.throttle = LogThrottle(logger, interval=60.0)
 
     def add(self, request: HttpRequest) -> None:
+        try:
+            reason = why_no_tenant(request, conf.get("TENANT"))
+        except Exception:  # (a log line's detail must not break the request)
+            reason = "METER['TENANT']"
         self.throttle.log(
             logging.WARNING,
-            "usage of %s %s not metered: no tenant for the request (METER['TENANT'])",
+            "usage of %s %s not metered: no tenant for the request: %s",
             request.method,
             request.path,
+            reason,
         )
 
 

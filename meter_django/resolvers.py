@@ -26,7 +26,7 @@ from django.utils.module_loading import import_string
 
 from meter_core import ConfigurationError
 
-__all__ = ["Resolver", "build_resolver", "device_resolver", "tenant_resolver"]
+__all__ = ["Resolver", "build_resolver", "device_resolver", "tenant_resolver", "why_no_tenant"]
 
 Resolver = Callable[[HttpRequest], "str | None"]
 
@@ -55,6 +55,28 @@ def _user_attr(path: str) -> Resolver:
         return _text(value)
 
     return resolve
+
+
+def why_no_tenant(request: HttpRequest, config: Any) -> str:
+    """Why ``METER["TENANT"]`` (``config``) found no tenant for ``request``, for a log
+    line: which step of a ``user_attr`` path was missing, or which setting to look at."""
+    if isinstance(config, Mapping) and isinstance(config.get("user_attr"), str):
+        path = config["user_attr"]
+        user = getattr(request, "user", None)
+        if user is None:
+            return "the request has no user (is AuthenticationMiddleware installed?)"
+        if not getattr(user, "is_authenticated", False):
+            return f"the user is not authenticated ({type(user).__name__})"
+        value: Any = user
+        for part in path.split("."):
+            owner = type(value).__name__
+            value = getattr(value, part, None)
+            if value is None:
+                return f"{owner} has no {part!r} (METER['TENANT'] = {{'user_attr': {path!r}}})"
+        return f"request.user.{path} is empty"
+    if isinstance(config, Mapping) and "header" in config:
+        return f"no {config['header']!r} header (METER['TENANT'])"
+    return "METER['TENANT'] gave none"
 
 
 def _header(name: str) -> Resolver:

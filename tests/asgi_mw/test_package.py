@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
+import httpx
 import pytest
 
 import meter_asgi
 from meter_asgi import MeterMiddleware, from_header
 from meter_core import ConfigurationError, MeterClient, RequestUsage
+from meter_core.devserver import DevServer
 from tests.asgi_mw import apps
+from tests.asgi_mw.live import LiveServer
 
 
 def test_all_is_exactly_the_documented_api() -> None:
@@ -74,11 +78,32 @@ def test_bad_options_raise_configuration_error(
         MeterMiddleware(apps.bare_app, **options)
 
 
-def test_a_device_id_is_required_somewhere() -> None:
-    client = MeterClient(transport="memory")
+def test_no_device_id_anywhere_is_logged_and_the_app_keeps_serving(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # METER_DEVICE_ID missing on one host: an error at startup, the requests are served
+    # and not metered (counted), rather than every request of the app answered 500 (a
+    # raise, Starlette building its middleware stack at the first call).
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, flush_interval=0.05)
     try:
-        with pytest.raises(ConfigurationError, match="no device id"):
-            MeterMiddleware(apps.bare_app, client=client)
+        with caplog.at_level("WARNING", logger="meter.asgi"):
+            app = apps.fastapi_app()
+            app.add_middleware(MeterMiddleware, client=client, routes=apps.FASTAPI_ROUTES,
+                               tenant="acme")  # fmt: skip
+            server = serve(app, lifespan="off")
+            for _ in range(2):
+                assert http.post(server.url + "/documents/d-1/scan").status_code == 200
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "METER_DEVICE_ID" in errors[0].getMessage()
+        middleware = app.middleware_stack
+        while not isinstance(middleware, MeterMiddleware):
+            middleware = middleware.app
+        assert middleware.stats["unconfigured"] == 2
+        assert client.flush(5) and meter_backend.values() == []
+        # a device given to the middleware is enough
         MeterMiddleware(apps.bare_app, client=client, device="web-1")
     finally:
         client.close(0)

@@ -215,6 +215,25 @@ def test_a_request_without_tenant_is_not_metered_but_counted_and_logged(
     lines = [r for r in caplog.records if "no tenant id" in r.getMessage()]
     assert len(lines) == 1
     assert "POST /documents/d-1/scan" in lines[0].getMessage()
+    # the line says why: which resolver, and what it did not find
+    assert "from_user('tenant_id'): the scope has no \"user\"" in lines[0].getMessage()
+
+
+def test_the_no_tenant_line_names_what_the_user_lacks() -> None:
+    resolver = from_user("tenant_id")
+    assert resolver.explain({"user": apps.User("")}) == (
+        "from_user('tenant_id'): the user (User) has an empty 'tenant_id'"
+    )
+    assert resolver.explain({"user": object()}).endswith("the user (object) has no 'tenant_id'")
+    assert resolver.explain({"user": {"tenant_id": ""}}).endswith("has an empty 'tenant_id'")
+
+    class Anonymous:
+        is_authenticated = False
+
+    assert resolver.explain({"user": Anonymous()}).endswith(
+        "the user (Anonymous) is not authenticated"
+    )
+    assert from_state("tenant").explain({}) == "from_state('tenant'): gave none"
 
 
 def test_an_invalid_tenant_id_is_not_metered_and_counted(

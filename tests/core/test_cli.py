@@ -205,6 +205,9 @@ def test_devserver_command_serves_both_protocols(tmp_path: Path) -> None:
         server.terminate()
         output, _ = server.communicate(timeout=10)
     assert f"local metering backend on http://127.0.0.1:{port}" in output
+    # the banner's line is a shell command that sets all a client needs, device id included
+    (export,) = [line for line in output.splitlines() if line.strip().startswith("export ")]
+    assert f"METER_KAFKA_URL=http://127.0.0.1:{port}" in export and "METER_DEVICE_ID=" in export
     assert '"total_usage": 4' in output  # each record is printed as it arrives
 
 

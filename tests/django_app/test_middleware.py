@@ -320,3 +320,30 @@ def test_a_rule_for_the_root_url_meters_it(quiet: MeterSettings) -> None:
     with capture_events() as events:
         assert _get("/").status_code == 200
     assert [e.meter_id for e in events] == ["report.generated.small"]
+
+
+def test_the_no_tenant_line_says_what_was_missing() -> None:
+    from django.contrib.auth.models import AnonymousUser
+    from django.test import RequestFactory
+
+    from meter_django.resolvers import why_no_tenant
+
+    class Account:
+        is_authenticated = True
+        profile = None
+
+    request = RequestFactory().get("/")
+    config = {"user_attr": "tenant_id"}
+    assert "has no user (is AuthenticationMiddleware installed?)" in why_no_tenant(request, config)
+    request.user = AnonymousUser()  # type: ignore[assignment]
+    assert why_no_tenant(request, config) == "the user is not authenticated (AnonymousUser)"
+    request.user = Account()  # type: ignore[assignment]
+    assert why_no_tenant(request, config) == (
+        "Account has no 'tenant_id' (METER['TENANT'] = {'user_attr': 'tenant_id'})"
+    )
+    assert why_no_tenant(request, {"user_attr": "profile.tenant_id"}).startswith(
+        "Account has no 'profile'"
+    )
+    assert why_no_tenant(request, {"header": "X-Tenant", "trusted": True}) == (
+        "no 'X-Tenant' header (METER['TENANT'])"
+    )
