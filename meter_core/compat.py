@@ -5,7 +5,9 @@ on any network error, non-2xx answer, record error or failed customer lookup; ne
 exception for those. What changes is under the hood: calls with the same configuration
 share one client (a pooled HTTP session and the customer cache), the internal lookup URL
 works, the tenant is percent-encoded, each record carries an ``event_id``, and errors go
-to the ``meter.compat`` logger instead of stdout.
+to the ``meter.compat`` logger instead of stdout. Without ``portal_url``, the customer
+lookup goes to ``METER_INTERNAL_URL`` when that variable is set (the local backend, a
+staging cluster), else to the in-cluster service, as meter-lib meant to.
 
 One difference is on purpose: arguments that meter-lib would have sent as garbage (a
 meter id not in the catalog, a negative or non-int usage, a timestamp in seconds, no
@@ -16,12 +18,13 @@ into strings as meter-lib did.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from meter_core.client import MeterClient
-from meter_core.config import Secret
+from meter_core.config import CLIENT_OPTIONS, Secret
 from meter_core.errors import ConfigurationError, DeliveryError, InvalidEvent
 
 __all__ = ["post_ai_meter_usage", "post_meter_usage"]
@@ -29,19 +32,24 @@ __all__ = ["post_ai_meter_usage", "post_meter_usage"]
 logger = logging.getLogger("meter.compat")
 
 _TIMEOUT = 10.0
-_clients: dict[tuple[str, str | None, Secret | None], MeterClient] = {}
+_clients: dict[tuple[str, str | None, Secret | None, str | None], MeterClient] = {}
 _clients_lock = threading.Lock()
 
 
 def _client(kafka_url: str, portal_url: str | None, secret: Secret | None) -> MeterClient:
-    key = (kafka_url, portal_url, secret)
+    internal_url = os.environ.get("METER_INTERNAL_URL") or None
+    key = (kafka_url, portal_url, secret, internal_url)
     client = _clients.get(key)
     if client is None:
         with _clients_lock:
             client = _clients.get(key)
             if client is None:
                 client = _clients[key] = MeterClient(
-                    kafka_url, portal_url, secret, timeout=_TIMEOUT
+                    kafka_url,
+                    portal_url,
+                    secret,
+                    timeout=_TIMEOUT,
+                    internal_url=internal_url or CLIENT_OPTIONS["internal_url"].default,
                 )
     return client
 

@@ -136,3 +136,14 @@ def test_compat_logs_go_to_the_meter_logger(
     caplog.set_level(logging.ERROR)
     post_meter_usage("acme", "d", "page.processed.basic", closed_port_url, 1)
     assert any(r.name.startswith("meter") for r in caplog.records)
+
+
+def test_without_a_portal_url_the_lookup_goes_to_meter_internal_url(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Migrated code that never passed portal_url can be pointed at the local backend.
+    with DevServer() as backend:
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        answer = post_meter_usage("acme", "d", "page.processed.basic", backend.url, 3)
+        assert answer is not None
+        assert backend.lookups == ["acme"] and backend.values()[0]["total_usage"] == 3
