@@ -26,13 +26,21 @@ import asyncio
 from collections.abc import Collection, Coroutine, Iterable, Sequence
 from typing import Any
 
+from meter_asgi.disconnect import client_gone
 from meter_asgi.recording import Recorder, logger
 from meter_asgi.resolvers import compile_resolver, from_user
 from meter_asgi.routes import RouteMatcher, compile_routes
 from meter_asgi.rule_check import unmatched_rules
 from meter_asgi.sessions import run_session
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
-from meter_core import ConfigurationError, InvalidEvent, MeterClient, RequestUsage, UsageEvent
+from meter_core import (
+    ConfigurationError,
+    InvalidEvent,
+    MeterClient,
+    MeterSpec,
+    RequestUsage,
+    UsageEvent,
+)
 
 __all__ = ["STATE_KEY", "USAGE_KEY", "MeterMiddleware"]
 
@@ -164,7 +172,9 @@ class MeterMiddleware:
         owned one could not be built from the environment), ``invalid`` (usage dropped
         because an id, a meter or an amount was not valid: a bad usage header drops its
         meter only), ``metered_twice`` (requests that another MeterMiddleware on their
-        way, nested in this one, metered too: both billed them), ``errors``,
+        way, nested in this one, metered too: both billed them), ``client_gone``
+        (successful responses not billed because the client had left before their end
+        was sent), ``errors``,
         ``sessions_started``, ``sessions_ended``."""
         return dict(self._recorder.counters)
 
@@ -208,9 +218,10 @@ class MeterMiddleware:
         complete = False
         raw_headers: Sequence[tuple[bytes, bytes]] | None = None
         header_usage: dict[str, str] | None = None
+        specs: tuple[MeterSpec, ...] = ()  # the route's meters, found as the response ends
 
         async def observe(message: Message) -> None:
-            nonlocal status, complete, raw_headers, header_usage
+            nonlocal status, complete, raw_headers, header_usage, specs
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
@@ -224,6 +235,15 @@ class MeterMiddleware:
             elif kind in _FINAL_KINDS and not (
                 kind != "http.response.pathsend" and message.get("more_body", False)
             ):
+                if status in self._success:
+                    specs = self._specs(scope, path, root_path)
+                    if (specs or usage.entries) and client_gone(receive):
+                        # The caller gave up before the end (a client timeout): it does
+                        # not get the result, so it is not billed. (uvicorn would take
+                        # this message for a closed connection without an error.)
+                        self._recorder.counters["client_gone"] += 1
+                        await send(message)
+                        return
                 await send(message)
                 complete = True  # the server took the end of the response
                 return
@@ -241,21 +261,35 @@ class MeterMiddleware:
 
         # A response is billed once complete: a stream cut short (the client left, the
         # app stopped) was not a successful call.
-        if complete and status in self._success and (self._has_rules or usage.entries):
-            writing = self._record(
-                scope, state, path, root_path, status, raw_headers, header_usage, usage
-            )
+        if complete and status in self._success and (specs or usage.entries):
+            writing = self._record(scope, state, path, specs, status, raw_headers, header_usage,
+                                   usage)  # fmt: skip
             if writing is not None:  # a store write, in a worker thread
                 await writing
         if cancelled is not None:
             raise cancelled
+
+    def _specs(self, scope: Scope, path: str, root_path: str) -> tuple[MeterSpec, ...]:
+        """The volume meters of the route the app answered with (not its session ones).
+        Never raises: a failure is logged and meters nothing."""
+        if not self._has_rules:
+            return ()
+        try:
+            method: str = scope.get("method", "GET")
+            specs = self._matcher.specs(method, scope, path, root_path)
+            if specs and self._has_sessions:
+                specs = tuple(spec for spec in specs if not spec.session)
+            return specs
+        except Exception as exc:
+            self._recorder.internal_error("matching a request's route", exc)
+            return ()
 
     def _record(
         self,
         scope: Scope,
         state: dict[str, Any],
         path: str,
-        root_path: str,
+        specs: tuple[MeterSpec, ...],
         status: int,
         raw_headers: Sequence[tuple[bytes, bytes]] | None,
         header_usage: dict[str, str] | None,
@@ -267,7 +301,7 @@ class MeterMiddleware:
         a failure is logged."""
         recorder = self._recorder
         try:
-            built = self._events(scope, path, root_path, status, raw_headers, header_usage, usage)
+            built = self._events(scope, path, specs, status, raw_headers, header_usage, usage)
             if built is not None:
                 client, events = built
                 # (counted first: a cancelled wait below does not stop the store write)
@@ -287,7 +321,7 @@ class MeterMiddleware:
         self,
         scope: Scope,
         path: str,
-        root_path: str,
+        specs: tuple[MeterSpec, ...],
         status: int,
         raw_headers: Sequence[tuple[bytes, bytes]] | None,
         header_usage: dict[str, str] | None,
@@ -295,9 +329,6 @@ class MeterMiddleware:
     ) -> tuple[MeterClient, list[UsageEvent]] | None:
         """The client and the events of a successful request; None: nothing to record."""
         method: str = scope.get("method", "GET")
-        specs = self._matcher.specs(method, scope, path, root_path) if self._has_rules else ()
-        if specs and self._has_sessions:
-            specs = tuple(spec for spec in specs if not spec.session)
         if not specs and not usage.entries:
             return None
         recorder = self._recorder

@@ -3,6 +3,7 @@ lists of any iterable; the app's own ``request.state.meter``. Served by uvicorn.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import time
@@ -30,9 +31,9 @@ async def _drain(receive: Any) -> None:
 
 async def responses_app(scope: Any, receive: Any, send: Any) -> None:
     """/cut: streams one chunk, then stops when the client leaves (the end of the body is
-    never sent); /twice?pages=a,b: the usage header once per value; /gen: its headers
-    given as a generator (with a usage header of 5 when there is a query); anything else:
-    a plain 200."""
+    never sent); /slow: a plain 200 after 0.5 s of work; /twice?pages=a,b: the usage
+    header once per value; /gen: its headers given as a generator (with a usage header of
+    5 when there is a query); anything else: a plain 200."""
     if scope["type"] != "http":
         return
     await _drain(receive)
@@ -43,6 +44,8 @@ async def responses_app(scope: Any, receive: Any, send: Any) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
         return
+    if path == "/slow":
+        await asyncio.sleep(0.5)
     if path == "/twice":
         values = unquote(scope["query_string"].decode().split("=", 1)[1]).split(",")
         headers = [(b"x-meter-pages", value.encode()) for value in values]
@@ -63,7 +66,7 @@ def metered(meter_client: MeterClient) -> MeterMiddleware:
     return MeterMiddleware(
         responses_app, client=meter_client, tenant="acme",
         routes={"GET /cut": "report.generated.large", "GET /twice": pages, "GET /gen": pages,
-                "GET /marker": "template.licensed.total"},
+                "GET /marker": "template.licensed.total", "GET /slow": "report.generated.small"},
     )  # fmt: skip
 
 
@@ -89,6 +92,21 @@ def test_a_stream_cut_short_by_the_client_is_not_billed(
     assert [v["meter_id"] for v in meter_backend.values()] == [value["meter_id"]]
     assert value["meter_id"] == "template.licensed.total"
     assert metered.stats["metered_requests"] == 1
+
+
+def test_a_client_that_left_before_the_response_is_not_billed(
+    server: LiveServer, metered: MeterMiddleware, meter_backend: DevServer, http: httpx.Client
+) -> None:
+    # The caller gave up (a client timeout) while the app worked: uvicorn takes the 200
+    # sent to the closed connection without an error, and nobody got it.
+    with pytest.raises(httpx.ReadTimeout):
+        http.get(f"{server.url}/slow", timeout=0.2)
+    time.sleep(0.6)  # the app answers, to nobody
+    assert http.get(f"{server.url}/slow").is_success  # a caller who waited: billed
+    wait_for_records(meter_backend, 1)
+    time.sleep(0.1)
+    assert [v["meter_id"] for v in meter_backend.values()] == ["report.generated.small"]
+    assert metered.stats["client_gone"] == 1 and metered.stats["metered_requests"] == 1
 
 
 def test_a_usage_header_set_twice_with_different_values_drops_that_meter(
