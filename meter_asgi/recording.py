@@ -292,7 +292,8 @@ class Recorder:
         a client gone) cannot leave part of its usage recorded. Never raises: a failure
         is logged."""
         try:
-            await client.aenqueue_many(events)
+            # the response is sent: a store that fails keeps them in memory until it works
+            await client.aenqueue_many(events, hold_on_store_error=True)
         except asyncio.CancelledError:
             self.counters["events"] += len(events)  # (the write goes on in its thread)
             raise

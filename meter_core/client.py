@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import functools
 import logging
 import os
 import sys
@@ -342,15 +343,22 @@ class MeterClient:
             sender = self._get_sender()
         sender.enqueue(event)
 
-    def enqueue_many(self, events: Sequence[UsageEvent]) -> None:
+    def enqueue_many(
+        self, events: Sequence[UsageEvent], *, hold_on_store_error: bool = False
+    ) -> None:
         """:meth:`enqueue` for the events of one unit of work (say, one request): in
-        durable mode they are written to the store in one transaction, all or none."""
+        durable mode they are written to the store in one transaction, all or none.
+
+        ``hold_on_store_error``: for a caller that can neither report nor retry a
+        StoreError (an adapter whose response is already sent): when the durable write
+        fails, the events are kept in memory (``failed_in_memory`` in :meth:`stats`) and
+        written to the store once it works again, rather than raised about and lost."""
         kept = [e for e in map(self._hooked, events) if e is not None]
         if not self.enabled:
             logger.debug("metering disabled: %d events not sent", len(kept))
             return
         if kept:
-            self._current_sender().enqueue_many(kept)
+            self._current_sender().enqueue_many(kept, hold=hold_on_store_error)
 
     def enqueue_blocks(self, count: int = 1) -> bool:
         """Whether enqueueing ``count`` events now would write to the failure store (a
@@ -466,13 +474,16 @@ class MeterClient:
         else:
             self.enqueue(event)
 
-    async def aenqueue_many(self, events: Sequence[UsageEvent]) -> None:
+    async def aenqueue_many(
+        self, events: Sequence[UsageEvent], *, hold_on_store_error: bool = False
+    ) -> None:
         """:meth:`enqueue_many` for async code. A store write runs in a worker thread as
         one call, which completes even if the awaiting task is cancelled."""
         if self.enqueue_blocks(len(events)):
-            await self._writes.run(self.enqueue_many, events)
+            write = functools.partial(self.enqueue_many, hold_on_store_error=hold_on_store_error)
+            await self._writes.run(write, events)
         else:
-            self.enqueue_many(events)
+            self.enqueue_many(events, hold_on_store_error=hold_on_store_error)
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Send everything waiting now; True when nothing is left pending in memory within

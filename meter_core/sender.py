@@ -187,21 +187,55 @@ class Sender:
         if len(queue) >= self._batch_size and not self._wake.is_set():
             self._wake.set()  # (set() takes a lock: skip it while a wake-up is pending)
 
-    def enqueue_many(self, events: Sequence[UsageEvent]) -> None:
+    def enqueue_many(self, events: Sequence[UsageEvent], *, hold: bool = False) -> None:
         """:meth:`enqueue` for several events; in durable mode they are written to the
-        store in one call (one transaction: all of them or none)."""
-        if not self._config.durable or self._closed or len(events) < 2:
+        store in one call (one transaction: all of them or none). ``hold``: when that
+        write fails, the events are kept in memory and written when the store works
+        again (see :meth:`_hold`) instead of raising StoreError."""
+        if not self._config.durable or (not hold and (self._closed or len(events) < 2)):
             for event in events:
                 self.enqueue(event)
             return
         assert self._store is not None
-        self._store.store(list(events))
+        try:
+            self._store.store(list(events))
+        except Exception as exc:  # StoreError, or any failure of a custom store
+            if not hold:
+                raise
+            self._hold(events, exc)
+            return
+        if self._closed:
+            self._stats.add(recorded=len(events), stored=len(events))
+            return
         self._stats.add(recorded=len(events))
         if self._thread is None:
             self._start()
         self._stored_since_claim += len(events)
         if self._stored_since_claim >= self._batch_size and not self._wake.is_set():
             self._wake.set()
+
+    def _hold(self, events: Sequence[UsageEvent], error: BaseException) -> None:
+        """Durable events the store refused, from a caller that cannot take them back (an
+        adapter, once the response is sent): kept in memory as events still to send, and
+        offered to the store again (see :meth:`_start_offer`); a kill of the process
+        meanwhile loses them."""
+        self._stats.add(recorded=len(events))
+        self._store_log.log(
+            logging.ERROR,
+            "failure store unavailable (%s: %s): %d durable events kept in memory until "
+            "it works again",
+            type(error).__name__,
+            error,
+            len(events),
+        )
+        self._fallback_retry_at = max(
+            self._fallback_retry_at, time.monotonic() + FALLBACK_RETRY_SECONDS
+        )
+        before = self._fallback.dropped
+        self._fallback.store(list(events))  # (as queued: sent once in the store)
+        self._stats.add(dropped=self._fallback.dropped - before)
+        if self._thread is None and not self._closed:
+            self._start()  # (its cycles offer them to the store)
 
     def enqueue_blocks(self, count: int = 1) -> bool:
         """Whether enqueueing ``count`` events now would write to the store rather than

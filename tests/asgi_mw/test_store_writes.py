@@ -1,18 +1,25 @@
 """Store writes on the request path, served by uvicorn: they run in a worker thread, never
-on the event loop, and a request's events are written whole even when its task is
-cancelled right after the response (a timeout middleware, a server stopping)."""
+on the event loop, a request's events are written whole even when its task is cancelled
+right after the response (a timeout middleware, a server stopping), and a write that
+fails keeps them until the store works again."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+import meter_core.sender as sender_module
 from meter_asgi import MeterMiddleware
+from meter_core import MeterClient, SQLiteSpool
+from meter_core.devserver import DevServer
 from tests.asgi_mw.live import LiveServer
 from tests.core.test_async_enqueue import WatchedStore
 from tests.core.test_sender import GatedTransport, client_with
@@ -91,3 +98,45 @@ def test_a_full_queue_spilling_to_the_store_does_not_hold_the_event_loop(
     finally:
         transport.gate.set()
         client.close(5)
+
+
+def test_a_durable_write_that_fails_keeps_the_requests_events_until_the_store_works(
+    serve: Callable[..., LiveServer],
+    http: httpx.Client,
+    meter_backend: DevServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The spool stays locked past its busy timeout (a backup, another process): the
+    # response is already sent, so the events cannot be refused; they wait in memory
+    # and reach the spool, then the backend, once the lock is gone (before: lost, logged).
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.1)
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=0.2)
+    spool.counts()  # (creates the file)
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="web-1",
+                         failure_store=spool, durable=True, flush_interval=0.05)  # fmt: skip
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        app = MeterMiddleware(handler_app, client=client, tenant="acme")
+        server = serve(app, lifespan="off")
+        locker.execute("BEGIN EXCLUSIVE")
+        assert http.get(f"{server.url}/scan").is_success
+        deadline = time.monotonic() + 5
+        while client.stats()["failed_in_memory"] < USAGE_ENTRIES:
+            assert time.monotonic() < deadline, client.stats()
+            time.sleep(0.02)
+        assert meter_backend.values() == []
+        locker.execute("ROLLBACK")
+        deadline = time.monotonic() + 10
+        while len(meter_backend.values()) < USAGE_ENTRIES:
+            assert time.monotonic() < deadline, client.stats()
+            time.sleep(0.05)
+        assert sorted(v["total_usage"] for v in meter_backend.values()) == list(
+            range(1, USAGE_ENTRIES + 1)
+        )
+        assert client.stats()["failed_in_memory"] == 0 and app.stats["errors"] == 0
+    finally:
+        locker.close()
+        client.close(5)
+        spool.close()

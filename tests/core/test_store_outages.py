@@ -216,3 +216,17 @@ def test_failed_offers_to_the_store_back_off(monkeypatch: pytest.MonkeyPatch) ->
     finally:
         store.broken.clear()
         client.close(0)
+
+
+def test_durable_events_held_on_a_store_error_only_when_the_caller_asks() -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), durable=True)
+    try:
+        events = [client.event(**RECORD) for _ in range(3)]
+        with pytest.raises(StoreError):
+            client.enqueue_many(events)  # a caller that can report it: raised, not kept
+        assert client.stats()["failed_in_memory"] == 0
+        client.enqueue_many(events, hold_on_store_error=True)  # an adapter after its response
+        assert client.stats()["failed_in_memory"] == 3
+        assert {s.event.event_id for s in client.failed_events()} == {e.event_id for e in events}
+    finally:
+        client.close(0)
