@@ -132,7 +132,10 @@ class SQLiteSpool:
 
     The file and its table are created on first use (not in the constructor, so building
     a client does no I/O). One connection per process, opened again after ``fork``.
-    Errors of sqlite3 are raised as :class:`~meter_core.StoreError`.
+    Errors of sqlite3 are raised as :class:`~meter_core.StoreError`. The constructor only
+    looks at the path (no file is made): one that cannot be written (a folder that is
+    read-only, a part of it that is a file) is logged as an error at once, rather than
+    found at the first outage, when the events it should keep stay in memory.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
@@ -144,6 +147,14 @@ class SQLiteSpool:
         weakref.finalize(self, self._connection.drop)
         with _spools_lock:
             _spools.add(self)
+        problem = _unwritable(self.path)
+        if problem:
+            logger.error(
+                "spool %r cannot be written (%s): events the backend does not take will be "
+                "kept in memory only, and lost with the process",
+                str(self.path),
+                problem,
+            )
 
     def __repr__(self) -> str:
         return f"SQLiteSpool({str(self.path)!r})"
@@ -336,3 +347,24 @@ def _rebuild(rows: Sequence[Any]) -> tuple[list[StoredEvent], list[str]]:
             continue
         claimed.append(StoredEvent(event, status, attempts, error, due))
     return claimed, unreadable
+
+
+def _unwritable(path: Path) -> str:
+    """Why ``path`` cannot be written as a SQLite file (with its -wal and -shm files
+    beside it), or "" when it can as far as the file system's permissions tell."""
+    try:
+        if path.exists():
+            if path.is_dir():
+                return "it is a folder"
+            if not os.access(path, os.W_OK):
+                return "the file is read-only"
+        folder = path.parent
+        while not folder.exists():  # made on first use, from the nearest existing folder
+            folder = folder.parent
+        if not folder.is_dir():
+            return f"{str(folder)!r} is not a folder"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return f"the folder {str(folder)!r} is read-only"
+    except OSError as exc:
+        return str(exc)
+    return ""

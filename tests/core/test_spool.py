@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -236,3 +237,20 @@ def test_a_dropped_spool_closes_its_connection_even_on_the_thread_holding_the_lo
     worker.join(5)
     assert not worker.is_alive(), "closing a dropped spool's connection deadlocked"
     assert SQLiteSpool(tmp_path / "spool.db").pending_count() == 1
+
+
+def test_a_path_that_cannot_be_written_is_logged_when_the_spool_is_built(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Found at once, not at the first outage, when its events would stay in memory.
+    (tmp_path / "a-file").write_text("")
+    with caplog.at_level(logging.ERROR, logger="meter.spool"):
+        SQLiteSpool(tmp_path / "new" / "folders" / "spool.db").close()  # made on first use
+        assert caplog.records == []
+        SQLiteSpool(tmp_path / "a-file" / "spool.db").close()
+        SQLiteSpool(tmp_path).close()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "a-file' is not a folder" in messages[0] and "kept in memory only" in messages[0]
+    assert "it is a folder" in messages[1]
+    assert not (tmp_path / "new").exists()  # (building it made nothing)
