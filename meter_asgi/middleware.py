@@ -173,8 +173,8 @@ class MeterMiddleware:
         because an id, a meter or an amount was not valid: a bad usage header drops its
         meter only), ``metered_twice`` (requests that another MeterMiddleware on their
         way, nested in this one, metered too: both billed them), ``client_gone``
-        (successful responses not billed because the client had left before their end
-        was sent), ``errors``,
+        (successful responses not billed because the client had left before they
+        started), ``errors``,
         ``sessions_started``, ``sessions_ended``."""
         return dict(self._recorder.counters)
 
@@ -219,12 +219,18 @@ class MeterMiddleware:
         raw_headers: Sequence[tuple[bytes, bytes]] | None = None
         header_usage: dict[str, str] | None = None
         specs: tuple[MeterSpec, ...] = ()  # the route's meters, found as the response ends
+        gone = False  # the caller had left before the response started
 
         async def observe(message: Message) -> None:
-            nonlocal status, complete, raw_headers, header_usage, specs
+            nonlocal status, complete, raw_headers, header_usage, specs, gone
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                # A caller that gave up while the app worked (a client timeout) gets no
+                # result: uvicorn takes this response for a closed connection without an
+                # error. (Asked here, not at the end: a caller may hang up once it has the
+                # body its Content-Length promised, before the app's last, empty message.)
+                gone = status in self._success and client_gone(receive)
                 raw_headers = message.get("headers")
                 if raw_headers is not None and type(raw_headers) is not list:
                     # any iterable is allowed: read once here, passed on as a list
@@ -237,10 +243,7 @@ class MeterMiddleware:
             ):
                 if status in self._success:
                     specs = self._specs(scope, path, root_path)
-                    if (specs or usage.entries) and client_gone(receive):
-                        # The caller gave up before the end (a client timeout): it does
-                        # not get the result, so it is not billed. (uvicorn would take
-                        # this message for a closed connection without an error.)
+                    if gone and (specs or usage.entries):
                         self._recorder.counters["client_gone"] += 1
                         await send(message)
                         return

@@ -37,7 +37,7 @@ COUNTERS = (
     "unconfigured",  # requests or sessions with usage but no client (not built): not metered
     "invalid",  # usage dropped because an id, a meter or an amount was not valid
     "metered_twice",  # requests a nested MeterMiddleware metered too (billed by both)
-    "client_gone",  # successful responses whose client had left before their end: not billed
+    "client_gone",  # successful responses whose client left before they started: unbilled
     "errors",  # internal errors of the middleware (logged and swallowed)
     "sessions_started",
     "sessions_ended",

@@ -351,8 +351,9 @@ class MeterClient:
 
         ``hold_on_store_error``: for a caller that can neither report nor retry a
         StoreError (an adapter whose response is already sent): when the durable write
-        fails, the events are kept in memory (``failed_in_memory`` in :meth:`stats`) and
-        written to the store once it works again, rather than raised about and lost."""
+        fails, the events are queued in memory and sent as in default mode (what fails
+        then is stored, or kept in memory while the store still fails), rather than
+        raised about and lost."""
         kept = [e for e in map(self._hooked, events) if e is not None]
         if not self.enabled:
             logger.debug("metering disabled: %d events not sent", len(kept))

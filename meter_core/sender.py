@@ -216,26 +216,28 @@ class Sender:
 
     def _hold(self, events: Sequence[UsageEvent], error: BaseException) -> None:
         """Durable events the store refused, from a caller that cannot take them back (an
-        adapter, once the response is sent): kept in memory as events still to send, and
-        offered to the store again (see :meth:`_start_offer`); a kill of the process
-        meanwhile loses them."""
-        self._stats.add(recorded=len(events))
+        adapter, once the response is sent): queued in memory and sent as in default mode
+        (bounded by ``max_queue``; what fails then goes to the store, or to the in-memory
+        list while it still fails). A kill of the process meanwhile loses them."""
         self._store_log.log(
             logging.ERROR,
-            "failure store unavailable (%s: %s): %d durable events kept in memory until "
-            "it works again",
+            "failure store unavailable (%s: %s): %d durable events queued in memory instead",
             type(error).__name__,
             error,
             len(events),
         )
-        self._fallback_retry_at = max(
-            self._fallback_retry_at, time.monotonic() + FALLBACK_RETRY_SECONDS
-        )
-        before = self._fallback.dropped
-        self._fallback.store(list(events))  # (as queued: sent once in the store)
-        self._stats.add(dropped=self._fallback.dropped - before)
-        if self._thread is None and not self._closed:
-            self._start()  # (its cycles offer them to the store)
+        queue = self._queue
+        for event in events:
+            if len(queue) + self._retrying >= self._max_queue:
+                self._overflow(event)
+            else:
+                queue.append(event)  # (counted as recorded when taken off)
+        if self._closed:  # nothing sends them any more: to the store, or kept and logged
+            self._store_closed_queue()
+            return
+        if self._thread is None:
+            self._start()
+        self._wake.set()
 
     def enqueue_blocks(self, count: int = 1) -> bool:
         """Whether enqueueing ``count`` events now would write to the store rather than
@@ -686,8 +688,10 @@ class Sender:
                         logger.exception("failure store unavailable: %d events stay in memory",
                                          len(self._fallback))  # fmt: skip
                     return False
-                self._fallback.discard([e.event_id for e in events])
-                self._stats.add(stored=len(events))
+                # (one evicted from the full in-memory list meanwhile was counted as
+                # dropped there: not counted twice)
+                moved = self._fallback.discard([e.event_id for e in events])
+                self._stats.add(stored=moved)
                 logger.warning("%d events kept in memory moved to the failure store", len(events))
         return True
 

@@ -253,25 +253,29 @@ class SQLiteSpool:
             params.append(meter_id)
         token = uuid.uuid4().hex
         with self._transaction(immediate=True) as conn:
-            rows = conn.execute(
-                "SELECT event_id, payload, status, attempts, last_error, next_attempt_at"
-                f" FROM meter_events WHERE {' AND '.join(where)}"
-                " ORDER BY next_attempt_at LIMIT ?",
-                [*params, limit],
-            ).fetchall()
-            claimed, unreadable = _rebuild(rows)
-            conn.executemany(
-                "UPDATE meter_events SET claimed_until = ?, claim_token = ? WHERE event_id = ?",
-                [(now + lease_seconds, token, s.event.event_id) for s in claimed],
-            )
-            # A row no event can be rebuilt from (written by hand, or by another tool) is
-            # set aside, as discarded with the reason, rather than failing every claim.
-            conn.executemany(
-                f"UPDATE meter_events SET status = '{DISCARDED}', claimed_until = 0,"
-                " last_error = 'unreadable payload', updated_at = ? WHERE event_id = ?",
-                [(now, event_id) for event_id in unreadable],
-            )
-        return claimed
+            while True:
+                rows = conn.execute(
+                    "SELECT event_id, payload, status, attempts, last_error, next_attempt_at"
+                    f" FROM meter_events WHERE {' AND '.join(where)}"
+                    " ORDER BY next_attempt_at LIMIT ?",
+                    [*params, limit],
+                ).fetchall()
+                claimed, unreadable = _rebuild(rows)
+                conn.executemany(
+                    "UPDATE meter_events SET claimed_until = ?, claim_token = ? WHERE event_id = ?",
+                    [(now + lease_seconds, token, s.event.event_id) for s in claimed],
+                )
+                # A row no event can be rebuilt from (written by hand, or by another tool)
+                # is set aside, as discarded with the reason, rather than failing every
+                # claim; a claim that found only such rows looks again (an empty answer
+                # means nothing is due).
+                conn.executemany(
+                    f"UPDATE meter_events SET status = '{DISCARDED}', claimed_until = 0,"
+                    " last_error = 'unreadable payload', updated_at = ? WHERE event_id = ?",
+                    [(now, event_id) for event_id in unreadable],
+                )
+                if claimed or not unreadable:
+                    return claimed
 
     def mark_delivered(self, event_ids: Sequence[str]) -> None:
         with self._transaction() as conn:

@@ -218,12 +218,16 @@ class MemoryFailureStore:
                 by_status[DELIVERED] = self._delivered
         return {"by_status": by_status, "by_reason": by_reason}
 
-    def discard(self, event_ids: Sequence[str]) -> None:
-        """Forget these events (moved elsewhere); not counted as delivered."""
+    def discard(self, event_ids: Sequence[str]) -> int:
+        """Forget these events (moved elsewhere); not counted as delivered. Returns how
+        many were still held (one evicted meanwhile by a full store is not)."""
+        removed = 0
         with self._lock:
             for event_id in event_ids:
-                self._events.pop(event_id, None)
+                if self._events.pop(event_id, None) is not None:
+                    removed += 1
                 self._leases.pop(event_id, None)
+        return removed
 
     def events(self) -> list[StoredEvent]:
         """A snapshot of what is held, oldest first."""

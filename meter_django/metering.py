@@ -52,17 +52,29 @@ class _UntenantedCounter:
         self.throttle = LogThrottle(logger, interval=60.0)
 
     def add(self, request: HttpRequest) -> None:
-        try:
-            reason = why_no_tenant(request, conf.get("TENANT"))
-        except Exception:  # (a log line's detail must not break the request)
-            reason = "METER['TENANT']"
         self.throttle.log(
             logging.WARNING,
             "usage of %s %s not metered: no tenant for the request: %s",
             request.method,
             request.path,
-            reason,
+            _NoTenantReason(request),
         )
+
+
+class _NoTenantReason:
+    """Why a request has no tenant, worked out only if the line is logged (most are not:
+    the throttle keeps one a minute)."""
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: HttpRequest) -> None:
+        self.request = request
+
+    def __str__(self) -> str:
+        try:
+            return why_no_tenant(self.request, conf.get("TENANT"))
+        except Exception:  # (a log line's detail must not break the request)
+            return "METER['TENANT']"
 
 
 _untenanted = _UntenantedCounter()

@@ -175,3 +175,33 @@ def test_meter_usage_on_a_websocket_says_it_is_for_http_requests() -> None:
                                  "state": {}})  # fmt: skip
     with pytest.raises(ConfigurationError, match="only for HTTP requests.*session rule"):
         meter_usage(connection)
+
+
+async def late_end_app(scope: Any, receive: Any, send: Any) -> None:
+    """The whole body (its Content-Length), then some work, then the empty last message."""
+    if scope["type"] != "http":
+        return
+    await _drain(receive)
+    await send({**OK_START, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+    await asyncio.sleep(0.3)  # (closing a cursor, say)
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_caller_that_hangs_up_once_it_has_the_whole_body_is_billed(
+    serve: Callable[..., LiveServer], meter_client: MeterClient, meter_backend: DevServer
+) -> None:
+    metered = MeterMiddleware(late_end_app, client=meter_client, tenant="acme",
+                              routes={"GET /late": "report.generated.small"})  # fmt: skip
+    server = serve(metered, lifespan="off")
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while not received.endswith(b"\r\n\r\nok"):
+            chunk = raw.recv(1000)
+            assert chunk, received
+            received += chunk
+    # it has what it was promised and leaves before the app's last message
+    (value,) = wait_for_records(meter_backend, 1)
+    assert value["meter_id"] == "report.generated.small"
+    assert metered.stats["client_gone"] == 0
