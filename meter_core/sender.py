@@ -383,7 +383,9 @@ class Sender:
             self._retrying = 0
         if leased and not still_sending and self._store is not None:
             self._release(leased)
-        self._drain_fallback()  # a store that failed earlier may work again now
+        # a store that failed earlier may work again now (an offer already trying it, on
+        # a store slow to fail, is not waited for past the timeout)
+        self._drain_fallback(wait=timeout)
         if leftover:
             self._store_final(leftover, "undelivered at close", count_failed=False)
             if self._store is None:
@@ -662,14 +664,22 @@ class Sender:
             except Exception:
                 logger.exception("on_error hook raised")
 
-    def _drain_fallback(self, *, quiet: bool = False) -> bool:
+    def _drain_fallback(self, *, quiet: bool = False, wait: float | None = None) -> bool:
         """Move the events kept in memory while the failure store failed into the store
-        (they would die with the process there); False when it failed again. Left in
-        memory then: logged with its traceback, or, ``quiet`` (the periodic offer), as
-        one throttled line."""
+        (they would die with the process there); False when it failed again, or when
+        another drain held on for more than ``wait`` seconds. Left in memory then: logged
+        with its traceback, or, ``quiet`` (the periodic offer), as one throttled line."""
         if self._store is None or not len(self._fallback):
             return True
-        with self._drain_lock:  # (close() may drain while the thread does)
+        # (close() may drain while the offer thread does)
+        if not self._drain_lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
+            logger.error(
+                "%d events kept in memory not moved to the failure store: it is still "
+                "being tried, slowly",
+                len(self._fallback),
+            )
+            return False
+        try:
             groups: dict[tuple[str, int], list[UsageEvent]] = {}
             for held in self._fallback.events():
                 groups.setdefault((held.last_error, held.attempts), []).append(held.event)
@@ -693,6 +703,8 @@ class Sender:
                 moved = self._fallback.discard([e.event_id for e in events])
                 self._stats.add(stored=moved)
                 logger.warning("%d events kept in memory moved to the failure store", len(events))
+        finally:
+            self._drain_lock.release()
         return True
 
     def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:

@@ -243,3 +243,26 @@ def test_durable_events_held_after_close_are_kept_in_memory_and_listed() -> None
     events = [client.event(**RECORD) for _ in range(2)]
     client.enqueue_many(events, hold_on_store_error=True)  # (a request ending at shutdown)
     assert {s.event.event_id for s in client.failed_events()} == {e.event_id for e in events}
+
+
+def test_close_does_not_wait_past_its_timeout_for_an_offer_on_a_slow_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.05)
+    trying = threading.Event()
+
+    class SlowToFail(MemoryFailureStore):
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+            trying.set()
+            time.sleep(3)  # a file locked for its whole busy timeout
+            raise StoreError("database is locked")
+
+    client = client_with(DownTransport(), failure_store=SlowToFail(), max_retries=0)
+    client.record(**RECORD)  # fails, its store write fails slowly: kept in memory
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+    trying.clear()
+    _wait_until(trying.is_set)  # an offer is on its way, holding the drain
+    started = time.monotonic()
+    client.close(timeout=0.3)
+    assert time.monotonic() - started < 2.0
+    assert client.stats()["failed_in_memory"] == 1  # still listed, not lost silently
