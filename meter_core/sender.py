@@ -410,7 +410,9 @@ class Sender:
             try:
                 self._busy = True
                 self._cycle()
-            except Exception:  # the thread must survive any bug of ours
+            except BaseException:
+                # The thread must survive any bug of ours, and a BaseException that a hook
+                # or a custom transport raises (gevent's Timeout): else nothing is sent.
                 logger.exception("meter sender cycle failed")
             finally:
                 self._busy = False
@@ -569,8 +571,9 @@ class Sender:
                 self._retry_or_fail(group, error)
             for error, group in outcome.final:
                 self._fail(group, error)
-        except Exception:
-            # A bug of ours must not lose the batch: keep it for the retry command.
+        except BaseException:
+            # A bug of ours (or a BaseException from a custom transport) must not lose the
+            # batch: keep it for the retry command.
             logger.exception("delivery of %d events failed unexpectedly", len(items))
             if not self._took_over(items):
                 self._store_final(

@@ -266,3 +266,31 @@ def test_close_does_not_wait_past_its_timeout_for_an_offer_on_a_slow_store(
     client.close(timeout=0.3)
     assert time.monotonic() - started < 2.0
     assert client.stats()["failed_in_memory"] == 1  # still listed, not lost silently
+
+
+class Interrupt(BaseException):
+    """What some libraries raise out of any code (gevent's Timeout): not an Exception."""
+
+
+def test_a_base_exception_from_the_transport_does_not_stop_delivery() -> None:
+    calls: list[int] = []
+
+    class InterruptOnce(DownTransport):
+        def produce(self, records: Any) -> Any:
+            if not calls:  # the first batch: interrupted mid-send
+                calls.append(0)
+                raise Interrupt
+            return super().produce(records)
+
+    transport = InterruptOnce()
+    transport.up.set()
+    client = client_with(transport, max_retries=0)
+    try:
+        first = client.record(**RECORD)
+        _wait_until(lambda: calls)
+        later = client.record(**RECORD)  # the sender thread is still there to send it
+        _wait_until(lambda: later in {r["value"]["event_id"] for r in transport.records})
+        # the interrupted batch was not lost: kept for the retry command
+        _wait_until(lambda: first in {s.event.event_id for s in client.failed_events()})
+    finally:
+        client.close(1)
