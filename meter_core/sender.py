@@ -143,6 +143,7 @@ class Sender:
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
+        self._claim_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -542,9 +543,13 @@ class Sender:
                 # events the sender gave up on are left to the retry command
                 max_attempts=self._policy.max_retries + 1 if self._config.durable else 1,
             )
-        except Exception:  # StoreError, or any failure of a custom store: the batch
-            # already taken from memory must still be delivered
-            logger.exception("could not read the failure store")
+        except Exception as exc:  # StoreError, or any failure of a custom store: the
+            # batch already taken from memory must still be delivered. (Throttled: a file
+            # locked for long fails every poll; the traceback is at debug level.)
+            self._claim_log.log(
+                logging.ERROR, "could not read the failure store: %s: %s", type(exc).__name__, exc
+            )
+            logger.debug("could not read the failure store", exc_info=True)
             return []
         if not claimed and not self._config.durable:
             self._spilled = False

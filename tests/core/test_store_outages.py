@@ -294,3 +294,21 @@ def test_a_base_exception_from_the_transport_does_not_stop_delivery() -> None:
         _wait_until(lambda: first in {s.event.event_id for s in client.failed_events()})
     finally:
         client.close(1)
+
+
+def test_a_store_that_cannot_be_read_is_logged_once_per_interval_not_per_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    transport = DownTransport()
+    transport.up.set()
+    client = client_with(transport, failure_store=ClaimFailsStore(), max_queue=5)
+    try:
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            for _ in range(10):  # 5 spill to the store: the sender claims at every poll
+                client.record(**RECORD)
+            time.sleep(0.5)  # some 25 polls of 0.02 s
+        lines = [r for r in caplog.records if "could not read the failure store" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].exc_info is None
+        assert "KeyError" in lines[0].getMessage()
+    finally:
+        client.close(0)
