@@ -29,6 +29,9 @@ meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLE
 meter_django.W003   a ``RULES`` key matches no route template or view name of the
                     URLconf (e.g. a missing trailing slash, or a template for a
                     re_path() / DRF router route), so it never meters
+meter_django.W004   ``TENANT`` reads an attribute of ``request.user`` that the user model
+                    has not (no field, property or relation of that name): no request
+                    would be metered, unless each user object gets it at run time
 ==================  ===================================================================
 
 Messages name the key and what was given, never the API key's value.
@@ -94,6 +97,9 @@ CHECKS: Mapping[str, str] = {
     "W003": "A rule matches a route template exactly as urls.py writes it, trailing slash "
     "included (parameter names and converters do not matter), or a view name "
     "'namespace:name'; routes of re_path() and DRF routers only by their view name.",
+    "W004": "Give the user model that field or property, point 'user_attr' at one it has "
+    "(a dotted path such as 'profile.tenant_id'), or use a callable. If an authentication "
+    "backend sets it on each user, silence this with SILENCED_SYSTEM_CHECKS.",
 }
 
 _MIDDLEWARE = "meter_django.middleware.MeterMiddleware"
@@ -221,6 +227,8 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
         except ConfigurationError as exc:
             code = "E007" if "not marked trusted" in str(exc) else "E006"
             out.append(_error(code, str(exc)))
+        else:
+            out += _check_user_attr(key, config)
     out += _check_statuses(meter.get("METER_STATUSES", DJANGO_DEFAULTS["METER_STATUSES"]))
     alias = meter.get("DATABASE", DJANGO_DEFAULTS["DATABASE"])
     if alias not in settings.DATABASES:
@@ -235,6 +243,34 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
             if store == "database":
                 out += _check_table_database(alias)
     return out
+
+
+def _check_user_attr(key: str, config: Any) -> list[CheckMessage]:
+    """W004: the first step of a ``user_attr`` path is not an attribute of the user model
+    class (a field, a property, a relation's descriptor); later steps are not followed."""
+    if not isinstance(config, Mapping) or not isinstance(config.get("user_attr"), str):
+        return []
+    from django.apps import apps
+
+    if not apps.is_installed("django.contrib.auth"):
+        return []
+    from django.contrib.auth import get_user_model
+
+    try:
+        model = get_user_model()
+    except Exception:  # (a broken AUTH_USER_MODEL is Django's own check to report)
+        return []
+    first = config["user_attr"].split(".")[0]
+    if hasattr(model, first):
+        return []
+    label = model._meta.label
+    return [
+        _warning(
+            "W004",
+            f"METER[{key!r}] reads request.user.{config['user_attr']}, but the user model "
+            f"{label} has no {first!r}: no request would be metered.",
+        )
+    ]
 
 
 def _check_table_database(alias: str) -> list[CheckMessage]:

@@ -343,3 +343,21 @@ def test_manage_py_check_shows_the_rule_warning(settings: Any) -> None:
     assert "meter_django.W003" in stderr.getvalue()
     with pytest.raises(SystemCheckError, match=r"write 'POST /ok/'"):
         call_command("check", fail_level="WARNING")
+
+
+def test_a_user_attribute_the_user_model_has_not_is_a_warning(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from django.contrib.auth.models import User
+
+    monkeypatch.delattr(User, "tenant_id")  # the stock auth.User: no tenant_id
+    settings.METER = GOOD  # the default TENANT: request.user.tenant_id
+    [warning] = check_settings()
+    assert warning.id == "meter_django.W004"
+    assert "auth.User has no 'tenant_id'" in warning.msg and "user_attr" in warning.hint
+    settings.METER = {**GOOD, "TENANT": {"user_attr": "profile.tenant_id"}}
+    assert "has no 'profile'" in check_settings()[0].msg
+    for fine in ({"user_attr": "username"}, {"user_attr": "username.upper"},
+                 lambda request: "acme"):  # fmt: skip
+        settings.METER = {**GOOD, "TENANT": fine}
+        assert check_settings() == []
