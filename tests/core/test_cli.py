@@ -231,3 +231,10 @@ def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "every event arrived exactly once" in out
+
+
+def test_the_command_is_installed_under_both_names() -> None:
+    bin_dir = Path(sys.executable).parent
+    for name in ("meter", "litewave-meter"):
+        done = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True)
+        assert done.returncode == 0 and "devserver" in done.stdout, (name, done.stderr)
