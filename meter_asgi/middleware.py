@@ -243,8 +243,9 @@ class MeterMiddleware:
             ):
                 if status in self._success:
                     specs = self._specs(scope, path, root_path)
-                    if gone and (specs or usage.entries):
-                        self._recorder.counters["client_gone"] += 1
+                    if gone:  # never billed, usage a background task adds later included
+                        if specs or usage.entries:
+                            self._recorder.counters["client_gone"] += 1
                         await send(message)
                         return
                 await send(message)
