@@ -191,8 +191,8 @@ class Sender:
     def enqueue_many(self, events: Sequence[UsageEvent], *, hold: bool = False) -> None:
         """:meth:`enqueue` for several events; in durable mode they are written to the
         store in one call (one transaction: all of them or none). ``hold``: when that
-        write fails, the events are kept in memory and written when the store works
-        again (see :meth:`_hold`) instead of raising StoreError."""
+        write fails, the events are queued in memory and sent as in default mode (see
+        :meth:`_hold`) instead of raising StoreError."""
         if not self._config.durable or (not hold and (self._closed or len(events) < 2)):
             for event in events:
                 self.enqueue(event)
