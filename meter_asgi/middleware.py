@@ -218,19 +218,22 @@ class MeterMiddleware:
         complete = False
         raw_headers: Sequence[tuple[bytes, bytes]] | None = None
         header_usage: dict[str, str] | None = None
-        specs: tuple[MeterSpec, ...] = ()  # the route's meters, found as the response ends
-        gone = False  # the caller had left before the response started
+        specs: tuple[MeterSpec, ...] = ()  # the route's meters, found as the response starts
+        gone = False  # the caller had left before a billable response started
 
         async def observe(message: Message) -> None:
             nonlocal status, complete, raw_headers, header_usage, specs, gone
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                # A caller that gave up while the app worked (a client timeout) gets no
-                # result: uvicorn takes this response for a closed connection without an
-                # error. (Asked here, not at the end: a caller may hang up once it has the
-                # body its Content-Length promised, before the app's last, empty message.)
-                gone = status in self._success and client_gone(receive)
+                if status in self._success:  # (the app has routed the request by now)
+                    specs = self._specs(scope, path, root_path)
+                    # A caller that gave up while the app worked (a client timeout) gets
+                    # no result: uvicorn takes this response for a closed connection
+                    # without an error. (Asked here, not at the end: a caller may hang up
+                    # once it has the body its Content-Length promised, before the app's
+                    # last, empty message.)
+                    gone = bool(specs or usage.entries) and client_gone(receive)
                 raw_headers = message.get("headers")
                 if raw_headers is not None and type(raw_headers) is not list:
                     # any iterable is allowed: read once here, passed on as a list
@@ -241,13 +244,10 @@ class MeterMiddleware:
             elif kind in _FINAL_KINDS and not (
                 kind != "http.response.pathsend" and message.get("more_body", False)
             ):
-                if status in self._success:
-                    specs = self._specs(scope, path, root_path)
-                    if gone:  # never billed, usage a background task adds later included
-                        if specs or usage.entries:
-                            self._recorder.counters["client_gone"] += 1
-                        await send(message)
-                        return
+                if gone:  # never billed, usage a background task adds later included
+                    self._recorder.counters["client_gone"] += 1
+                    await send(message)
+                    return
                 await send(message)
                 complete = True  # the server took the end of the response
                 return
