@@ -30,8 +30,9 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
+    called = os.path.basename(sys.argv[0]) if sys.argv else ""
     parser = argparse.ArgumentParser(
-        prog="meter",
+        prog=called if called in ("meter", "litewave-meter") else "meter",
         description="Resend stored usage events, show a spool, or run the local backend "
         "(also: python -m meter_core).",
     )

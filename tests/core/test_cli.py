@@ -238,3 +238,4 @@ def test_the_command_is_installed_under_both_names() -> None:
     for name in ("meter", "litewave-meter"):
         done = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "devserver" in done.stdout, (name, done.stderr)
+        assert done.stdout.startswith(f"usage: {name} ")
