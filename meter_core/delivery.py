@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,18 @@ _MAX_REQUESTS_WHEN_SPLITTING = 64
 # Bytes of '{"records": [' + ']}' and of each ', ' separator in a produce body.
 _BODY_OVERHEAD = 16
 _SEPARATOR = 2
-# The GIL is released before the first of every 256 items (see deliver_once).
-_YIELD_MASK = 255
+# The GIL is released before the first of every 64 items (see deliver_once), with
+# sched_yield() where there is one: a thread waiting for the GIL runs at once, where
+# time.sleep(0) also sleeps out the timer slack (about 50 µs) and costs the sender more CPU
+# (benchmarks/bench_loop_lag.py).
+_YIELD_MASK = 63
+
+
+def _sleep0() -> None:
+    time.sleep(0)
+
+
+_release_gil: Callable[[], None] = getattr(os, "sched_yield", _sleep0)
 OUT_OF_TIME = BackendUnavailable(
     "delivery attempt ran out of time (slow backend): the rest is sent at the next attempt"
 )
@@ -77,7 +88,7 @@ def deliver_once(
     """Try each item's event once. Customer ids come through ``customers``; records go
     in produce requests of at most ``max_records`` records and ``max_batch_bytes`` bytes.
     A per-record error of a 200 fails that record alone. Never raises DeliveryError.
-    Releases the GIL for a moment every 256 items, so that a large batch does not hold
+    Releases the GIL for a moment every 64 items, so that a large batch does not hold
     up the app's threads while it is encoded.
 
     ``deadline`` (a ``time.monotonic()`` value): no request starts after it; the items
@@ -98,9 +109,9 @@ def deliver_once(
     for index, item in enumerate(items):
         if not index & _YIELD_MASK:
             # Let the app's threads take the GIL: one that asks for it while this thread
-            # encodes would wait for the whole batch (measured on one CPU, under load:
-            # an event loop's p99 wake-up delay 2.9 ms without this, 1.4 ms with it).
-            time.sleep(0)
+            # encodes would wait for the whole batch (an event loop's p99 wake-up delay:
+            # see benchmarks/bench_loop_lag.py).
+            _release_gil()
         event = event_of(item)
         customer = answers.get(event.tenant_id, _UNASKED)
         if customer is _UNASKED:
