@@ -331,10 +331,9 @@ class MeterMiddleware:
         header_usage: dict[str, str] | None,
         usage: RequestUsage,
     ) -> tuple[MeterClient, list[UsageEvent]] | None:
-        """The client and the events of a successful request; None: nothing to record."""
+        """The client and the events of a successful request that has ``specs`` or usage
+        entries (the caller checked); None: nothing to record."""
         method: str = scope.get("method", "GET")
-        if not specs and not usage.entries:
-            return None
         recorder = self._recorder
         client = recorder.client()
         if client is None:
