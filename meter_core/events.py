@@ -47,6 +47,10 @@ MIN_EPOCH_MS = 946_684_800_000
 MAX_EPOCH_MS = 4_102_444_800_000
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Characters no store can keep in text (PostgreSQL refuses NUL in text and JSON; a lone
+# surrogate cannot be encoded as UTF-8), so they are refused where an event is built:
+# taken in, such an event would fail every store write of the batch it is in.
+_UNSTORABLE_CHARS = re.compile("[\x00\ud800-\udfff]")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _EMPTY_METADATA: Mapping[str, str] = MappingProxyType({})
 
@@ -111,11 +115,13 @@ _new_event_id = _EVENT_IDS.new
 # event, so most checks become one set lookup; bounded, and cleared when full.
 _VALID_IDS: set[str] = set()
 _MAX_VALID_IDS = 10_000
+_DOT_SEGMENTS = frozenset({".", ".."})
 
 
 def validate_identifier(name: str, value: object) -> str:
     """Check an id (tenant, device, meter): a non-empty str of at most 128 characters
-    with no control characters. Returns it; raises :class:`InvalidEvent` naming ``name``."""
+    with no control characters nor lone surrogates, other than ``.`` and ``..``. Returns
+    it; raises :class:`InvalidEvent` naming ``name``."""
     if type(value) is str and value in _VALID_IDS:
         return value
     if type(value) is not str:
@@ -126,6 +132,12 @@ def validate_identifier(name: str, value: object) -> str:
         raise InvalidEvent(name, f"must be at most {MAX_ID_LENGTH} characters, got {len(value)}")
     if _CONTROL_CHARS.search(value):
         raise InvalidEvent(name, f"must not contain control characters: {value!r}")
+    if _UNSTORABLE_CHARS.search(value):
+        raise InvalidEvent(name, f"must not contain a lone surrogate: {value!r}")
+    if value in _DOT_SEGMENTS:
+        # In a lookup URL's path, "." or ".." would be resolved as a path step (by the
+        # HTTP library or the server) and ask for another resource than this tenant's.
+        raise InvalidEvent(name, f"must not be {value!r} (a path step in a lookup URL)")
     if len(_VALID_IDS) >= _MAX_VALID_IDS:
         _VALID_IDS.clear()
     _VALID_IDS.add(value)
@@ -175,6 +187,12 @@ def freeze_metadata(metadata: object) -> Mapping[str, str]:
         if len(value) > MAX_METADATA_VALUE_LENGTH:
             raise InvalidEvent(
                 "metadata", f"value of {key!r} is over {MAX_METADATA_VALUE_LENGTH} characters"
+            )
+        if _UNSTORABLE_CHARS.search(key) or _UNSTORABLE_CHARS.search(value):
+            raise InvalidEvent(
+                "metadata",
+                f"key or value of {key!r} holds a NUL character or a lone surrogate, which "
+                "no store can keep",
             )
     return MappingProxyType(dict(metadata))
 
