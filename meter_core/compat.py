@@ -67,7 +67,8 @@ def _client_or_none(
 
 
 def _secret(api_key: str | None) -> Secret | None:
-    return Secret(api_key) if api_key else None
+    # (a key that cannot go into a header is refused, unshown, when the client is built)
+    return Secret(api_key if isinstance(api_key, str) else str(api_key)) if api_key else None
 
 
 def _stringify(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:

@@ -9,11 +9,10 @@ declared once. Values are checked here and a bad one raises
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from meter_core.errors import ConfigurationError
 
@@ -22,6 +21,7 @@ __all__ = [
     "DEFAULT_INTERNAL_URL",
     "ClientOption",
     "Secret",
+    "check_secret_text",
     "coerce_option",
     "options_from_env",
     "redact_url",
@@ -29,7 +29,6 @@ __all__ = [
 ]
 
 DEFAULT_INTERNAL_URL = "http://metering.metering.svc.cluster.local:8000"
-_SENSITIVE_QUERY = re.compile(r"key|token|secret|password|passwd|auth|signature", re.I)
 
 
 class Secret:
@@ -42,6 +41,8 @@ class Secret:
     __slots__ = ("_value",)
 
     def __init__(self, value: str) -> None:
+        if not isinstance(value, str):
+            raise TypeError(f"Secret: the value must be a str, got {type(value).__name__}")
         self._value = value
 
     def reveal(self) -> str:
@@ -65,30 +66,42 @@ class Secret:
         raise TypeError("a Secret cannot be pickled")
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any user:password and sensitive query values replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
+def redact_url(url: object) -> str:
+    """``url`` with what could hold a secret replaced by ``***``: everything between the
+    scheme and the last ``@`` (user:password, however malformed), every query value and
+    the fragment. Over-redacts rather than risk showing a key."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<not a URL>"
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    rest, hashed, _ = rest.partition("#")
+    rest, asked, query = rest.partition("?")
+    if asked:
         pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SENSITIVE_QUERY.search(k) else v) for k, v in pairs])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        rest += "?" + "&".join(f"{quote(k, safe='')}=***" for k, _ in pairs)
+    return f"{scheme}://{rest}" + ("#***" if hashed else "")
 
 
 def validate_url(name: str, value: object) -> str:
-    """An http(s) URL with a host, returned without its trailing slash.
+    """An http(s) URL with a host and no query or fragment (paths are appended to it),
+    returned without its trailing slash.
 
-    Raises :class:`ConfigurationError` naming ``name`` (the message shows the URL redacted).
+    Raises :class:`ConfigurationError` naming ``name``. The message shows the URL
+    redacted (:func:`redact_url`), and does not show a value that is not a URL at all:
+    it may be the API key given in the wrong place.
     """
     if not isinstance(value, str) or not value.strip():
-        raise ConfigurationError(f"{name}: a URL is required, got {value!r}")
+        shown = repr(value) if value is None or value == "" else type(value).__name__
+        raise ConfigurationError(f"{name}: a URL is required, got {shown}")
     url = value.strip()
+    if "://" not in url:
+        raise ConfigurationError(
+            f"{name}: URL must start with http:// or https:// (got a value of {len(url)} "
+            "characters that is not a URL: the value is not shown, it could be a secret)"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port  # raises ValueError for a malformed port
@@ -100,8 +113,28 @@ def validate_url(name: str, value: object) -> str:
         )
     if not parts.hostname:
         raise ConfigurationError(f"{name}: URL has no host: {redact_url(url)!r}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigurationError(
+            f"{name}: URL must not have a query or a fragment (paths are added to it), "
+            f"got {redact_url(url)!r}"
+        )
     del port
     return url.rstrip("/")
+
+
+def check_secret_text(label: str, value: str) -> None:
+    """Refuse an API key that cannot go into an HTTP header as it is: the HTTP library
+    would refuse it later with an error that quotes it. The message never shows it."""
+    if value != value.strip() or not value.isprintable():
+        raise ConfigurationError(
+            f"{label}: must not contain whitespace at its ends or control characters "
+            "(a newline read from a secret file?)"
+        )
+    if not value.isascii():
+        raise ConfigurationError(
+            f"{label}: must be ASCII (a character such as an en dash or a non-breaking "
+            "space pasted into the key?)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +142,9 @@ class ClientOption:
     """One option of :class:`~meter_core.MeterClient`.
 
     ``kind`` is ``"url"``, ``"str"``, ``"secret"``, ``"int"``, ``"float"``, ``"bool"`` or
-    ``"object"`` (not settable from the environment). ``minimum`` bounds numbers.
+    ``"object"`` (not settable from the environment). ``minimum`` and ``maximum`` bound
+    numbers (durations: a day at most, or a year for cache lifetimes, so that no time
+    computed from them overflows).
     """
 
     name: str
@@ -119,6 +154,7 @@ class ClientOption:
     help: str
     nullable: bool = False
     minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def setting_name(self) -> str:
@@ -140,11 +176,12 @@ _OPTIONS: tuple[ClientOption, ...] = (
     ClientOption("device_id", "str", None, "METER_DEVICE_ID",
                  "Default device id for events recorded without one.", nullable=True),
     ClientOption("timeout", "float", 10.0, "METER_TIMEOUT",
-                 "Seconds to wait for each HTTP request.", minimum=0.001),
+                 "Seconds to wait for each HTTP request.", minimum=0.001, maximum=86_400),
     ClientOption("customer_cache_ttl", "float", 300.0, "METER_CUSTOMER_CACHE_TTL",
-                 "Seconds a customer lookup is cached.", minimum=0),
+                 "Seconds a customer lookup is cached.", minimum=0, maximum=31_536_000),
     ClientOption("negative_cache_ttl", "float", 30.0, "METER_NEGATIVE_CACHE_TTL",
-                 "Seconds a 'no account for this tenant' answer is cached.", minimum=0),
+                 "Seconds a 'no account for this tenant' answer is cached.", minimum=0,
+                 maximum=31_536_000),
     ClientOption("allow_unknown_meters", "bool", False, "METER_ALLOW_UNKNOWN_METERS",
                  "Accept meter ids that are not in the catalog."),
     ClientOption("batch_size", "int", 500, "METER_BATCH_SIZE",
@@ -152,16 +189,16 @@ _OPTIONS: tuple[ClientOption, ...] = (
     ClientOption("max_batch_bytes", "int", 1024 * 1024, "METER_MAX_BATCH_BYTES",
                  "Most bytes in one produce request body.", minimum=1024),
     ClientOption("flush_interval", "float", 0.5, "METER_FLUSH_INTERVAL",
-                 "Seconds the sender waits to fill a batch.", minimum=0.001),
+                 "Seconds the sender waits to fill a batch.", minimum=0.001, maximum=86_400),
     ClientOption("max_queue", "int", 100_000, "METER_MAX_QUEUE",
                  "Most events held in memory awaiting delivery.", minimum=1),
     ClientOption("max_retries", "int", 5, "METER_MAX_RETRIES",
                  "Retries of a retriable failure before the event goes to the store.",
                  minimum=0),
     ClientOption("backoff_base", "float", 0.5, "METER_BACKOFF_BASE",
-                 "First retry delay bound in seconds (full jitter).", minimum=0),
+                 "First retry delay bound in seconds (full jitter).", minimum=0, maximum=86_400),
     ClientOption("backoff_cap", "float", 30.0, "METER_BACKOFF_CAP",
-                 "Largest retry delay in seconds.", minimum=0),
+                 "Largest retry delay in seconds.", minimum=0, maximum=86_400),
     ClientOption("durable", "bool", False, "METER_DURABLE",
                  "Write each event to the failure store before record() returns."),
     ClientOption("spool_path", "str", None, "METER_SPOOL_PATH",
@@ -200,24 +237,26 @@ def coerce_option(
     """
     label = source or option.name
     if value is None:
-        if option.nullable or option.default is not None or option.kind == "object":
+        if option.nullable or option.kind == "object":
             return None
+        if option.default is not None:
+            raise ConfigurationError(
+                f"{label}: must not be None (leave it out for the default, {option.default!r})"
+            )
         raise ConfigurationError(f"{label}: is required")
     kind = option.kind
     if kind == "url":
         return validate_url(label, value)
     if kind == "secret":
         if isinstance(value, Secret):
-            return value
+            text = value.reveal()
+            if text:
+                check_secret_text(label, text)
+            return value if text else None
         if not isinstance(value, str):
             raise ConfigurationError(f"{label}: must be a str, got {type(value).__name__}")
-        if value and (value != value.strip() or not value.isprintable()):
-            # It goes into an HTTP header, where such a value is refused with an error that
-            # quotes it: say so now, without the value.
-            raise ConfigurationError(
-                f"{label}: must not contain whitespace at its ends or control characters "
-                "(a newline read from a secret file?)"
-            )
+        if value:
+            check_secret_text(label, value)
         return Secret(value) if value else None
     if kind == "str":
         if option.name == "transport" and not isinstance(value, str):
@@ -236,7 +275,7 @@ def coerce_option(
         if parse_strings and isinstance(value, str):
             try:
                 number = int(value) if kind == "int" else float(value)
-            except ValueError:
+            except (ValueError, OverflowError):
                 raise ConfigurationError(f"{label}: must be a number, got {value!r}") from None
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigurationError(f"{label}: must be a number, got {value!r}")
@@ -248,6 +287,8 @@ def coerce_option(
             raise ConfigurationError(f"{label}: must be finite, got {value!r}")
         if option.minimum is not None and number < option.minimum:
             raise ConfigurationError(f"{label}: must be >= {option.minimum:g}, got {value!r}")
+        if option.maximum is not None and number > option.maximum:
+            raise ConfigurationError(f"{label}: must be <= {option.maximum:g}, got {value!r}")
         return int(number) if kind == "int" else float(number)
     return value
 

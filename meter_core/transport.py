@@ -72,10 +72,10 @@ class _BearerAuth(requests.auth.AuthBase):
     """Adds the Authorization header at send time, so the key sits in no dict of ours."""
 
     def __init__(self, secret: Secret) -> None:
-        self._secret = secret
+        self.secret = secret
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
-        request.headers["Authorization"] = "Bearer " + self._secret.reveal()
+        request.headers["Authorization"] = "Bearer " + self.secret.reveal()
         return request
 
     def __repr__(self) -> str:
@@ -105,6 +105,23 @@ def _describe(exc: BaseException) -> str:
             else cause.__cause__ or cause.__context__
         )
     return type(exc).__name__
+
+
+def _scrub(exc: BaseException, secret: str) -> None:
+    """Replace ``secret`` by ``***`` in the text arguments of ``exc`` and of the
+    exceptions it was raised from (what its message and traceback show)."""
+    if not secret:
+        return
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        args = current.args
+        if any(isinstance(a, str) and secret in a for a in args):
+            current.args = tuple(
+                a.replace(secret, "***") if isinstance(a, str) else a for a in args
+            )
+        current = current.__cause__ or current.__context__
 
 
 def _header_value(text: str) -> str | bytes:
@@ -188,6 +205,17 @@ class HTTPTransport:
         )
 
     def lookup_customer(self, tenant_id: str) -> CustomerId:
+        try:
+            return self._lookup_customer(tenant_id)
+        except Exception as exc:
+            if self._auth is not None:
+                # A portal that quotes the Authorization header in its error body (or an
+                # HTTP library quoting it in an error): the key must not reach the message,
+                # which is logged and stored.
+                _scrub(exc, self._auth.secret.reveal())
+            raise
+
+    def _lookup_customer(self, tenant_id: str) -> CustomerId:
         url = self._lookup_base + quote(tenant_id, safe="")
         headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None
         what = f"customer lookup of {tenant_id!r} at {redact_url(url)}"

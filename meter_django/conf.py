@@ -82,7 +82,7 @@ def _probe_kwargs(name: str) -> dict[str, Any]:
     elif name == "backoff_cap":
         kwargs["backoff_base"] = 0.0
     elif name == "backoff_base":
-        kwargs["backoff_cap"] = 1e12
+        kwargs["backoff_cap"] = CLIENT_OPTIONS["backoff_cap"].maximum  # (the largest allowed)
     return kwargs
 
 

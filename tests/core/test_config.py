@@ -136,12 +136,20 @@ def test_secret_refuses_to_be_pickled() -> None:
     ("url", "expected"),
     [
         ("http://user:pw@kafka:8082/x", "http://***@kafka:8082/x"),
-        ("https://h/p?api_key=abc&x=1", "https://h/p?api_key=%2A%2A%2A&x=1"),
+        ("https://h/p?api_key=abc&x=1", "https://h/p?api_key=***&x=***"),
         ("http://kafka:8082", "http://kafka:8082"),
+        # user info that urlsplit would not take for one: a / or a # in the password
+        ("https://user:sk/SECRET@host/p", "https://***@host/p"),
+        ("https://user:sk#SECRET@host/p", "https://***@host/p"),
+        ("https://h/p#SECRET", "https://h/p#***"),
+        ("https://h/p?a=SECRET;b=SECRET", "https://h/p?a=***"),
+        ("sk-SECRET", "<not a URL>"),
+        (b"https://user:SECRET@h", "<bytes>"),
     ],
 )
 def test_redact_url_hides_credentials(url: str, expected: str) -> None:
     assert redact_url(url) == expected
+    assert "SECRET" not in redact_url(url)
 
 
 def test_configuration_errors_redact_urls(caplog: pytest.LogCaptureFixture) -> None:
@@ -149,3 +157,62 @@ def test_configuration_errors_redact_urls(caplog: pytest.LogCaptureFixture) -> N
     with pytest.raises(ConfigurationError) as info:
         MeterClient("ftp://admin:hunter2@kafka")
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["flush_interval", "batch_size", "timeout", "enabled", "topic"])
+def test_none_for_an_option_with_a_default_is_refused_naming_it(name: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"{name}: must not be None"):
+        MeterClient(transport="memory", **{name: None})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("flush_interval", 1e10), ("timeout", 10**30), ("negative_cache_ttl", 10**400),
+     ("backoff_cap", 1e12)],
+)  # fmt: skip
+def test_durations_too_long_for_the_clock_are_refused_at_construction(
+    name: str, value: float
+) -> None:
+    with pytest.raises(ConfigurationError, match=f"{name}: must be <="):
+        MeterClient(transport="memory", **{name: value})
+
+
+def test_a_huge_number_from_the_environment_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="METER_TIMEOUT"):
+        MeterClient.from_env({"METER_TIMEOUT": "1" + "0" * 400, "METER_TRANSPORT": "memory"})
+
+
+@pytest.mark.parametrize(
+    "key", [KEY + "\u2013", KEY + "\u00a0x", Secret(KEY + "\n"), Secret(KEY + "\u2013")]
+)
+def test_a_key_that_cannot_go_into_a_header_is_refused_without_being_shown(
+    key: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(ConfigurationError, match="api_key") as info:
+        MeterClient("http://kafka", "http://portal", key)  # type: ignore[arg-type]
+    assert KEY not in str(info.value)
+    assert KEY not in "".join(traceback.format_exception(info.value))
+
+
+def test_a_secret_holds_a_str() -> None:
+    with pytest.raises(TypeError, match="must be a str"):
+        Secret(5)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("where", ["kafka_url", "portal_url", "internal_url"])
+def test_a_key_given_where_a_url_goes_is_not_shown(where: str) -> None:
+    urls = {"kafka_url": "http://kafka", "portal_url": "http://portal"}
+    with pytest.raises(ConfigurationError, match=where) as info:
+        MeterClient(**{**urls, where: KEY}, api_key=KEY)  # type: ignore[arg-type]
+    assert KEY not in str(info.value)
+    assert "not shown" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://kafka/x?api_key=" + KEY, "http://kafka/x#" + KEY, "http://kafka?"]
+)
+def test_a_url_with_a_query_or_fragment_is_refused(url: str) -> None:
+    # (the client appends paths to it: /topics/usage-events would land in the query)
+    with pytest.raises(ConfigurationError, match="kafka_url: URL must not have a query") as info:
+        MeterClient(url)
+    assert KEY not in str(info.value)

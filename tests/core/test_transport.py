@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import logging
+import threading
 from typing import Any
 
 import pytest
@@ -11,6 +14,7 @@ from meter_core import (
     BackendUnavailable,
     CustomerNotFound,
     DeliveryRejected,
+    InvalidEvent,
     MeterClient,
     RateLimited,
 )
@@ -207,3 +211,53 @@ def test_credentials_in_urls_are_redacted_in_logs(
     client.close(1)
     assert "hunter2" not in caplog.text
     assert "not delivered" in caplog.text
+
+
+class _EchoingPortal(http.server.BaseHTTPRequestHandler):
+    """A portal that quotes the Authorization header it got in its 401 answer."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"message": f"invalid token {self.headers['Authorization']}"})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_portal_quoting_the_key_in_its_answer_does_not_put_it_in_errors_or_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingPortal)
+    threading.Thread(target=portal.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{portal.server_address[1]}"
+    try:
+        client = MeterClient(url, url, KEY, device_id="d", timeout=2, max_retries=0)
+        with pytest.raises(DeliveryRejected) as info:
+            client.send(**SEND)
+        client.record(**SEND)
+        client.flush(3)
+        stats = client.stats()
+        client.close(1)
+    finally:
+        portal.shutdown()
+        portal.server_close()
+    assert "invalid token Bearer ***" in str(info.value)  # the answer, without the key
+    assert KEY not in str(info.value)
+    assert KEY not in caplog.text
+    assert "invalid token" in caplog.text
+    assert KEY not in str(stats)
+
+
+def test_a_tenant_id_cannot_be_a_path_step_of_the_lookup_url(backend: DevServer) -> None:
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d")
+    for tenant in (".", ".."):
+        with pytest.raises(InvalidEvent, match="tenant_id"):
+            client.record(**{**SEND, "tenant_id": tenant})
+    client.send(**{**SEND, "tenant_id": "..a"})  # dots within an id are ids like others
+    assert backend.lookups == ["..a"]
+    client.close()
