@@ -29,6 +29,18 @@ from meter_core.spool import SQLiteSpool
 __all__ = ["main"]
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an int >= 1 (0 or less would resend nothing, and say so
+    only by the count it prints)."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def _parser() -> argparse.ArgumentParser:
     called = os.path.basename(sys.argv[0]) if sys.argv else ""
     parser = argparse.ArgumentParser(
@@ -47,10 +59,10 @@ def _parser() -> argparse.ArgumentParser:
 
     retry = sub.add_parser("retry", help="resend the events stored in a spool")
     retry.add_argument("--spool", required=True, help="path of the SQLite spool")
-    retry.add_argument("--limit", type=int, default=None, help="resend at most N events")
-    retry.add_argument("--batch-size", type=int, default=500)
+    retry.add_argument("--limit", type=_positive, default=None, help="resend at most N events")
+    retry.add_argument("--batch-size", type=_positive, default=500)
     retry.add_argument(
-        "--max-attempts", type=int, default=None, help="skip events already tried N times"
+        "--max-attempts", type=_positive, default=None, help="skip events already tried N times"
     )
     retry.add_argument("--dry-run", action="store_true", help="count, send nothing")
     retry.add_argument("--kafka-url", help="REST Proxy URL (default: METER_KAFKA_URL)")
@@ -67,14 +79,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser  # fmt: skip
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each line, not as it was when the handler
+    was made (a caller that runs :func:`main` and then redirects or closes the stream)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     args = _parser().parse_args(argv)
     # An entry point may choose where the library's log lines go; the library never does.
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     meter_logger = logging.getLogger("meter")
-    meter_logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in meter_logger.handlers):  # (run again)
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        meter_logger.addHandler(handler)
     meter_logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         if args.command == "devserver":

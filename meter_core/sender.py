@@ -144,6 +144,7 @@ class Sender:
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
         self._claim_log = LogThrottle(logger, interval=10.0)
+        self._closed_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -159,6 +160,13 @@ class Sender:
                 return
             self._stats.add(recorded=1)
             self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
+            if self._store is None:  # held in this process's memory only: say so
+                self._closed_log.log(
+                    logging.ERROR,
+                    "usage event recorded after the meter client was closed: kept in memory "
+                    "only (failed_in_memory in stats()), lost when the process exits; record "
+                    "before close(), or configure a failure store to keep such events",
+                )
             return
         if self._config.durable:
             assert self._store is not None

@@ -239,3 +239,25 @@ def test_the_command_is_installed_under_both_names() -> None:
         done = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "devserver" in done.stdout, (name, done.stderr)
         assert done.stdout.startswith(f"usage: {name} ")
+
+
+@pytest.mark.parametrize(
+    "option", [["--limit", "0"], ["--limit", "-5"], ["--batch-size", "0"], ["--max-attempts", "-1"]]
+)
+def test_retry_refuses_counts_below_one(
+    option: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # (they would resend nothing and exit 0, as if the spool were empty)
+    with pytest.raises(SystemExit) as exited:
+        main(["retry", "--spool", str(tmp_path / "s.db"), *option])
+    assert exited.value.code == 2
+    assert f"{option[0]}: must be at least 1" in capsys.readouterr().err
+
+
+def test_main_run_twice_does_not_log_each_line_twice(tmp_path: Path) -> None:
+    import logging
+
+    for _ in range(3):
+        main(["spool", "--spool", str(tmp_path / "s.db")])
+    ours = [h for h in logging.getLogger("meter").handlers if type(h).__name__ == "_StderrHandler"]
+    assert len(ours) == 1

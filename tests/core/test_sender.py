@@ -717,3 +717,17 @@ def test_close_does_not_wait_for_a_claim_on_a_busy_store(tmp_path: Path) -> None
         other.execute("ROLLBACK")
         other.close()
     assert took < 1.5  # its timeout and the thread's join, not the store's busy wait
+
+
+def test_an_event_recorded_after_close_without_a_store_is_logged_as_at_risk(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # (another library's atexit hook, run after the client's own, records one more event)
+    client = MeterClient(transport="memory", device_id="d")
+    client.close(1)
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    errors = [r for r in caplog.records if "after the meter client was closed" in r.getMessage()]
+    assert len(errors) == 1  # throttled
+    assert client.stats()["failed_in_memory"] == 2
