@@ -3,8 +3,9 @@ responses count, how much a rule or decorator meters for a response, and recordi
 request's usage for its tenant.
 
 Nothing here does network I/O: recording only enqueues (or, in durable mode, writes the
-outbox row). Tenant and device resolvers may touch the database (``request.user``), so
-async callers run :func:`record_request` through ``sync_to_async``.
+outbox row, or queues the event in memory when that write fails). Tenant and device
+resolvers may touch the database (``request.user``), so async callers run
+:func:`record_request` through ``sync_to_async``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from meter_core import (
     parse_usage_header,
 )
 from meter_django.conf import conf, parse_statuses
-from meter_django.recording import record_usage
+from meter_django.recording import record_decided_usage
 from meter_django.resolvers import device_resolver, tenant_resolver, why_no_tenant
 
 __all__ = [
@@ -79,6 +80,8 @@ class _NoTenantReason:
 
 _untenanted = _UntenantedCounter()
 _misconfigured = LogThrottle(logger, interval=60.0)
+# a view or rule that gives a bad amount usually does so at every request
+_invalid_usage = LogThrottle(logger, interval=60.0)
 
 
 def untenanted_count() -> int:
@@ -140,7 +143,12 @@ def _as_count(value: Any, source: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        logger.error("meter usage from %s must be an int >= 0, got %r: not recorded", source, value)
+        _invalid_usage.log(
+            logging.ERROR,
+            "meter usage from %s must be an int >= 0, got %r: not recorded",
+            source,
+            value,
+        )
         return None
     return value
 
@@ -152,14 +160,17 @@ def spec_usage(
     ``usage(request, response)``, or the integer in its response header (read before
     the header was removed, with :func:`meter_core.parse_usage_header`, as meter_asgi
     does). None when there is nothing to record; a header value that is not a valid
-    usage is logged and only this meter is dropped."""
+    usage is logged (rate limited: one line a minute, with the count) and only this
+    meter is dropped."""
     if spec.header is not None:
         if header_value is None:
             return None
         try:
             return parse_usage_header(spec.header, header_value)
         except InvalidEvent as exc:
-            logger.error("usage of meter %r not recorded: %s", spec.meter_id, exc)
+            _invalid_usage.log(
+                logging.ERROR, "usage of meter %r not recorded: %s", spec.meter_id, exc
+            )
             return None
     if callable(spec.usage):
         return _as_count(spec.usage(request, response), f"usage callable of {spec.meter_id!r}")
@@ -213,7 +224,9 @@ def usage_of(
 def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
     """Record ``entries`` for the request's tenant and device; returns the event ids.
     Without a tenant nothing is recorded (counted, and logged rate limited). Errors are
-    logged per entry and never raised."""
+    logged per entry and never raised. In durable mode an event the failure store
+    refuses is queued in memory and sent as in default mode, not lost (see
+    :func:`meter_django.recording.record_decided_usage`)."""
     if not entries:
         return []
     try:
@@ -241,10 +254,10 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
     ids: list[str] = []
     for meter_id, n, metadata in entries:
         try:
-            # record_usage: the same transaction rules, and events kept in the database
-            # when the settings cannot build a client
+            # record_usage's transaction rules, and events kept in the database when the
+            # settings cannot build a client; a durable write that fails is not lost
             ids.append(
-                record_usage(
+                record_decided_usage(
                     tenant_id=tenant,
                     device_id=device,
                     meter_id=meter_id,

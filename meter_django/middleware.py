@@ -27,7 +27,10 @@ answers 2xx is still billed by rules and ``request.meter``. Bill such work with
 
 Guarantees: the request path never waits on the network (recording only enqueues); an
 internal error, or settings that cannot build a client, is logged and swallowed, and the
-response goes out unchanged (apart from usage headers). Works in sync and async stacks
+response goes out unchanged (apart from usage headers). In durable mode, events the
+failure store refuses (a database restarting) are queued in memory and sent as in
+default mode, as meter_asgi does: the response is decided, so they cannot be refused
+(a kill of the process meanwhile loses them). Works in sync and async stacks
 without a thread switch for requests that meter nothing. On the async stack, usage
 callables of ``RULES`` run with the recording, in one ``sync_to_async`` call (they may
 query the database).
@@ -59,6 +62,7 @@ __all__ = ["MeterMiddleware"]
 
 logger = logging.getLogger("meter.django.middleware")
 _misconfigured = LogThrottle(logger, interval=60.0)
+_rules_unusable = LogThrottle(logger, interval=60.0)
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
@@ -105,8 +109,16 @@ def _plan(request: HttpRequest, response: HttpResponseBase) -> tuple[MeterSpec, 
     headers are then removed and request.meter closed)."""
     try:
         specs = _matching_specs(request)
-    except Exception:
-        logger.exception("METER['RULES'] cannot be used: no rule metered this request")
+    except Exception as exc:
+        # fails alike at every request until the settings change: one line a minute,
+        # the traceback at debug level
+        _rules_unusable.log(
+            logging.ERROR,
+            "METER['RULES'] cannot be used: no rule metered this request: %s: %s",
+            type(exc).__name__,
+            exc,
+        )
+        logger.debug("METER['RULES'] cannot be used", exc_info=True)
         specs = ()
     if response.status_code not in success_statuses():
         pop_headers(specs, response)

@@ -225,9 +225,18 @@ def _refuse_in_event_loop(client: MeterClient | None, name: str) -> None:
         )
 
 
-def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) -> None:
+def submit(
+    client: MeterClient,
+    event: UsageEvent,
+    *,
+    using: str | None = None,
+    hold_on_store_error: bool = False,
+) -> None:
     """Hand a built event to ``client`` with the transaction rules of this module.
-    In durable mode the store write may raise :class:`meter_core.StoreError`."""
+    In durable mode the store write may raise :class:`meter_core.StoreError`; with
+    ``hold_on_store_error`` (a caller that cannot report it: the response is decided)
+    the event is then queued in memory and sent as in default mode instead, except for
+    a write in the caller's own transaction (the outbox), which still raises."""
     from meter_django.store import DatabaseFailureStore  # (models: not at import time)
 
     deciding = _deciding(using)
@@ -240,21 +249,31 @@ def submit(client: MeterClient, event: UsageEvent, *, using: str | None = None) 
     ):
         # The store write joins the caller's transaction, if any; the sender finds the
         # row at its next poll after the commit (flush_interval), as it finds events in
-        # memory (waking it at every commit would send batches of one).
-        client.enqueue(event)
+        # memory (waking it at every commit would send batches of one). An event held in
+        # memory there would be sent even if that transaction rolled back.
+        _enqueue(client, event, hold_on_store_error=hold_on_store_error and not deciding)
         return
     # Not the outbox's transaction (the table on another database, several databases in
     # a transaction, or a store outside the database): handed over after the commit, so
     # rolled-back work is never billed.
     if deciding:
-        _after_commit(deciding, lambda: _enqueue_after_commit(client, event))
+        _after_commit(deciding, lambda: _enqueue_after_commit(client, event, hold_on_store_error))
+    else:
+        _enqueue(client, event, hold_on_store_error=hold_on_store_error)
+
+
+def _enqueue(client: MeterClient, event: UsageEvent, *, hold_on_store_error: bool) -> None:
+    if hold_on_store_error:
+        client.enqueue_many([event], hold_on_store_error=True)
     else:
         client.enqueue(event)
 
 
-def _enqueue_after_commit(client: MeterClient, event: UsageEvent) -> None:
+def _enqueue_after_commit(
+    client: MeterClient, event: UsageEvent, hold_on_store_error: bool = False
+) -> None:
     try:
-        client.enqueue(event)
+        _enqueue(client, event, hold_on_store_error=hold_on_store_error)
     except Exception:
         logger.exception("could not enqueue usage event %s after commit", event.event_id)
 
@@ -285,6 +304,33 @@ def record_usage(
         _keep_unsent(event, using)
     else:
         submit(client, event, using=using)
+    return event.event_id
+
+
+def record_decided_usage(
+    *,
+    tenant_id: str,
+    meter_id: str,
+    total_usage: int,
+    device_id: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+) -> str:
+    """:func:`record_usage` for the usage of a response already decided (the middleware,
+    ``@meter``), whose caller can neither report nor retry a failed durable write: when
+    the failure store refuses the event (a database restarting), it is queued in memory
+    and sent as in default mode (a kill of the process meanwhile loses it), as
+    meter_asgi does, rather than raised about and lost. Inside a transaction of the
+    table's database the write is that transaction's, and a failure still raises.
+    Sync code only. Returns the ``event_id``."""
+    builder, client, device_id = _recorder(device_id)
+    event = builder.event(
+        tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
+        device_id=device_id, metadata=metadata,
+    )  # fmt: skip
+    if client is None:
+        _keep_unsent(event)
+    else:
+        submit(client, event, hold_on_store_error=True)
     return event.event_id
 
 

@@ -15,7 +15,7 @@ from rest_framework.authtoken.models import Token
 from meter_core import LogThrottle, capture_events
 from meter_core.devserver import DevServer
 from meter_core.events import MAX_USAGE
-from meter_django import get_client, metering
+from meter_django import get_client, metering, middleware
 from meter_django.metering import untenanted_count
 from meter_django.models import FailedMeterEvent
 from tests.django_app.conftest import MeterSettings
@@ -286,8 +286,9 @@ def test_device_from_a_trusted_header_and_default_device(quiet: MeterSettings) -
 
 
 def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
-    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(metering, "_invalid_usage", LogThrottle(metering.logger, interval=0))
     # the same strings as meter_asgi refuses: both read the header with parse_usage_header
     refused = [str(MAX_USAGE + 1), "+3", "1_000", "2.5", "-1", "abc", ""]
     accepted = {" 4\t": 4, str(MAX_USAGE): MAX_USAGE}
@@ -347,3 +348,62 @@ def test_the_no_tenant_line_says_what_was_missing() -> None:
     assert why_no_tenant(request, {"header": "X-Tenant", "trusted": True}) == (
         "no 'X-Tenant' header (METER['TENANT'])"
     )
+
+
+def _error_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage()]
+
+
+def test_unusable_rules_log_one_line_per_interval_not_a_traceback_per_request(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "_rules_unusable", LogThrottle(middleware.logger, 0.5))
+    quiet(RULES={"/ok/": "no.such.meter"})  # system check meter_django.E005
+    with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
+        started = time.monotonic()
+        for _ in range(20):
+            assert _get("/ok/").status_code == 200
+        [line] = _error_lines(caplog, "METER['RULES'] cannot be used")
+        assert line.exc_info is None and "no.such.meter" in line.getMessage()
+        time.sleep(max(0.0, started + 0.55 - time.monotonic()))
+        assert _get("/ok/").status_code == 200
+    assert list(events) == []
+    _, second = _error_lines(caplog, "METER['RULES'] cannot be used")
+    assert "(20 times in the last 0.5s)" in second.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("rules", "path", "message"),
+    [
+        (  # a usage header that is not an int: ERROR usage of meter ... not recorded
+            {"/documents/<int:pk>/scan": {"meter": "page.processed.basic", "header": "X-Pages"}},
+            "/documents/7/scan?pages=abc",
+            "usage of meter 'page.processed.basic' not recorded",
+        ),
+        (  # a usage callable that answers a negative amount
+            {"/ok/": {"meter": "report.generated.small", "usage": lambda rq, rs: -1}},
+            "/ok/",
+            "must be an int >= 0, got -1",
+        ),
+    ],
+)
+def test_invalid_usage_logs_one_line_per_interval_not_one_per_request(
+    quiet: MeterSettings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    rules: dict[str, Any],
+    path: str,
+    message: str,
+) -> None:
+    monkeypatch.setattr(metering, "_invalid_usage", LogThrottle(metering.logger, 0.5))
+    quiet(RULES=rules)
+    with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
+        started = time.monotonic()
+        for _ in range(20):
+            assert _get(path).status_code == 200
+        assert len(_error_lines(caplog, message)) == 1
+        time.sleep(max(0.0, started + 0.55 - time.monotonic()))
+        assert _get(path).status_code == 200
+    assert list(events) == []
+    _, second = _error_lines(caplog, message)
+    assert "(20 times in the last 0.5s)" in second.getMessage()

@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.contrib.messages.storage.fallback import FallbackStorage
 from django.core.management import CommandError, call_command
 from django.db import connection, connections
-from django.test import Client
+from django.test import AsyncClient, Client
 from django.urls import reverse
 
-from meter_core import UsageEvent
+from meter_core import StoreError, UsageEvent
 from meter_core.devserver import DevServer
+from meter_django import get_client, record_usage
 from meter_django.checks import check_settings
 from meter_django.models import FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
-from tests.django_app.conftest import ON_POSTGRES, MeterSettings
+from tests.django_app.conftest import ON_POSTGRES, MeterSettings, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -387,3 +389,52 @@ def _retry_command() -> str:
     out = StringIO()
     call_command("retry_meter_events", stdout=out)
     return out.getvalue()
+
+
+# -- 4. durable mode: the table unavailable once the response is decided ----------------
+
+
+@pytest.mark.parametrize("stack", ["wsgi", "stream", "asgi"])
+def test_a_durable_write_that_fails_after_the_response_sends_the_usage_from_memory(
+    meter_settings: MeterSettings, backend: DevServer, side: _Side, settings: Any, stack: str
+) -> None:
+    """The table is gone while requests are metered (here renamed, as a database restart
+    or a botched migration makes it unavailable): the responses are decided, nobody can
+    be told, so their events are queued in memory and sent (before: logged and lost).
+    record_usage() from application code still raises StoreError."""
+    settings.ROOT_URLCONF = "tests.django_app.urls_transactions_async"
+    meter_settings(
+        DURABLE=True,
+        TENANT={"header": "X-Tenant", "trusted": True},
+        RULES={"/plain/": "report.generated.small", "/async-plain/": "report.generated.small",
+               "/stream/": "report.generated.large"},
+    )  # fmt: skip
+    headers = {"X-Tenant": "acme"}
+    side.run(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_away")
+    try:
+        for _ in range(3):
+            if stack == "wsgi":
+                assert Client().get("/plain/", headers=headers).status_code == 200
+            elif stack == "stream":
+                response = Client().get("/stream/", headers=headers)
+                assert b"".join(response.streaming_content) == b"chunk\n" * 3
+            else:
+                response = async_to_sync(AsyncClient().get)("/async-plain/", headers=headers)
+                assert response.status_code == 200
+        expected = {
+            "wsgi": [("report.generated.small", 1)] * 3,
+            # (each add() to request.meter while the body streams is an event of its own)
+            "stream": [*[("page.processed.basic", 1)] * 3, ("report.generated.large", 1)] * 3,
+            "asgi": [("report.generated.small", 1)] * 3,
+        }[stack]
+        wait_for(lambda: len(backend.values()) >= len(expected), timeout=5)
+        assert sorted((v["meter_id"], v["total_usage"]) for v in backend.values()) == sorted(
+            expected
+        )
+        assert {v["tenant_id"] for v in backend.values()} == {"acme"}
+        with pytest.raises(StoreError, match="meter event table"):
+            record_usage(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    finally:
+        side.run(f"ALTER TABLE {TABLE}_away RENAME TO {TABLE}")
+    assert get_client().flush(5)
+    assert get_client().stats()["failed_in_memory"] == 0
