@@ -102,6 +102,7 @@ def build_app(
     framework: str = "starlette",
     work_us: float = 0.0,
     batch_size: int | None = None,
+    flush_interval: float | None = None,
 ) -> Any:
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -136,6 +137,7 @@ def build_app(
             backend_url, internal_url=backend_url, device_id="bench",
             enabled=variant != "meter-nodelivery",
             **({"batch_size": batch_size} if batch_size else {}),
+            **({"flush_interval": flush_interval} if flush_interval else {}),
         )  # fmt: skip
         # meter-idle: the rule is for another method of the route, so requests are not metered
         method = "POST" if variant == "meter-idle" else "GET"
@@ -160,7 +162,14 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     uvicorn.run(
-        build_app(args.serve, args.backend, args.framework, args.work_us, args.batch_size),
+        build_app(
+            args.serve,
+            args.backend,
+            args.framework,
+            args.work_us,
+            args.batch_size,
+            args.flush_interval,
+        ),
         host="127.0.0.1",
         port=args.port,
         log_level="error",
@@ -294,10 +303,10 @@ def in_process_costs(calls: int = 5000, repeats: int = 10) -> dict[str, float]:
 # -- the driver ------------------------------------------------------------------------
 
 
-def wait_until_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+def wait_until_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     import socket
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited with {proc.returncode}")
@@ -422,6 +431,7 @@ def main() -> None:
         default=None,
         help="the meter client's batch_size (default: the client's default, 500)",
     )
+    parser.add_argument("--flush-interval", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
