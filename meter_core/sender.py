@@ -318,10 +318,13 @@ class Sender:
         """Events waiting in memory: queued, scheduled for retry, or in flight."""
         return len(self._queue) + self._retrying + len(self._inflight)
 
-    def flush(self, timeout: float | None = None, *, store: bool = True) -> bool:
+    def flush(
+        self, timeout: float | None = None, *, store: bool = True, stop_at_retry: bool = False
+    ) -> bool:
         """Send what is waiting now and wait until nothing is pending in memory (and, in
         durable mode with ``store``, nothing due is left in the store). True when that
-        happened within ``timeout`` seconds; events waiting for a retry keep it waiting."""
+        happened within ``timeout`` seconds; events waiting for a retry keep it waiting,
+        unless ``stop_at_retry``: then it returns False as soon as some are."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
             self._flush_waiters += 1
@@ -329,6 +332,8 @@ class Sender:
             while True:
                 if self._settled(store):
                     return True
+                if stop_at_retry and self._retrying:
+                    return False
                 self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -408,7 +413,12 @@ class Sender:
         # other processes keep writing to it.
         self._closing = True  # and no new batch is claimed from the store meanwhile
         if not self._settled(store=False):
-            self.flush(timeout, store=False)
+            # With a failure store, events waiting for a retry (the backend is failing now)
+            # are not waited for: close() stores them for the retry command at once, where
+            # waiting out their backoff would hold up the exit (a worker restarting during
+            # an outage, whose replacement the server starts only once it has exited).
+            # Without one, the wait is their only chance: the memory list dies with us.
+            self.flush(timeout, store=False, stop_at_retry=self._store is not None)
 
     # -- sender thread -----------------------------------------------------------------
 

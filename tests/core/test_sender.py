@@ -30,6 +30,7 @@ from meter_core import (
     UsageEvent,
     capture_events,
 )
+from meter_core.devserver import DevServer
 
 RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
 
@@ -731,3 +732,39 @@ def test_an_event_recorded_after_close_without_a_store_is_logged_as_at_risk(
     errors = [r for r in caplog.records if "after the meter client was closed" in r.getMessage()]
     assert len(errors) == 1  # throttled
     assert client.stats()["failed_in_memory"] == 2
+
+
+def test_close_with_a_store_does_not_wait_out_the_retries_of_an_outage(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # (a worker restarting during an outage: the server starts its replacement only once
+    # it has exited, so every second close() waits is a second with one worker less)
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    backend.set_fault("down")
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
+    ids = {client.record(**RECORD) for _ in range(20)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    client.close(timeout=30)
+    assert time.monotonic() - started < 10  # not the 20 s backoff, nor the 30 s timeout
+    assert {s.event.event_id for s in spool.claim(100)} == ids  # all kept for the retry
+
+
+def test_close_without_a_store_still_waits_for_a_retry_that_can_deliver(
+    backend: DevServer,
+) -> None:
+    # (there, the memory list dies with the process: the wait is the events' only chance)
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         backoff_base=0.5, backoff_cap=0.5)  # fmt: skip
+    client.send(**RECORD)  # (the tenant's customer is looked up: the fault hits the produce)
+    backend.reset()
+    backend.set_fault("down", times=1)
+    ids = {client.record(**RECORD) for _ in range(5)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close(timeout=10)
+    assert set(backend.event_ids()) == ids
