@@ -151,8 +151,10 @@ class MeterMiddleware:
             )
         if isinstance(close_timeout, bool) or not isinstance(close_timeout, (int, float)):
             raise ConfigurationError(f"close_timeout: must be a number, got {close_timeout!r}")
-        if close_timeout < 0:
-            raise ConfigurationError(f"close_timeout: must be >= 0, got {close_timeout!r}")
+        if not 0 <= close_timeout <= 86_400:  # also refuses nan; inf would overflow a wait
+            raise ConfigurationError(
+                f"close_timeout: must be a number of seconds from 0 to 86400, got {close_timeout!r}"
+            )
         self._close_timeout = float(close_timeout)
         self._rules_checked = False
         self._recorder = Recorder(

@@ -19,6 +19,7 @@ overwrites) that header: ``from_header("x-tenant-id", trusted=True)``.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,9 @@ from meter_core import ConfigurationError, InvalidEvent, validate_identifier
 __all__ = ["Resolver", "from_header", "from_path_param", "from_state", "from_user"]
 
 ResolverFunc = Callable[[Scope], Any]
+
+# An HTTP header name is a token (RFC 9110, section 5.1); nothing else can match one.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class Resolver:
@@ -75,7 +79,29 @@ def _as_id(value: object, source: str) -> str | None:
 def _name(what: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{what}: must be a non-empty str, got {value!r}")
+    if not value.isprintable():
+        # a newline or a tab (a name read from a file?) is refused, not dropped: spaces
+        # at the ends are the one thing forgiven (and dropped)
+        raise ConfigurationError(
+            f"{what}: {value!r} has a character that is not printable (a newline, a tab, "
+            "a control character)"
+        )
     return value.strip()
+
+
+def _attr_path(what: str, value: object) -> tuple[str, list[str]]:
+    """A checked attribute path (``"user.tenant_id"``) and its steps: none empty,
+    none with whitespace or a control character (no attribute can have such a name)."""
+    path = _name(what, value)
+    steps = path.split(".")
+    for step in steps:
+        if not step:
+            raise ConfigurationError(f"{what}: {path!r} has an empty step")
+        if any(c.isspace() for c in step):
+            raise ConfigurationError(
+                f"{what}: {path!r} has a step with a space in it: no attribute is named so"
+            )
+    return path, steps
 
 
 def from_user(attr: str = "tenant_id") -> Resolver:
@@ -87,7 +113,7 @@ def from_user(attr: str = "tenant_id") -> Resolver:
     middleware of the app) sets: an id the app has authenticated, which a client cannot
     choose. This is the default tenant source (``from_user("tenant_id")``).
     """
-    attr = _name("from_user(attr)", attr)
+    attr, _ = _attr_path("from_user(attr)", attr)
 
     def resolve(scope: Scope) -> Any:
         user = scope.get("user")
@@ -124,10 +150,7 @@ def from_state(attr: str) -> Resolver:
     there), which the middleware makes sure exists before the app runs. The app writes
     it, not the client: an id found there is as trustworthy as the code that set it.
     """
-    attr = _name("from_state(attr)", attr)
-    steps = attr.split(".")
-    if not all(step.strip() for step in steps):
-        raise ConfigurationError(f"from_state(attr): {attr!r} has an empty step")
+    attr, steps = _attr_path("from_state(attr)", attr)
 
     def resolve(scope: Scope) -> Any:
         value: Any = scope.get("state")
@@ -148,6 +171,12 @@ def from_path_param(name: str) -> Resolver:
     status, which is never metered) a caller who does not belong to that tenant.
     """
     name = _name("from_path_param(name)", name)
+    if not name.isidentifier():
+        raise ConfigurationError(
+            f"from_path_param(name): {name!r} is not a path parameter name (a route's "
+            "parameters are identifiers: 'tenant' for '/tenants/{tenant}' or "
+            "'/tenants/{tenant:str}')"
+        )
 
     def resolve(scope: Scope) -> Any:
         params = scope.get("path_params")
@@ -165,6 +194,12 @@ def from_header(name: str, *, trusted: bool = False) -> Resolver:
     own sets it and drops the client's copy. Passing ``trusted=True`` states exactly that.
     """
     name = _name("from_header(name)", name)
+    if not _HEADER_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"from_header(name): {name!r} is not a valid header name (letters, digits and "
+            "!#$%&'*+-.^_`|~ only: no spaces, colons or control characters), so no "
+            "request could ever carry it"
+        )
     if trusted is not True:
         raise ConfigurationError(
             f"from_header({name!r}): a request header can be forged by any client, so it "

@@ -81,11 +81,18 @@ def register_meter(
 
     Registering the same definition twice is a no-op; redefining an existing meter with
     other values raises ``ValueError`` (two parts of a program disagreeing is a bug).
+    Bad arguments raise a ``ValueError`` naming the argument, before anything is
+    registered: ``meter_id`` follows the rules of event ids
+    (:class:`~meter_core.InvalidEvent`), ``name`` and ``description`` must be ``str``
+    (an empty ``name`` is the id), ``type`` ``"volume"`` or ``"performance"``.
     """
     from meter_core.events import validate_identifier  # the same rules as event ids
 
     validate_identifier("meter_id", meter_id)
-    if type not in ("volume", "performance"):
+    for label, text in (("name", name), ("description", description)):
+        if not isinstance(text, str):
+            raise ValueError(f"{label}: must be a str, got {text!r}")
+    if not isinstance(type, str) or type not in ("volume", "performance"):
         raise ValueError(f"type: must be 'volume' or 'performance', got {type!r}")
     meter = Meter(meter_id, name or meter_id, type, description)
     with _register_lock:

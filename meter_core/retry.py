@@ -8,6 +8,7 @@ A server's ``Retry-After`` is a floor on the delay.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,11 +16,16 @@ from dataclasses import dataclass
 from urllib3.exceptions import InvalidHeader
 from urllib3.util.retry import Retry
 
-__all__ = ["MAX_RETRY_AFTER", "RetryPolicy", "parse_retry_after"]
+from meter_core.errors import ConfigurationError
+
+__all__ = ["MAX_BACKOFF", "MAX_RETRY_AFTER", "RetryPolicy", "parse_retry_after"]
 
 #: A Retry-After longer than this is taken as this (a broken header must not stall us).
 MAX_RETRY_AFTER = 300.0
 _HEADER_PARSER = Retry(total=0)
+#: The largest backoff_base or backoff_cap (a day, as the client options): no wait or
+#: time computed from them overflows.
+MAX_BACKOFF = 86_400.0
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -40,6 +46,11 @@ class RetryPolicy:
 
     ``max_retries`` counts retries after the first attempt: an event is tried at most
     ``max_retries + 1`` times before it goes to the failure store.
+
+    Checked here: ``max_retries`` an int >= 0, ``backoff_base`` and ``backoff_cap``
+    numbers of seconds (not bools) from 0 to :data:`MAX_BACKOFF`, with ``backoff_cap >=
+    backoff_base``; a bad value raises :class:`~meter_core.ConfigurationError` (a
+    ``ValueError``) naming it.
     """
 
     max_retries: int = 5
@@ -47,8 +58,33 @@ class RetryPolicy:
     backoff_cap: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_retries < 0 or self.backoff_base < 0 or self.backoff_cap < 0:
-            raise ValueError(f"RetryPolicy values must not be negative: {self!r}")
+        retries = self.max_retries
+        if isinstance(retries, bool) or not isinstance(retries, int):
+            raise ConfigurationError(f"RetryPolicy: max_retries must be an int, got {retries!r}")
+        if retries < 0:
+            raise ConfigurationError(
+                f"RetryPolicy: max_retries must not be negative, got {retries!r}"
+            )
+        for name in ("backoff_base", "backoff_cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigurationError(
+                    f"RetryPolicy: {name} must be a number of seconds, got {value!r}"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigurationError(f"RetryPolicy: {name} must be finite, got {value!r}")
+            if value < 0:
+                raise ConfigurationError(f"RetryPolicy: {name} must not be negative, got {value!r}")
+            if value > MAX_BACKOFF:
+                raise ConfigurationError(
+                    f"RetryPolicy: {name} must be at most {MAX_BACKOFF:g} seconds (a day), "
+                    f"got {value!r}"
+                )
+        if self.backoff_cap < self.backoff_base:
+            raise ConfigurationError(
+                f"RetryPolicy: backoff_cap must be >= backoff_base ({self.backoff_base!r}), "
+                f"got {self.backoff_cap!r}"
+            )
 
     def can_retry(self, attempts: int) -> bool:
         """Whether an event that has failed ``attempts`` times may be tried again."""

@@ -129,9 +129,10 @@ def parse_usage_header(header: str, value: str) -> int:
 
     Anything else (``"2.5"``, ``"-1"``, ``"+3"``, ``"1_000"``, ``"abc"``, ``""``, a larger
     number) raises :class:`~meter_core.InvalidEvent` (field ``total_usage``) naming
-    ``header`` and quoting ``value``. Both adapters read usage headers through this
-    function, so they accept and refuse exactly the same strings."""
-    text = value.strip(" \t")
+    ``header`` and quoting ``value``; so does a ``value`` that is not a ``str`` at all
+    (``None``: a header the response did not set). Both adapters read usage headers
+    through this function, so they accept and refuse exactly the same strings."""
+    text = value.strip(" \t") if isinstance(value, str) else ""
     if text.isascii() and text.isdigit():
         # Leading zeros stripped first: int() of a very long string raises ValueError.
         significant = text.lstrip("0")

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from meter_core.errors import ConfigurationError
 from meter_core.events import UsageEvent
 
 __all__ = [
@@ -112,10 +113,17 @@ class MemoryFailureStore:
 
     It holds at most ``max_events`` undelivered events. When full, the oldest event is
     dropped, counted in :attr:`dropped` and logged at ERROR (billing data is being lost).
+    ``max_events=0`` keeps nothing: every event stored is dropped that way (what a
+    client built with ``max_failed_in_memory=0`` asks for). Another value that is not
+    an int >= 0 raises :class:`~meter_core.ConfigurationError` here.
     Nothing survives the process: configure a real store in production.
     """
 
     def __init__(self, max_events: int = 10_000) -> None:
+        if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 0:
+            raise ConfigurationError(
+                f"MemoryFailureStore(max_events): must be an int >= 0, got {max_events!r}"
+            )
         self.max_events = max_events
         self.dropped = 0
         self._lock = threading.Lock()

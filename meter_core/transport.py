@@ -22,10 +22,17 @@ from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from meter_core.config import DEFAULT_INTERNAL_URL, Secret, redact_url
-from meter_core.errors import BackendUnavailable, CustomerNotFound
+from meter_core.config import (
+    CLIENT_OPTIONS,
+    DEFAULT_INTERNAL_URL,
+    Secret,
+    coerce_option,
+    redact_url,
+)
+from meter_core.errors import BackendUnavailable, ConfigurationError, CustomerNotFound
 from meter_core.wire import (
     PRODUCE_HEADERS,
     ProduceResult,
@@ -84,11 +91,21 @@ class _BearerAuth(requests.auth.AuthBase):
 
 def _describe(exc: BaseException) -> str:
     """A short, stable description of a network error (no object addresses), so stored
-    events that failed for the same reason group together."""
+    events that failed for the same reason group together.
+
+    A timeout anywhere in the cause chain is ``"timed out"``: a lookup whose tries all
+    timed out reaches us from urllib3's retries as a ``requests.ConnectionError``."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        # urllib3's NewConnectionError (a refused or failed connection) subclasses
+        # ConnectTimeoutError for backward compatibility: it is not a timeout.
+        # socket.timeout is TimeoutError, which is also an OS-level ETIMEDOUT.
+        if isinstance(cause, ConnectTimeoutError) and not isinstance(cause, NewConnectionError):
+            return "timed out"
+        if isinstance(cause, (ReadTimeoutError, requests.Timeout, TimeoutError)):
+            return "timed out"
         if isinstance(cause, ConnectionRefusedError):
             return "connection refused"
         if isinstance(cause, ConnectionResetError):
@@ -135,23 +152,42 @@ class HTTPTransport:
     exactly as the wire protocol describes; the tenant is percent-encoded in the path.
     Lookups (idempotent GETs) are retried twice on connection errors and 502/503/504 by
     urllib3; produce requests are never retried here (the sender decides).
+
+    Every argument is checked here, with the rules of the client options of the same
+    names (:data:`~meter_core.CLIENT_OPTIONS`), and a bad one raises
+    :class:`~meter_core.ConfigurationError` naming it: URLs must be http(s) URLs with a
+    host (a value that is not a URL is not shown), ``timeout`` a number of seconds from
+    0.001 to 86400, ``pool_maxsize`` an int >= 1. ``api_key`` may be a
+    :class:`~meter_core.Secret` or a plain ``str``, which is checked (printable ASCII,
+    no whitespace at its ends) and wrapped in a Secret at once; an empty key means none.
     """
 
     def __init__(
         self,
         kafka_url: str,
         portal_url: str | None = None,
-        api_key: Secret | None = None,
+        api_key: Secret | str | None = None,
         *,
         internal_url: str = DEFAULT_INTERNAL_URL,
         topic: str = "usage-events",
         timeout: float = 10.0,
         pool_maxsize: int = 10,
     ) -> None:
+        secret: Secret | None = coerce_option(CLIENT_OPTIONS["api_key"], api_key)
+        del api_key  # from here on only the wrapped Secret exists in this frame
+        kafka_url = coerce_option(CLIENT_OPTIONS["kafka_url"], kafka_url)
+        portal_url = coerce_option(CLIENT_OPTIONS["portal_url"], portal_url)
+        internal_url = coerce_option(CLIENT_OPTIONS["internal_url"], internal_url)
+        topic = coerce_option(CLIENT_OPTIONS["topic"], topic)
+        if not topic.strip():
+            raise ConfigurationError(f"topic: must be a non-empty str, got {topic!r}")
+        timeout = coerce_option(CLIENT_OPTIONS["timeout"], timeout)
+        if isinstance(pool_maxsize, bool) or not isinstance(pool_maxsize, int) or pool_maxsize < 1:
+            raise ConfigurationError(f"pool_maxsize: must be an int >= 1, got {pool_maxsize!r}")
         self._produce_url = f"{kafka_url}/topics/{quote(topic, safe='')}"
-        if portal_url and api_key:
+        if portal_url and secret:
             self._lookup_base = f"{portal_url}/metering/v1alpha1/customer-accounts/tenant/"
-            self._auth: _BearerAuth | None = _BearerAuth(api_key)
+            self._auth: _BearerAuth | None = _BearerAuth(secret)
         else:
             self._lookup_base = f"{internal_url}/v1alpha1/customer-accounts/tenant/"
             self._auth = None

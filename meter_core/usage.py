@@ -4,13 +4,14 @@ and a log throttle for conditions that can repeat on every request."""
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from meter_core.catalog import is_known_meter
-from meter_core.errors import InvalidEvent
+from meter_core.errors import ConfigurationError, InvalidEvent
 from meter_core.events import MAX_USAGE, freeze_metadata, validate_identifier
 
 __all__ = ["LogThrottle", "RequestUsage"]
@@ -53,9 +54,28 @@ class RequestUsage:
 class LogThrottle:
     """Logs a repeating condition at most once per ``interval`` seconds, with the count
     of occurrences since the last line when there was more than one. Thread-safe;
-    :attr:`count` is the total."""
+    :attr:`count` is the total.
 
-    def __init__(self, logger: logging.Logger, interval: float = 60.0) -> None:
+    ``logger`` must be a :class:`logging.Logger` (or a ``LoggerAdapter``), ``interval``
+    a finite number of seconds >= 0 (0 logs every occurrence); anything else raises
+    :class:`~meter_core.ConfigurationError` here, not at the first line logged."""
+
+    def __init__(
+        self, logger: logging.Logger | logging.LoggerAdapter[Any], interval: float = 60.0
+    ) -> None:
+        if not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+            raise ConfigurationError(
+                f"LogThrottle(logger): must be a logging.Logger, got {logger!r}"
+            )
+        if (
+            isinstance(interval, bool)
+            or not isinstance(interval, (int, float))
+            or (isinstance(interval, float) and not math.isfinite(interval))
+            or interval < 0
+        ):
+            raise ConfigurationError(
+                f"LogThrottle(interval): must be a finite number of seconds >= 0, got {interval!r}"
+            )
         self._logger = logger
         self._interval = interval
         self._lock = threading.Lock()

@@ -78,6 +78,20 @@ def test_bad_options_raise_configuration_error(
         MeterMiddleware(apps.bare_app, **options)
 
 
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 1e300])
+def test_a_close_timeout_that_no_wait_can_use_is_refused(
+    client: MeterClient, timeout: float
+) -> None:
+    # all were accepted: at lifespan shutdown a nan flush gave up at once (what was
+    # queued was not sent), an inf or huge one overflowed the first wait
+    with pytest.raises(ConfigurationError) as caught:
+        MeterMiddleware(apps.bare_app, client=client, close_timeout=timeout)
+    assert str(caught.value) == (
+        f"close_timeout: must be a number of seconds from 0 to 86400, got {timeout!r}"
+    )
+    assert MeterMiddleware(apps.bare_app, client=client, close_timeout=0)._close_timeout == 0
+
+
 def test_no_device_id_anywhere_is_logged_and_the_app_keeps_serving(
     serve: Callable[..., LiveServer],
     meter_backend: DevServer,

@@ -3,6 +3,7 @@ the tenant."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -97,6 +98,37 @@ def test_from_state_reads_what_the_app_put_on_request_state() -> None:
     assert nested({}) is None
     with pytest.raises(ConfigurationError, match="empty step"):
         from_state("user..tenant_id")
+
+
+@pytest.mark.parametrize(
+    "name", ["X\n", "x-tenant\r\n", "x tenant", "x-tenant:", "x-t\u00e9nant", "x\x00id"]
+)
+def test_from_header_refuses_a_name_no_header_can_have(name: str) -> None:
+    # "X\n" was read as "X"; the others built a resolver that never matched (or raised
+    # UnicodeEncodeError naming nothing)
+    with pytest.raises(ConfigurationError, match=r"^from_header\(name\): ") as caught:
+        from_header(name, trusted=True)
+    assert "not printable" in str(caught.value) or "not a valid header name" in str(caught.value)
+    # spaces at the ends are still forgiven
+    assert from_header(" X-Tenant-Id ", trusted=True)({"headers": [(b"x-tenant-id", b"a")]}) == "a"
+
+
+@pytest.mark.parametrize("attr", ["a..b", ".tenant_id", "tenant_id.", "user. tenant_id", "a\tb"])
+def test_attribute_paths_with_an_empty_or_blank_step_are_refused(attr: str) -> None:
+    for make, label in ((from_user, "from_user(attr)"), (from_state, "from_state(attr)")):
+        with pytest.raises(ConfigurationError, match=re.escape(label)):
+            make(attr)
+    with pytest.raises(ConfigurationError, match="empty step"):
+        from_user("a..b")
+    # a mapping user's key may hold dots and slashes (a namespaced claim)
+    claim = "https://acme.example/tenant"
+    assert from_user(claim)({"user": {claim: "acme"}}) == "acme"
+
+
+@pytest.mark.parametrize("name", ["tenant:str", "{tenant}", "<tenant>", "tenant id", "t\n"])
+def test_from_path_param_refuses_what_no_route_parameter_is_named(name: str) -> None:
+    with pytest.raises(ConfigurationError, match=r"^from_path_param\(name\): "):
+        from_path_param(name)
 
 
 # -- served: which tenant is billed ----------------------------------------------------

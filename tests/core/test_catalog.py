@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import pytest
 
-from meter_core import METERS, Meter, UsageEvent, is_known_meter, register_meter
+from meter_core import (
+    METERS,
+    InvalidEvent,
+    Meter,
+    UsageEvent,
+    is_known_meter,
+    register_meter,
+)
 from meter_core.catalog import _meters
 
 
@@ -48,3 +58,30 @@ def test_register_meter_rejects_bad_ids(meter_id: str) -> None:
 def test_register_meter_rejects_unknown_types() -> None:
     with pytest.raises(ValueError, match="type"):
         register_meter("test.bad.type", type="hourly")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"name": 5}, "name: must be a str, got 5"),
+        ({"name": None}, "name: must be a str, got None"),
+        ({"description": b"bytes"}, "description: must be a str, got b'bytes'"),
+        ({"type": ["volume"]}, "type: must be 'volume' or 'performance', got ['volume']"),
+        ({"type": None}, "type: must be 'volume' or 'performance', got None"),
+    ],
+)
+def test_register_meter_refuses_bad_arguments_and_registers_nothing(
+    options: dict[str, Any], message: str
+) -> None:
+    try:
+        with pytest.raises(ValueError, match=re.escape(message) + "$"):
+            register_meter("test.bad.argument", **options)
+        assert not is_known_meter("test.bad.argument")
+    finally:
+        _meters.pop("test.bad.argument", None)
+
+
+def test_register_meter_names_a_meter_id_that_is_not_a_str() -> None:
+    with pytest.raises(InvalidEvent) as caught:
+        register_meter(5)  # type: ignore[arg-type]
+    assert str(caught.value) == "meter_id: must be a str, got int"

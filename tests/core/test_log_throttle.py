@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import pytest
 
-from meter_core import LogThrottle
+from meter_core import ConfigurationError, LogThrottle
 
 
 def test_one_line_per_interval_with_the_count_of_what_it_held_back(
@@ -25,3 +26,29 @@ def test_one_line_per_interval_with_the_count_of_what_it_held_back(
         "request 5 not metered (5 times in the last 0.2s)",
     ]
     assert throttle.count == 6
+
+
+def test_a_throttle_without_a_logger_is_refused_when_built_not_at_its_first_line() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        LogThrottle(None)  # type: ignore[arg-type]
+    assert str(caught.value) == "LogThrottle(logger): must be a logging.Logger, got None"
+    with pytest.raises(ConfigurationError, match=r"LogThrottle\(logger\)"):
+        LogThrottle("meter.test")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("interval", [float("nan"), float("inf"), -1, -0.5, "60", True, None])
+def test_a_bad_interval_is_refused_naming_it(interval: Any) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        LogThrottle(logging.getLogger("meter.test.throttle"), interval)
+    assert str(caught.value) == (
+        f"LogThrottle(interval): must be a finite number of seconds >= 0, got {interval!r}"
+    )
+
+
+def test_an_interval_of_zero_logs_every_occurrence(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("meter.test.throttle")
+    throttle = LogThrottle(logging.LoggerAdapter(logger, {}), interval=0)
+    with caplog.at_level(logging.WARNING, logger="meter.test.throttle"):
+        for n in range(3):
+            throttle.log(logging.WARNING, "line %d", n)
+    assert [r.getMessage() for r in caplog.records] == ["line 0", "line 1", "line 2"]

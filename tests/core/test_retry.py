@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from email.utils import formatdate
+from typing import Any
 
 import pytest
 
-from meter_core import RetryPolicy
+from meter_core import ConfigurationError, RetryPolicy
 from meter_core.retry import MAX_RETRY_AFTER, parse_retry_after
 
 
@@ -61,3 +62,38 @@ def test_parse_retry_after_http_date() -> None:
     seconds = parse_retry_after(formatdate(time.time() + 30, usegmt=True))
     assert seconds is not None
     assert 25 <= seconds <= 31
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"backoff_base": float("nan")}, "RetryPolicy: backoff_base must be finite, got nan"),
+        ({"backoff_cap": float("nan")}, "RetryPolicy: backoff_cap must be finite, got nan"),
+        ({"backoff_cap": float("inf")}, "RetryPolicy: backoff_cap must be finite, got inf"),
+        (
+            {"backoff_base": 2.0, "backoff_cap": 1.0},
+            "RetryPolicy: backoff_cap must be >= backoff_base (2.0), got 1.0",
+        ),
+        ({"backoff_cap": 0.1}, "RetryPolicy: backoff_cap must be >= backoff_base (0.5), got 0.1"),
+        ({"max_retries": True}, "RetryPolicy: max_retries must be an int, got True"),
+        ({"max_retries": 2.0}, "RetryPolicy: max_retries must be an int, got 2.0"),
+        ({"backoff_base": True}, "RetryPolicy: backoff_base must be a number of seconds, got True"),
+        ({"backoff_cap": "30"}, "RetryPolicy: backoff_cap must be a number of seconds, got '30'"),
+        ({"backoff_base": -0.5}, "RetryPolicy: backoff_base must not be negative, got -0.5"),
+        (
+            {"backoff_cap": 1e300},
+            "RetryPolicy: backoff_cap must be at most 86400 seconds (a day), got 1e+300",
+        ),
+    ],
+)
+def test_policy_refuses_values_that_would_fail_later_naming_them(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        RetryPolicy(**options)
+    assert str(caught.value) == message
+
+
+def test_policy_accepts_the_edges() -> None:
+    assert RetryPolicy(max_retries=0, backoff_base=0, backoff_cap=0).backoff(3) == 0
+    assert RetryPolicy(backoff_base=1, backoff_cap=1).backoff(5, rng=lambda: 1.0) == 1

@@ -222,3 +222,15 @@ def test_a_usage_header_that_is_not_a_valid_usage_is_refused_naming_the_header(
         f"total_usage: response header 'x-pages' must be an int from 0 to {MAX_USAGE}"
     )
     assert str(caught.value).endswith(f"got {text!r}")
+
+
+@pytest.mark.parametrize("value", [None, b"7", 7])
+def test_a_usage_header_value_that_is_not_a_str_is_the_same_invalid_event(value: object) -> None:
+    # None: a header the response did not set (was a bare AttributeError)
+    with pytest.raises(InvalidEvent) as caught:
+        parse_usage_header("x-pages", value)  # type: ignore[arg-type]
+    assert caught.value.field == "total_usage"
+    assert str(caught.value) == (
+        f"total_usage: response header 'x-pages' must be an int from 0 to {MAX_USAGE} "
+        f"(digits only), got {value!r}"
+    )

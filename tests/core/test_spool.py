@@ -10,10 +10,19 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from meter_core import FailureStore, MemoryFailureStore, SQLiteSpool, StoreError, UsageEvent
+from meter_core import (
+    ConfigurationError,
+    FailureStore,
+    MemoryFailureStore,
+    MeterClient,
+    SQLiteSpool,
+    StoreError,
+    UsageEvent,
+)
 
 
 def events(n: int, tenant: str = "acme") -> list[UsageEvent]:
@@ -254,3 +263,25 @@ def test_a_path_that_cannot_be_written_is_logged_when_the_spool_is_built(
     assert "a-file' is not a folder" in messages[0] and "kept in memory only" in messages[0]
     assert "it is a folder" in messages[1]
     assert not (tmp_path / "new").exists()  # (building it made nothing)
+
+
+@pytest.mark.parametrize("bad", [None, -1, 1.5, True, "10"])
+def test_memory_store_refuses_a_bad_bound_when_built(bad: Any) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        MemoryFailureStore(bad)
+    assert str(caught.value) == (
+        f"MemoryFailureStore(max_events): must be an int >= 0, got {bad!r}"
+    )
+
+
+def test_memory_store_of_zero_keeps_nothing_and_counts_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # what a client built with max_failed_in_memory=0 (a documented option) asks for
+    store = MemoryFailureStore(0)
+    store.store(events(2), error="down")
+    assert len(store) == 0
+    assert store.dropped == 2
+    assert "dropped 2 undelivered events" in caplog.text
+    client = MeterClient(transport="memory", device_id="d", max_failed_in_memory=0)
+    client.close()

@@ -9,9 +9,17 @@ import threading
 from typing import Any
 
 import pytest
+import requests
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+)
 
 from meter_core import (
     BackendUnavailable,
+    ConfigurationError,
     CustomerNotFound,
     DeliveryRejected,
     InvalidEvent,
@@ -19,6 +27,7 @@ from meter_core import (
     RateLimited,
 )
 from meter_core.devserver import DevServer
+from meter_core.transport import HTTPTransport, _describe
 
 KEY = "sk-test-SECRET-KEY-0042"
 SEND = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 2}
@@ -261,3 +270,88 @@ def test_a_tenant_id_cannot_be_a_path_step_of_the_lookup_url(backend: DevServer)
     client.send(**{**SEND, "tenant_id": "..a"})  # dots within an id are ids like others
     assert backend.lookups == ["..a"]
     client.close()
+
+
+# -- HTTPTransport checks its arguments when it is built --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"kafka_url": None}, "kafka_url: is required"),
+        ({"kafka_url": "kafka:8082"}, "kafka_url: URL must start with http"),
+        ({"kafka_url": "ftp://kafka"}, "kafka_url: URL must start with http"),
+        ({"portal_url": "not a url"}, "portal_url: URL must start with http"),
+        ({"portal_url": 5}, "portal_url: a URL is required, got int"),
+        ({"internal_url": None}, "internal_url: must not be None"),
+        ({"internal_url": "http://"}, "internal_url: URL has no host"),
+        ({"timeout": 0}, "timeout: must be >= 0.001"),
+        ({"timeout": -1.0}, "timeout: must be >= 0.001"),
+        ({"timeout": float("nan")}, "timeout: must be finite"),
+        ({"timeout": "10"}, "timeout: must be a number"),
+        ({"timeout": True}, "timeout: must be a number"),
+        ({"pool_maxsize": 0}, "pool_maxsize: must be an int >= 1, got 0"),
+        ({"pool_maxsize": 2.5}, "pool_maxsize: must be an int >= 1, got 2.5"),
+        ({"pool_maxsize": None}, "pool_maxsize: must be an int >= 1, got None"),
+        ({"pool_maxsize": True}, "pool_maxsize: must be an int >= 1, got True"),
+        ({"topic": ""}, "topic: must be a non-empty str"),
+        ({"topic": None}, "topic: must not be None"),
+        ({"api_key": 42}, "api_key: must be a str, got int"),
+    ],
+)
+def test_http_transport_refuses_bad_arguments_when_built(
+    options: dict[str, Any], message: str
+) -> None:
+    kwargs: dict[str, Any] = {"kafka_url": "http://kafka:8082", **options}
+    with pytest.raises(ConfigurationError, match=message):
+        HTTPTransport(**kwargs)
+
+
+def test_http_transport_never_shows_a_key_given_in_the_wrong_place() -> None:
+    with pytest.raises(ConfigurationError) as url_error:
+        HTTPTransport("http://kafka:8082", portal_url=KEY)  # the key where the URL goes
+    with pytest.raises(ConfigurationError) as key_error:
+        HTTPTransport("http://kafka:8082", "http://portal", KEY + "\n")  # from a file
+    for caught in (url_error, key_error):
+        assert KEY not in str(caught.value)
+    assert str(key_error.value).startswith("api_key: must not contain whitespace")
+
+
+def test_http_transport_wraps_a_plain_str_api_key_in_a_secret() -> None:
+    with DevServer(api_key=KEY) as portal:
+        transport = HTTPTransport(portal.url, portal.url, KEY, timeout=2)
+        try:
+            assert transport.external_lookup
+            assert KEY not in repr(transport) and KEY not in repr(vars(transport))
+            assert transport.lookup_customer("acme") == "cust-acme"  # was AttributeError
+        finally:
+            transport.close()
+        # an empty key is no key: internal lookup, as for the client
+        assert not HTTPTransport(portal.url, portal.url, "").external_lookup
+
+
+def test_describe_says_timed_out_for_a_timeout_after_urllib3_retries() -> None:
+    def after_retries(reason: Exception) -> requests.ConnectionError:
+        return requests.ConnectionError(MaxRetryError(None, "/x", reason=reason))  # type: ignore[arg-type]
+
+    read = ReadTimeoutError(None, "/x", "Read timed out. (read timeout=0.2)")  # type: ignore[arg-type]
+    assert _describe(after_retries(read)) == "timed out"
+    assert _describe(after_retries(ConnectTimeoutError("connect timeout=0.2"))) == "timed out"
+    os_timeout = requests.ConnectionError("wrapped")
+    os_timeout.__cause__ = TimeoutError(110, "Connection timed out")
+    assert _describe(os_timeout) == "timed out"
+    # a refused connection is a NewConnectionError, a ConnectTimeoutError subclass in
+    # urllib3: it still reads as refused, not as a timeout
+    refused = NewConnectionError(None, "Failed to establish a new connection")  # type: ignore[arg-type]
+    refused.__cause__ = ConnectionRefusedError(111, "Connection refused")
+    assert _describe(after_retries(refused)) == "connection refused"
+
+
+def test_a_lookup_that_times_out_on_every_try_says_timed_out(backend: DevServer) -> None:
+    transport = HTTPTransport(backend.url, internal_url=backend.url, timeout=0.2)
+    backend.set_fault("slow", delay=1.0, times=3)  # the first try and urllib3's 2 retries
+    try:
+        with pytest.raises(BackendUnavailable, match="failed: timed out$"):
+            transport.lookup_customer("acme")
+    finally:
+        transport.close()
