@@ -39,12 +39,22 @@ from asgiref.sync import iscoroutinefunction, sync_to_async
 from django.http import HttpRequest
 from django.http.response import HttpResponseBase
 
-from meter_core import METHODS_WITHOUT_RESULT, ConfigurationError, MeterSpec, RequestUsage
-from meter_django.metering import Entry, record_request, success_statuses, usage_of
+from meter_core import (
+    METHODS_WITHOUT_RESULT,
+    ConfigurationError,
+    LogThrottle,
+    MeterSpec,
+    RequestUsage,
+)
+from meter_django.metering import Entry, log_failure, record_request, success_statuses, usage_of
 
 __all__ = ["declared_meters", "meter"]
 
 logger = logging.getLogger("meter.django")
+# a view that fails to be metered fails so at every request: one line a minute each,
+# with the count (the traceback at debug level)
+_no_request = LogThrottle(logger, interval=60.0)
+_metering_failed = LogThrottle(logger, interval=60.0)
 
 V = TypeVar("V", bound=Callable[..., Any])
 UsageArg = int | Callable[[HttpRequest, HttpResponseBase], "int | None"]
@@ -81,7 +91,8 @@ def _metered(
     try:
         found = _request_of(args)
         if found is None:
-            logger.error(
+            _no_request.log(
+                logging.ERROR,
                 "@meter(%r): the view got no HttpRequest as its first or second argument: "
                 "not metered",
                 spec.meter_id,
@@ -101,8 +112,15 @@ def _metered(
             return (request, entries) if entries else None
         for meter_id, n, metadata in entries:
             usage.add(meter_id, n, metadata=metadata)
-    except Exception:
-        logger.exception("metering of %r failed; the response is unaffected", spec.meter_id)
+    except Exception as exc:
+        log_failure(
+            _metering_failed,
+            logging.ERROR,
+            exc,
+            "metering of %r failed; the response is unaffected",
+            spec.meter_id,
+            debug_logger=logger,
+        )
     return None
 
 

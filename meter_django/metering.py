@@ -33,6 +33,7 @@ from meter_django.resolvers import device_resolver, tenant_resolver, why_no_tena
 __all__ = [
     "Entry",
     "MeteredRequestUsage",
+    "log_failure",
     "record_request",
     "route_rules",
     "spec_usage",
@@ -82,6 +83,49 @@ _untenanted = _UntenantedCounter()
 _misconfigured = LogThrottle(logger, interval=60.0)
 # a view or rule that gives a bad amount usually does so at every request
 _invalid_usage = LogThrottle(logger, interval=60.0)
+# each fails alike at every request until the code or the settings change: one line a
+# minute each (one throttle per condition, so that one does not hide another)
+_usage_failed = LogThrottle(logger, interval=60.0)
+_tenant_resolver_failed = LogThrottle(logger, interval=60.0)
+_device_resolver_failed = LogThrottle(logger, interval=60.0)
+_event_refused = LogThrottle(logger, interval=60.0)
+_not_recorded = LogThrottle(logger, interval=60.0)
+
+
+class _Failure:
+    """``ExceptionType: message`` of an exception, for a log line; never raises (an
+    exception whose ``str()`` fails must not break the request that logs it)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def __str__(self) -> str:
+        name = type(self.exc).__name__
+        try:
+            return f"{name}: {self.exc}"
+        except Exception:
+            return name
+
+
+def log_failure(
+    throttle: LogThrottle,
+    level: int,
+    exc: BaseException,
+    message: str,
+    *args: Any,
+    debug_logger: logging.Logger = logger,
+) -> None:
+    """Log ``message % args`` followed by ``exc``'s type and message through
+    ``throttle`` (one line per interval, with the count), and the traceback at debug
+    level only, as meter_asgi does: a failure that repeats at every request must not
+    flood the host's logs. Never raises."""
+    try:
+        throttle.log(level, f"{message}: %s", *args, _Failure(exc))
+        debug_logger.debug(message, *args, exc_info=exc)
+    except Exception:  # pragma: no cover - a broken handler must not break the app
+        pass
 
 
 def untenanted_count() -> int:
@@ -213,8 +257,16 @@ def usage_of(
             header_value = pop_header(response, spec.header)
         try:
             n = spec_usage(spec, request, response, header_value)
-        except Exception:
-            logger.exception("usage of meter %r could not be computed", spec.meter_id)
+        except Exception as exc:
+            log_failure(
+                _usage_failed,
+                logging.ERROR,
+                exc,
+                "usage of meter %r could not be computed (%s %s): not recorded",
+                spec.meter_id,
+                request.method,
+                request.path,
+            )
             continue
         if n:
             entries.append((spec.meter_id, n, spec.metadata))
@@ -234,8 +286,15 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
     except ConfigurationError as exc:  # reported by the system checks: one line a minute
         _misconfigured.log(logging.ERROR, "usage not recorded: %s (see manage.py check)", exc)
         return []
-    except Exception:
-        logger.exception("the tenant resolver failed: usage of this request not recorded")
+    except Exception as exc:
+        log_failure(
+            _tenant_resolver_failed,
+            logging.ERROR,
+            exc,
+            "the tenant resolver failed: usage of %s %s not recorded",
+            request.method,
+            request.path,
+        )
         return []
     if tenant is None:
         _untenanted.add(request)
@@ -248,8 +307,15 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
     except ConfigurationError as exc:
         _misconfigured.log(logging.ERROR, "usage not recorded: %s (see manage.py check)", exc)
         return []
-    except Exception:
-        logger.exception("the device resolver failed: usage of this request not recorded")
+    except Exception as exc:
+        log_failure(
+            _device_resolver_failed,
+            logging.ERROR,
+            exc,
+            "the device resolver failed: usage of %s %s not recorded",
+            request.method,
+            request.path,
+        )
         return []
     ids: list[str] = []
     for meter_id, n, metadata in entries:
@@ -265,6 +331,17 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
                     metadata=metadata or None,
                 )
             )
-        except Exception:
-            logger.exception("usage of meter %r for tenant %r not recorded", meter_id, tenant)
+        except Exception as exc:
+            # an unknown meter id, a metadata value no store can keep: the event itself
+            # is refused; anything else is a failure of the recording
+            log_failure(
+                _event_refused if isinstance(exc, InvalidEvent) else _not_recorded,
+                logging.ERROR,
+                exc,
+                "usage of meter %r for tenant %r (%s %s) not recorded",
+                meter_id,
+                tenant,
+                request.method,
+                request.path,
+            )
     return ids

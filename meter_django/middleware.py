@@ -50,6 +50,7 @@ from meter_core import ConfigurationError, LogThrottle, MeterSpec, RequestUsage
 from meter_django.metering import (
     Entry,
     MeteredRequestUsage,
+    log_failure,
     new_request_usage,
     pop_headers,
     record_request,
@@ -63,6 +64,11 @@ __all__ = ["MeterMiddleware"]
 logger = logging.getLogger("meter.django.middleware")
 _misconfigured = LogThrottle(logger, interval=60.0)
 _rules_unusable = LogThrottle(logger, interval=60.0)
+# internal errors, logged one line a minute each with the count (the traceback at debug
+# level): a bug that fails one request usually fails them all
+_attach_failed = LogThrottle(logger, interval=60.0)
+_record_failed = LogThrottle(logger, interval=60.0)
+_internal_error = LogThrottle(logger, interval=60.0)
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
@@ -74,8 +80,15 @@ def _attach(request: HttpRequest) -> None:
     except ConfigurationError as exc:  # reported by the system checks: one line a minute
         _misconfigured.log(logging.ERROR, "request.meter set up with defaults: %s", exc)
         request.meter = RequestUsage()  # type: ignore[attr-defined]
-    except Exception:
-        logger.exception("metering is misconfigured: request.meter not set up")
+    except Exception as exc:
+        log_failure(
+            _attach_failed,
+            logging.ERROR,
+            exc,
+            "metering is misconfigured: request.meter of %s %s not set up",
+            request.method,
+            request.path,
+        )
         request.meter = RequestUsage()  # type: ignore[attr-defined]
 
 
@@ -154,8 +167,15 @@ def _collect_and_record(
         entries = _collect(request, response, specs, headers)
         if entries:
             record_request(request, entries)
-    except Exception:
-        logger.exception("metering of %s %s failed", request.method, request.path)
+    except Exception as exc:
+        log_failure(
+            _record_failed,
+            logging.ERROR,
+            exc,
+            "metering of %s %s failed: usage not recorded",
+            request.method,
+            request.path,
+        )
 
 
 def _defer_to_stream_end(
@@ -208,6 +228,17 @@ async def _astream(
     await done()
 
 
+def _log_internal_error(request: HttpRequest, exc: Exception) -> None:
+    log_failure(
+        _internal_error,
+        logging.ERROR,
+        exc,
+        "metering of %s %s failed",
+        request.method,
+        request.path,
+    )
+
+
 class MeterMiddleware:
     """Meters successful responses by rule, by ``request.meter`` and by ``@meter``."""
 
@@ -229,8 +260,8 @@ class MeterMiddleware:
             specs = _plan(request, response)
             if specs is not None and not _defer_to_stream_end(request, response, specs):
                 _collect_and_record(request, response, specs)
-        except Exception:
-            logger.exception("metering of %s %s failed", request.method, request.path)
+        except Exception as exc:
+            _log_internal_error(request, exc)
         return response
 
     async def __acall__(self, request: HttpRequest) -> HttpResponseBase:
@@ -251,6 +282,6 @@ class MeterMiddleware:
             if entries:
                 # resolving the tenant may query the database (request.user)
                 await sync_to_async(record_request, thread_sensitive=True)(request, entries)
-        except Exception:
-            logger.exception("metering of %s %s failed", request.method, request.path)
+        except Exception as exc:
+            _log_internal_error(request, exc)
         return response

@@ -4,18 +4,20 @@ the system checks."""
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.http import HttpResponse
-from django.test import AsyncClient, Client
+from django.test import AsyncClient, Client, RequestFactory
 from django.views import View
 from rest_framework.authtoken.models import Token
 
-from meter_core import ConfigurationError, capture_events
-from meter_django import meter
+from meter_core import ConfigurationError, LogThrottle, RequestUsage, capture_events
+from meter_django import decorators, meter
 from meter_django.decorators import declared_meters
 from tests.django_app.conftest import MeterSettings
 
@@ -105,8 +107,10 @@ def test_decorating_a_class_fails_at_once_and_points_to_method_decorator() -> No
 
 
 def test_a_view_called_without_a_request_is_served_and_not_metered(
-    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a fresh rate limiter: an earlier test may have used up this process's ERROR line
+    monkeypatch.setattr(decorators, "_no_request", LogThrottle(decorators.logger))
     quiet()
 
     @meter("report.generated.small")
@@ -132,3 +136,67 @@ def test_decorated_meter_ids_are_remembered_with_their_views() -> None:
     assert "tests.django_app.views.decorated" in declared["page.processed.advanced"]
     # method_decorator decorates at each request: the id is known from the start
     assert "template.processed.large" in declared
+
+
+def _error_lines(caplog: pytest.LogCaptureFixture, text: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and text in r.getMessage()]
+
+
+def _throttled(
+    caplog: pytest.LogCaptureFixture, call: Callable[[], object], message: str, n: int = 20
+) -> None:
+    """Call ``n`` times, then once more once the 0.5 s interval is over: the ERROR line
+    ``message`` is logged once, then once more with the count."""
+    with caplog.at_level(logging.DEBUG, logger="meter"):
+        for _ in range(n):
+            call()
+        [first] = _error_lines(caplog, message)
+        time.sleep(max(0.0, first.created + 0.55 - time.time()))
+        call()
+    _, second = _error_lines(caplog, message)
+    assert first.exc_info is None and second.exc_info is None
+    assert f"({n} times in the last 0.5s)" in second.getMessage()
+
+
+def test_a_view_called_without_a_request_logs_one_line_per_interval(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decorators, "_no_request", LogThrottle(decorators.logger, 0.5))
+    quiet()
+
+    @meter("report.generated.small")
+    def odd(first: str, second: str) -> HttpResponse:
+        return HttpResponse(first + second)
+
+    with capture_events() as events:
+        _throttled(caplog, lambda: odd("a", "b"), "@meter('report.generated.small'): the view")
+    assert list(events) == []
+
+
+def test_metering_errors_of_a_view_log_one_line_per_interval_not_a_traceback_each(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decorators, "_metering_failed", LogThrottle(decorators.logger, 0.5))
+    monkeypatch.setattr(decorators, "_declared", {})  # forget it after the test (E012)
+    quiet()
+
+    # a meter id not in the catalog (system check meter_django.E012): request.meter
+    # refuses it at every request
+    @meter("no.such.meter")
+    def view(request: Any) -> HttpResponse:
+        return HttpResponse("ok")
+
+    def call() -> None:
+        request = RequestFactory().get("/unknown/")
+        request.meter = RequestUsage()  # type: ignore[attr-defined]
+        assert view(request).status_code == 200
+
+    with capture_events() as events:
+        _throttled(
+            caplog,
+            call,
+            "metering of 'no.such.meter' failed; the response is unaffected: InvalidEvent: ",
+        )
+    assert list(events) == []
+    traces = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert len(traces) == 21 and all(r.name == "meter.django" for r in traces)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -265,8 +266,11 @@ def test_site_serves_with_metering_misconfigured_and_keeps_the_usage(settings: A
 
 
 def test_internal_errors_are_logged_and_swallowed(
-    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a fresh rate limiter: an earlier test may have used up this process's ERROR line
+    monkeypatch.setattr(metering, "_usage_failed", LogThrottle(metering.logger))
+
     def broken(request: Any, response: Any) -> int:
         raise ZeroDivisionError("bug")
 
@@ -360,12 +364,12 @@ def test_unusable_rules_log_one_line_per_interval_not_a_traceback_per_request(
     monkeypatch.setattr(middleware, "_rules_unusable", LogThrottle(middleware.logger, 0.5))
     quiet(RULES={"/ok/": "no.such.meter"})  # system check meter_django.E005
     with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
-        started = time.monotonic()
         for _ in range(20):
             assert _get("/ok/").status_code == 200
         [line] = _error_lines(caplog, "METER['RULES'] cannot be used")
         assert line.exc_info is None and "no.such.meter" in line.getMessage()
-        time.sleep(max(0.0, started + 0.55 - time.monotonic()))
+        # (timed from the line: the first request of a test run can be slow)
+        time.sleep(max(0.0, line.created + 0.55 - time.time()))
         assert _get("/ok/").status_code == 200
     assert list(events) == []
     _, second = _error_lines(caplog, "METER['RULES'] cannot be used")
@@ -398,12 +402,187 @@ def test_invalid_usage_logs_one_line_per_interval_not_one_per_request(
     monkeypatch.setattr(metering, "_invalid_usage", LogThrottle(metering.logger, 0.5))
     quiet(RULES=rules)
     with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
-        started = time.monotonic()
         for _ in range(20):
             assert _get(path).status_code == 200
-        assert len(_error_lines(caplog, message)) == 1
-        time.sleep(max(0.0, started + 0.55 - time.monotonic()))
+        [line] = _error_lines(caplog, message)
+        time.sleep(max(0.0, line.created + 0.55 - time.time()))
         assert _get(path).status_code == 200
     assert list(events) == []
     _, second = _error_lines(caplog, message)
     assert "(20 times in the last 0.5s)" in second.getMessage()
+
+
+def _broken(*args: Any) -> Any:
+    raise ZeroDivisionError("bug")
+
+
+def _throttled(
+    caplog: pytest.LogCaptureFixture, request: Callable[[], object], *messages: str, n: int = 20
+) -> None:
+    """Make ``n`` requests, then one more once the 0.5 s interval is over: each ERROR
+    line of ``messages`` is logged once, without a traceback, then once more with the
+    count. The tracebacks go to DEBUG."""
+    with caplog.at_level(logging.DEBUG, logger="meter"):
+        for _ in range(n):
+            request()
+        for message in messages:
+            [first] = _error_lines(caplog, message)
+            assert first.exc_info is None
+            # (timed from the line: the first request of a test run can be slow)
+            time.sleep(max(0.0, first.created + 0.55 - time.time()))
+        request()
+    for message in messages:
+        _, second = _error_lines(caplog, message)
+        assert second.exc_info is None
+        assert f"({n} times in the last 0.5s)" in second.getMessage()
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert len(debug) == len(messages) * (n + 1)
+
+
+@pytest.mark.parametrize(
+    ("throttle", "overrides", "path", "tenant", "message"),
+    [
+        (  # a usage callable of a rule that raises
+            "_usage_failed",
+            {"RULES": {"/ok/": {"meter": "report.generated.small", "usage": _broken}}},
+            "/ok/",
+            "acme",
+            "usage of meter 'report.generated.small' could not be computed (GET /ok/): "
+            "not recorded: ZeroDivisionError: bug",
+        ),
+        (
+            "_tenant_resolver_failed",
+            {"TENANT": _broken},
+            "/self-metered/",
+            "acme",
+            "the tenant resolver failed: usage of GET /self-metered/ not recorded: "
+            "ZeroDivisionError: bug",
+        ),
+        (
+            "_device_resolver_failed",
+            {"DEVICE": _broken},
+            "/self-metered/",
+            "acme",
+            "the device resolver failed: usage of GET /self-metered/ not recorded: "
+            "ZeroDivisionError: bug",
+        ),
+        (  # a tenant id no event can have: the event is refused
+            "_event_refused",
+            {},
+            "/self-metered/",
+            "..",
+            "usage of meter 'report.generated.medium' for tenant '..' (GET /self-metered/) "
+            "not recorded: InvalidEvent: ",
+        ),
+    ],
+)
+def test_metering_failures_log_one_line_per_interval_not_a_traceback_per_request(
+    quiet: MeterSettings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    throttle: str,
+    overrides: dict[str, Any],
+    path: str,
+    tenant: str,
+    message: str,
+) -> None:
+    monkeypatch.setattr(metering, throttle, LogThrottle(metering.logger, 0.5))
+    quiet(**overrides)
+    with capture_events() as events:
+        _throttled(caplog, lambda: _get(path, tenant=tenant), message)
+    assert list(events) == []
+
+
+def test_events_refused_and_recording_failures_are_throttled_apart(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(metering, "_event_refused", LogThrottle(metering.logger, 0.5))
+    monkeypatch.setattr(metering, "_not_recorded", LogThrottle(metering.logger, 0.5))
+    quiet(RULES={"/self-metered/": "report.generated.large"})
+    real = metering.record_decided_usage
+
+    def record(**event: Any) -> str:
+        if event["meter_id"] == "report.generated.large":
+            raise RuntimeError("store down")
+        return real(**event)
+
+    monkeypatch.setattr(metering, "record_decided_usage", record)
+    # at each request one event fails and the other is refused (a bad tenant id):
+    # neither condition hides the other
+    with capture_events() as events:
+        _throttled(
+            caplog,
+            lambda: _get("/self-metered/", tenant=".."),
+            "usage of meter 'report.generated.large' for tenant '..' (GET /self-metered/) "
+            "not recorded: RuntimeError: store down",
+            "usage of meter 'report.generated.medium' for tenant '..' (GET /self-metered/) "
+            "not recorded: InvalidEvent: ",
+        )
+    assert list(events) == []
+
+
+@pytest.mark.parametrize(
+    ("throttle", "patch", "overrides", "path", "message"),
+    [
+        (  # _attach
+            "_attach_failed",
+            "new_request_usage",
+            {},
+            "/ok/",
+            "metering is misconfigured: request.meter of GET /ok/ not set up: "
+            "ZeroDivisionError: bug",
+        ),
+        (  # _collect_and_record
+            "_record_failed",
+            "record_request",
+            {},
+            "/documents/7/export",
+            "metering of GET /documents/7/export failed: usage not recorded: "
+            "ZeroDivisionError: bug",
+        ),
+        (  # __call__: settings the system checks report (meter_django.E008)
+            "_internal_error",
+            None,
+            {"METER_STATUSES": "2xx"},
+            "/documents/7/export",
+            "metering of GET /documents/7/export failed: ConfigurationError: "
+            "METER['METER_STATUSES']",
+        ),
+    ],
+)
+def test_middleware_errors_log_one_line_per_interval_not_a_traceback_per_request(
+    quiet: MeterSettings,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    throttle: str,
+    patch: str | None,
+    overrides: dict[str, Any],
+    path: str,
+    message: str,
+) -> None:
+    monkeypatch.setattr(middleware, throttle, LogThrottle(middleware.logger, 0.5))
+    if patch is not None:
+        monkeypatch.setattr(middleware, patch, _broken)
+    quiet(**overrides)
+
+    def request() -> None:
+        assert _get(path).status_code == 200
+
+    with capture_events() as events:
+        _throttled(caplog, request, message)
+    assert list(events) == []
+
+
+def test_middleware_errors_on_the_async_stack_log_one_line_per_interval(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(middleware, "_internal_error", LogThrottle(middleware.logger, 0.5))
+    quiet(METER_STATUSES="2xx")
+    client = AsyncClient(headers={"X-Tenant": "acme"})
+
+    def request() -> None:
+        assert async_to_sync(client.get)("/async/").status_code == 200
+
+    with capture_events() as events:
+        _throttled(caplog, request, "metering of GET /async/ failed: ConfigurationError: ")
+    assert list(events) == []
