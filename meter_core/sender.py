@@ -412,13 +412,52 @@ class Sender:
         # the next start) sends it; waiting until it is empty would hold every exit while
         # other processes keep writing to it.
         self._closing = True  # and no new batch is claimed from the store meanwhile
-        if not self._settled(store=False):
-            # With a failure store, events waiting for a retry (the backend is failing now)
-            # are not waited for: close() stores them for the retry command at once, where
-            # waiting out their backoff would hold up the exit (a worker restarting during
-            # an outage, whose replacement the server starts only once it has exited).
-            # Without one, the wait is their only chance: the memory list dies with us.
-            self.flush(timeout, store=False, stop_at_retry=self._store is not None)
+        if self._settled(store=False):
+            return
+        if self._store is None or isinstance(self._store, MemoryFailureStore):
+            self.flush(timeout, store=False)  # the memory list dies with us: wait, it is
+            return  # their only chance
+        # Events waiting for a retry (the backend is failing now) are not waited for once
+        # the store has taken them: waiting out their backoff would hold up the exit (a
+        # worker restarting during an outage, whose replacement the server starts only
+        # once it has exited). A store that refuses them leaves the wait as it was.
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        while not self.flush(left(), store=False, stop_at_retry=True):
+            if left() == 0:
+                return
+            if not self._store_retries_now():
+                self.flush(left(), store=False)
+                return
+
+    def _store_retries_now(self) -> bool:
+        """Hand the events waiting for a retry to the store at once (close() is waiting);
+        False, with them put back to wait, when the store refuses them."""
+        assert self._store is not None
+        with self._handoff:
+            waiting, self._retries = self._retries, []
+            count, self._retrying = self._retrying, 0
+        items = [item for _, _, batch in waiting for item in batch]
+        if not items:
+            return True
+        attempts = max([self._policy.max_retries + 1, *(i.attempts for i in items)])
+        try:
+            self._store.store(
+                [i.event for i in items], error="undelivered at close", attempts=attempts
+            )
+        except Exception as exc:
+            logger.warning("close(): the failure store refused events waiting for a retry "
+                           "(%s): waiting for their retry instead", exc)  # fmt: skip
+            with self._handoff:
+                for entry in waiting:
+                    heapq.heappush(self._retries, entry)
+                self._retrying += count
+            return False
+        self._stats.add(stored=len(items))
+        return True
 
     # -- sender thread -----------------------------------------------------------------
 

@@ -768,3 +768,30 @@ def test_close_without_a_store_still_waits_for_a_retry_that_can_deliver(
         time.sleep(0.01)
     client.close(timeout=10)
     assert set(backend.event_ids()) == ids
+
+
+@pytest.mark.parametrize("store", ["unwritable spool", "memory store"])
+def test_close_still_waits_for_a_retry_when_the_store_could_not_keep_the_events(
+    backend: DevServer, tmp_path: Path, store: str
+) -> None:
+    # (a store that fails, or one in memory, dies with the process: only a delivery
+    # keeps these events)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    failure_store = (
+        SQLiteSpool(blocker / "spool.db") if store == "unwritable spool" else MemoryFailureStore()
+    )
+    client = MeterClient(
+        backend.url, internal_url=backend.url, device_id="d", failure_store=failure_store,
+        backoff_base=0.5, backoff_cap=0.5,
+    )  # fmt: skip
+    client.send(**RECORD)  # (the tenant's customer is looked up: the fault hits the produce)
+    backend.reset()
+    backend.set_fault("down", times=1)
+    ids = {client.record(**RECORD) for _ in range(5)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    client.close(timeout=10)
+    assert set(backend.event_ids()) == ids
+    assert client.stats()["failed_in_memory"] == 0
