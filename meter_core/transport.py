@@ -12,6 +12,7 @@ against the real local backend.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -124,20 +125,45 @@ def _describe(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _secret_forms(secret: str) -> list[str]:
+    """The ways ``secret`` can appear in a text: as is, escaped in a JSON string (with
+    and without ``\\/``), escaped by ``repr``; longest first."""
+    json_form = json.dumps(secret)[1:-1]
+    forms = {secret, json_form, json_form.replace("/", "\\/"), repr(secret)[1:-1]}
+    return sorted(forms, key=len, reverse=True)
+
+
+def _scrub_text(text: str, forms: list[str]) -> str:
+    for form in forms:
+        text = text.replace(form, "***")
+    return text
+
+
+def _scrub_body(body: bytes, secret: str) -> bytes:
+    """``body`` without ``secret`` in any of its forms: scrubbed before the answer is
+    read, so that an error message that quotes the body only in part (it is cut to a
+    few hundred characters) cannot show part of the key either."""
+    if not secret:
+        return body
+    for form in _secret_forms(secret):
+        body = body.replace(form.encode("ascii", "backslashreplace"), b"***")
+    return body
+
+
 def _scrub(exc: BaseException, secret: str) -> None:
-    """Replace ``secret`` by ``***`` in the text arguments of ``exc`` and of the
-    exceptions it was raised from (what its message and traceback show)."""
+    """Replace ``secret`` (in any of its forms) by ``***`` in the text arguments of
+    ``exc`` and of the exceptions it was raised from (what its message and traceback
+    show)."""
     if not secret:
         return
+    forms = _secret_forms(secret)
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         args = current.args
-        if any(isinstance(a, str) and secret in a for a in args):
-            current.args = tuple(
-                a.replace(secret, "***") if isinstance(a, str) else a for a in args
-            )
+        if any(isinstance(a, str) and any(f in a for f in forms) for a in args):
+            current.args = tuple(_scrub_text(a, forms) if isinstance(a, str) else a for a in args)
         current = current.__cause__ or current.__context__
 
 
@@ -264,9 +290,10 @@ class HTTPTransport:
         except requests.RequestException as exc:
             raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
         with response:
-            return parse_customer_account(
-                response.status_code, response.headers, response.content, tenant_id
-            )
+            body = response.content
+            if self._auth is not None:  # (a portal may quote the key it was sent)
+                body = _scrub_body(body, self._auth.secret.reveal())
+            return parse_customer_account(response.status_code, response.headers, body, tenant_id)
 
     def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
         return self._post_records(encode_records(records), len(records))

@@ -223,12 +223,21 @@ def test_credentials_in_urls_are_redacted_in_logs(
 
 
 class _EchoingPortal(http.server.BaseHTTPRequestHandler):
-    """A portal that quotes the Authorization header it got in its 401 answer."""
+    """A portal that quotes the Authorization header it got in its 401 answer: in a
+    JSON message, or (path ``/cut/...``) where an error message cuts the answer short:
+    after 200 characters of a JSON message, after 120 of an HTML page."""
 
     def do_GET(self) -> None:
-        body = json.dumps({"message": f"invalid token {self.headers['Authorization']}"})
+        quoted = self.headers["Authorization"]
+        content_type = "application/json"
+        if "/json-cut/" in self.path:
+            body = json.dumps({"message": "x" * 185 + quoted})
+        elif "/html-cut/" in self.path:
+            body, content_type = "<html>" + "x" * 100 + quoted + "</html>", "text/html"
+        else:
+            body = json.dumps({"message": f"invalid token {quoted}"})
         self.send_response(401)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body.encode())
@@ -355,3 +364,21 @@ def test_a_lookup_that_times_out_on_every_try_says_timed_out(backend: DevServer)
             transport.lookup_customer("acme")
     finally:
         transport.close()
+
+
+@pytest.mark.parametrize("cut", ["json-cut", "html-cut"])
+def test_a_key_quoted_where_an_error_message_cuts_the_answer_short_shows_no_part_of_it(
+    cut: str,
+) -> None:
+    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingPortal)
+    threading.Thread(target=portal.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{portal.server_address[1]}/{cut}"
+    try:
+        client = MeterClient(url, url, KEY, device_id="d", timeout=2, max_retries=0)
+        with pytest.raises(DeliveryRejected) as info:
+            client.send(**SEND)
+        client.close(1)
+    finally:
+        portal.shutdown()
+        portal.server_close()
+    assert KEY[:6] not in str(info.value)
