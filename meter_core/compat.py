@@ -66,9 +66,14 @@ def _client_or_none(
         return None
 
 
-def _secret(api_key: str | None) -> Secret | None:
-    # (a key that cannot go into a header is refused, unshown, when the client is built)
-    return Secret(api_key if isinstance(api_key, str) else str(api_key)) if api_key else None
+def _secret(api_key: object) -> Any:
+    # A key that cannot go into a header, or that is not a str (bytes would be sent as
+    # "b'...'"), is refused, unshown, when the client is built: logged, and None returned.
+    if isinstance(api_key, Secret):
+        return api_key
+    if isinstance(api_key, str):
+        return Secret(api_key) if api_key else None
+    return api_key  # (None, or refused by the client)
 
 
 def _stringify(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:

@@ -147,3 +147,25 @@ def test_without_a_portal_url_the_lookup_goes_to_meter_internal_url(
         answer = post_meter_usage("acme", "d", "page.processed.basic", backend.url, 3)
         assert answer is not None
         assert backend.lookups == ["acme"] and backend.values()[0]["total_usage"] == 3
+
+
+@pytest.mark.parametrize("key", [KEY.encode(), KEY + "\n", 42])
+def test_a_key_that_is_not_a_usable_str_is_refused_unshown_not_sent(
+    key: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    with DevServer(api_key=KEY) as backend:
+        result = post_meter_usage("acme", "d", "page.processed.basic", backend.url,
+                                  total_usage=1, portal_url=backend.url, api_key=key)  # type: ignore[arg-type]  # fmt: skip
+        assert result is None
+        assert backend.lookups == []  # refused before any request
+    assert "api_key" in caplog.text and "not posted" in caplog.text
+    assert KEY not in caplog.text
+
+
+def test_a_secret_given_as_the_key_is_used_as_such() -> None:
+    with DevServer(api_key=KEY) as backend:
+        secret = meter_core.Secret(KEY)
+        result = post_meter_usage("acme", "d", "page.processed.basic", backend.url,
+                                  total_usage=1, portal_url=backend.url, api_key=secret)  # type: ignore[arg-type]  # fmt: skip
+        assert result is not None
+        assert backend.lookups == ["acme"]
