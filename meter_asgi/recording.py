@@ -336,12 +336,19 @@ class Recorder:
         self._invalid_log.log(logging.WARNING, "%s", message)
 
     def internal_error(self, where: str, exc: BaseException) -> None:
-        """Log an internal failure (rate limited, traceback at debug level); never raises."""
+        """Log an internal failure (rate limited: the line logged carries the traceback,
+        the ones held back go to debug level); never raises."""
         self.counters["errors"] += 1
         try:
-            self._error_log.log(
-                logging.ERROR, "metering error in %s: %s: %s", where, type(exc).__name__, exc
+            logged = self._error_log.log(
+                logging.ERROR,
+                "metering error in %s: %s: %s",
+                where,
+                type(exc).__name__,
+                exc,
+                exc_info=exc,
             )
-            logger.debug("metering error in %s", where, exc_info=exc)
+            if not logged:
+                logger.debug("metering error in %s", where, exc_info=exc)
         except Exception:  # pragma: no cover - a broken handler must not break the app
             pass

@@ -83,17 +83,28 @@ class LogThrottle:
         self._since = 0
         self.count = 0
 
-    def log(self, level: int, message: str, *args: Any) -> None:
+    def log(
+        self, level: int, message: str, *args: Any, exc_info: BaseException | None = None
+    ) -> bool:
+        """Count this occurrence; log it unless a line was logged less than ``interval``
+        seconds ago. ``exc_info``: the traceback goes with the line that is logged (an
+        error reporter gets one per interval). True when a line was logged."""
         with self._lock:
             self.count += 1
             self._since += 1
             now = time.monotonic()
             if now - self._last < self._interval:
-                return
+                return False
             since, self._since, self._last = self._since, 0, now
         if since == 1:
-            self._logger.log(level, message, *args)
+            self._logger.log(level, message, *args, exc_info=exc_info)
         else:
             self._logger.log(
-                level, "%s (%d times in the last %gs)", message % args, since, self._interval
+                level,
+                "%s (%d times in the last %gs)",
+                message % args,
+                since,
+                self._interval,
+                exc_info=exc_info,
             )
+        return True

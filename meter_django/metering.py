@@ -118,12 +118,12 @@ def log_failure(
     debug_logger: logging.Logger = logger,
 ) -> None:
     """Log ``message % args`` followed by ``exc``'s type and message through
-    ``throttle`` (one line per interval, with the count), and the traceback at debug
-    level only, as meter_asgi does: a failure that repeats at every request must not
-    flood the host's logs. Never raises."""
+    ``throttle`` (one line per interval, with the count, carrying the traceback), and
+    the occurrences it holds back at debug level, as meter_asgi does: a failure that
+    repeats at every request must not flood the host's logs. Never raises."""
     try:
-        throttle.log(level, f"{message}: %s", *args, _Failure(exc))
-        debug_logger.debug(message, *args, exc_info=exc)
+        if not throttle.log(level, f"{message}: %s", *args, _Failure(exc), exc_info=exc):
+            debug_logger.debug(message, *args, exc_info=exc)
     except Exception:  # pragma: no cover - a broken handler must not break the app
         pass
 

@@ -52,3 +52,18 @@ def test_an_interval_of_zero_logs_every_occurrence(caplog: pytest.LogCaptureFixt
         for n in range(3):
             throttle.log(logging.WARNING, "line %d", n)
     assert [r.getMessage() for r in caplog.records] == ["line 0", "line 1", "line 2"]
+
+
+def test_the_line_logged_carries_the_traceback_and_says_it_was_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttle = LogThrottle(logging.getLogger("meter.test"), interval=60)
+    try:
+        raise ZeroDivisionError("bug")
+    except ZeroDivisionError as exc:
+        failure = exc
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        assert throttle.log(logging.ERROR, "failed: %s", "x", exc_info=failure) is True
+        assert throttle.log(logging.ERROR, "failed: %s", "x", exc_info=failure) is False
+    [record] = caplog.records
+    assert record.exc_info is not None and record.exc_info[1] is failure
