@@ -19,14 +19,16 @@ import pytest
 from asgiref.sync import async_to_sync
 from django.contrib.messages.storage.fallback import FallbackStorage
 from django.core.management import CommandError, call_command
-from django.db import connection, connections
-from django.test import AsyncClient, Client
+from django.db import connection, connections, transaction
+from django.http import HttpRequest, HttpResponse
+from django.test import AsyncClient, Client, RequestFactory
 from django.urls import reverse
 
 from meter_core import StoreError, UsageEvent
 from meter_core.devserver import DevServer
 from meter_django import get_client, record_usage
 from meter_django.checks import check_settings
+from meter_django.decorators import meter
 from meter_django.models import FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
 from tests.django_app.conftest import ON_POSTGRES, MeterSettings, wait_for
@@ -438,3 +440,33 @@ def test_a_durable_write_that_fails_after_the_response_sends_the_usage_from_memo
         side.run(f"ALTER TABLE {TABLE}_away RENAME TO {TABLE}")
     assert get_client().flush(5)
     assert get_client().stats()["failed_in_memory"] == 0
+
+
+@meter("report.generated.small")
+def _metered_view(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ok")
+
+
+def test_a_durable_write_that_fails_inside_the_callers_transaction_is_not_held_in_memory(
+    meter_settings: MeterSettings, backend: DevServer, side: _Side
+) -> None:
+    """A metered view called inside the caller's transaction on the table's database
+    (the outbox): a store write that fails there is that transaction's, and the event
+    must not be held in memory, or it would be billed although the work rolled back."""
+    meter_settings(DURABLE=True, TENANT={"header": "X-Tenant", "trusted": True})
+    get_client()
+    side.run(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_away")
+    try:
+        request = RequestFactory().get("/x/", headers={"X-Tenant": "acme"})
+        with contextlib.suppress(_RolledBack), transaction.atomic():
+            _metered_view(request)
+            raise _RolledBack  # the work is undone
+        get_client().flush(2)
+        assert backend.values() == []
+        assert get_client().stats()["failed_in_memory"] == 0
+    finally:
+        side.run(f"ALTER TABLE {TABLE}_away RENAME TO {TABLE}")
+
+
+class _RolledBack(Exception):
+    pass
