@@ -347,6 +347,7 @@ class Recorder:
                 type(exc).__name__,
                 exc,
                 exc_info=exc,
+                key=(where, type(exc)),  # (one failure does not hide another)
             )
             if not logged:
                 logger.debug("metering error in %s", where, exc_info=exc)

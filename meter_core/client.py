@@ -519,7 +519,8 @@ class MeterClient:
         """Flush for up to ``timeout`` seconds, then store whatever is still undelivered
         and stop the sender. With a failure store, events waiting for a retry (the backend
         is failing) are handed to it at once rather than waited for (without one, or when
-        it refuses them, the wait is their only chance). Safe from any thread and more than once; called at exit.
+        it refuses them, the wait is their only chance). Safe from any thread and more
+        than once; called at exit.
         Events recorded after close go straight to the failure store. In durable mode it
         waits for this process's events in memory only: those in the store stay there for
         any process sharing it (or the next start) to send. Store writes that async

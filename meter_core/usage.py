@@ -7,7 +7,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 from meter_core.catalog import is_known_meter
@@ -56,9 +56,15 @@ class LogThrottle:
     of occurrences since the last line when there was more than one. Thread-safe;
     :attr:`count` is the total.
 
+    ``key`` (optional, in :meth:`log`) throttles kinds of the condition apart (an
+    exception type, a meter): a new kind is logged at once rather than hidden for the
+    interval by another. At most 256 kinds are tracked (all are forgotten when full).
+
     ``logger`` must be a :class:`logging.Logger` (or a ``LoggerAdapter``), ``interval``
     a finite number of seconds >= 0 (0 logs every occurrence); anything else raises
     :class:`~meter_core.ConfigurationError` here, not at the first line logged."""
+
+    _MAX_KEYS = 256
 
     def __init__(
         self, logger: logging.Logger | logging.LoggerAdapter[Any], interval: float = 60.0
@@ -79,23 +85,34 @@ class LogThrottle:
         self._logger = logger
         self._interval = interval
         self._lock = threading.Lock()
-        self._last = float("-inf")
-        self._since = 0
+        self._slots: dict[Hashable, list[float]] = {}  # key -> [last line at, held back]
         self.count = 0
 
     def log(
-        self, level: int, message: str, *args: Any, exc_info: BaseException | None = None
+        self,
+        level: int,
+        message: str,
+        *args: Any,
+        exc_info: BaseException | None = None,
+        key: Hashable = None,
     ) -> bool:
-        """Count this occurrence; log it unless a line was logged less than ``interval``
-        seconds ago. ``exc_info``: the traceback goes with the line that is logged (an
-        error reporter gets one per interval). True when a line was logged."""
+        """Count this occurrence; log it unless a line of the same ``key`` was logged less
+        than ``interval`` seconds ago. ``exc_info``: the traceback goes with the line that
+        is logged (an error reporter gets one per interval). True when a line was
+        logged."""
         with self._lock:
             self.count += 1
-            self._since += 1
+            slot = self._slots.get(key)
+            if slot is None:
+                if len(self._slots) >= self._MAX_KEYS:
+                    self._slots.clear()
+                slot = self._slots[key] = [float("-inf"), 0]
+            slot[1] += 1
             now = time.monotonic()
-            if now - self._last < self._interval:
+            if now - slot[0] < self._interval:
                 return False
-            since, self._since, self._last = self._since, 0, now
+            since = int(slot[1])
+            slot[0], slot[1] = now, 0
         if since == 1:
             self._logger.log(level, message, *args, exc_info=exc_info)
         else:

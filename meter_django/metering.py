@@ -11,7 +11,7 @@ resolvers may touch the database (``request.user``), so async callers run
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from typing import Any
 
 from django.http import HttpRequest
@@ -116,13 +116,17 @@ def log_failure(
     message: str,
     *args: Any,
     debug_logger: logging.Logger = logger,
+    kind: Hashable = None,
 ) -> None:
     """Log ``message % args`` followed by ``exc``'s type and message through
     ``throttle`` (one line per interval, with the count, carrying the traceback), and
     the occurrences it holds back at debug level, as meter_asgi does: a failure that
-    repeats at every request must not flood the host's logs. Never raises."""
+    repeats at every request must not flood the host's logs. Failures of another
+    exception type, or of another ``kind`` (a meter id), are throttled apart, so that
+    one does not hide the other. Never raises."""
     try:
-        if not throttle.log(level, f"{message}: %s", *args, _Failure(exc), exc_info=exc):
+        line = (f"{message}: %s", *args, _Failure(exc))
+        if not throttle.log(level, *line, exc_info=exc, key=(type(exc), kind)):
             debug_logger.debug(message, *args, exc_info=exc)
     except Exception:  # pragma: no cover - a broken handler must not break the app
         pass
@@ -266,6 +270,7 @@ def usage_of(
                 spec.meter_id,
                 request.method,
                 request.path,
+                kind=spec.meter_id,
             )
             continue
         if n:
@@ -343,5 +348,6 @@ def record_request(request: HttpRequest, entries: list[Entry]) -> list[str]:
                 tenant,
                 request.method,
                 request.path,
+                kind=meter_id,
             )
     return ids

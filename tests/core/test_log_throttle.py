@@ -67,3 +67,15 @@ def test_the_line_logged_carries_the_traceback_and_says_it_was_logged(
         assert throttle.log(logging.ERROR, "failed: %s", "x", exc_info=failure) is False
     [record] = caplog.records
     assert record.exc_info is not None and record.exc_info[1] is failure
+
+
+def test_kinds_of_a_condition_are_throttled_apart(caplog: pytest.LogCaptureFixture) -> None:
+    # (a view failing at every request must not hide another's new failure for a minute)
+    throttle = LogThrottle(logging.getLogger("meter.test"), interval=60)
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        for _ in range(5):
+            throttle.log(logging.ERROR, "failed: %s", "a", key=("view-a", ZeroDivisionError))
+        assert throttle.log(logging.ERROR, "failed: %s", "b", key=("view-b", KeyError))
+        assert not throttle.log(logging.ERROR, "failed: %s", "b", key=("view-b", KeyError))
+    assert [r.getMessage() for r in caplog.records] == ["failed: a", "failed: b"]
+    assert throttle.count == 7

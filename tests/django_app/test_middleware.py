@@ -587,3 +587,24 @@ def test_middleware_errors_on_the_async_stack_log_one_line_per_interval(
     with capture_events() as events:
         _throttled(caplog, request, "metering of GET /async/ failed: ConfigurationError: ")
     assert list(events) == []
+
+
+def test_a_failure_of_another_meter_is_logged_at_once_not_hidden_by_the_first(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(request: Any, response: Any) -> int:
+        raise ZeroDivisionError("bug")
+
+    def other(request: Any, response: Any) -> int:
+        raise ZeroDivisionError("another bug")
+
+    quiet(RULES={"/ok/": [{"meter": "report.generated.small", "usage": broken}],
+                 "/documents/<int:pk>/export": [{"meter": "report.generated.large",
+                                                  "usage": other}]})  # fmt: skip
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        for _ in range(5):
+            assert _get("/ok/").status_code == 200
+        assert _get("/documents/7/export").status_code == 200
+    lines = [r.getMessage() for r in caplog.records if "could not be computed" in r.getMessage()]
+    assert len(lines) == 2
+    assert "'report.generated.large'" in lines[1]
