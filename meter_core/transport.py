@@ -12,6 +12,7 @@ against the real local backend.
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import os
@@ -127,9 +128,14 @@ def _describe(exc: BaseException) -> str:
 
 def _secret_forms(secret: str) -> list[str]:
     """The ways ``secret`` can appear in a text: as is, escaped in a JSON string (with
-    and without ``\\/``), escaped by ``repr``; longest first."""
+    and without ``\\/``, and with ``<>&`` as ``\\u003c``... as some servers write them),
+    escaped for HTML, escaped by ``repr``; longest first."""
     json_form = json.dumps(secret)[1:-1]
-    forms = {secret, json_form, json_form.replace("/", "\\/"), repr(secret)[1:-1]}
+    unicode_escaped = (
+        json_form.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    )
+    forms = {secret, json_form, json_form.replace("/", "\\/"), unicode_escaped,
+             html.escape(secret), repr(secret)[1:-1]}  # fmt: skip
     return sorted(forms, key=len, reverse=True)
 
 
@@ -291,7 +297,9 @@ class HTTPTransport:
             raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
         with response:
             body = response.content
-            if self._auth is not None:  # (a portal may quote the key it was sent)
+            if self._auth is not None and not 200 <= response.status_code < 300:
+                # (an error answer may quote the key it was sent; a 2xx is read as it is:
+                # scrubbing a short key out of it would change the customer id read)
                 body = _scrub_body(body, self._auth.secret.reveal())
             return parse_customer_account(response.status_code, response.headers, body, tenant_id)
 

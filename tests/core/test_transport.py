@@ -382,3 +382,25 @@ def test_a_key_quoted_where_an_error_message_cuts_the_answer_short_shows_no_part
         portal.shutdown()
         portal.server_close()
     assert KEY[:6] not in str(info.value)
+
+
+def test_a_key_that_is_part_of_a_customer_id_leaves_the_id_as_the_portal_gave_it() -> None:
+    # (only error answers are scrubbed of the key: a 2xx is read as it is)
+    with DevServer(api_key="cust") as backend:
+        client = MeterClient(backend.url, backend.url, "cust", device_id="d", timeout=2)
+        client.send(**SEND)
+        assert backend.values()[0]["customer_id"] == "cust-acme"
+        client.close()
+
+
+@pytest.mark.parametrize("quoted", ["html", "go-json"])
+def test_a_key_quoted_in_an_escaped_form_is_scrubbed_too(quoted: str) -> None:
+    from meter_core.transport import _scrub_body
+
+    key = "k<y&" + KEY
+    body = (
+        f"<p>{key.replace('&', '&amp;').replace('<', '&lt;')}</p>"
+        if quoted == "html"
+        else '{"m": "' + key.replace("<", "\\u003c").replace("&", "\\u0026") + '"}'
+    )
+    assert KEY not in _scrub_body(body.encode(), key).decode()
