@@ -66,14 +66,17 @@ def _client_or_none(
         return None
 
 
-def _secret(api_key: object) -> Any:
-    # A key that cannot go into a header, or that is not a str (bytes would be sent as
-    # "b'...'"), is refused, unshown, when the client is built: logged, and None returned.
+def _secret(api_key: object) -> Secret | None:
+    """The key as a Secret (a Secret given is used as is). Raises ConfigurationError,
+    without the value, for a key that is not a str (bytes would be sent as "b'...'"); a
+    str that cannot go into a header is refused, unshown, when the client is built."""
     if isinstance(api_key, Secret):
         return api_key
     if isinstance(api_key, str):
         return Secret(api_key) if api_key else None
-    return api_key  # (None, or refused by the client)
+    if not api_key:
+        return None
+    raise ConfigurationError(f"api_key: must be a str, got {type(api_key).__name__}")
 
 
 def _stringify(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
@@ -101,8 +104,13 @@ def post_meter_usage(
     account, the network fails, or the backend answers an error. Raises InvalidEvent for
     invalid arguments; a malformed URL is logged and gives None, as in meter-lib.
     """
-    secret = _secret(api_key)
-    del api_key
+    try:
+        secret = _secret(api_key)
+    except ConfigurationError as exc:  # (logged and None, as a malformed URL is)
+        logger.error("meter usage not posted: %s", exc)
+        return None
+    finally:
+        del api_key
     client = _client_or_none(kafka_url, portal_url, secret)
     if client is None:
         return None
@@ -133,8 +141,13 @@ def post_ai_meter_usage(
     Exactly one of ``start_time`` / ``end_time`` must be given (meter-lib ignored a
     falsy one, as this does). Returns the proxy's JSON or None, as :func:`post_meter_usage`.
     """
-    secret = _secret(api_key)
-    del api_key
+    try:
+        secret = _secret(api_key)
+    except ConfigurationError as exc:  # (logged and None, as a malformed URL is)
+        logger.error("meter usage not posted: %s", exc)
+        return None
+    finally:
+        del api_key
     client = _client_or_none(kafka_url, portal_url, secret)
     if client is None:
         return None

@@ -149,7 +149,7 @@ def test_without_a_portal_url_the_lookup_goes_to_meter_internal_url(
         assert backend.lookups == ["acme"] and backend.values()[0]["total_usage"] == 3
 
 
-@pytest.mark.parametrize("key", [KEY.encode(), KEY + "\n", 42])
+@pytest.mark.parametrize("key", [KEY.encode(), KEY + "\n", 42, bytearray(KEY.encode()), [KEY]])
 def test_a_key_that_is_not_a_usable_str_is_refused_unshown_not_sent(
     key: object, caplog: pytest.LogCaptureFixture
 ) -> None:
