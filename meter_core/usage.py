@@ -16,6 +16,8 @@ from meter_core.events import MAX_USAGE, freeze_metadata, validate_identifier
 
 __all__ = ["LogThrottle", "RequestUsage"]
 
+_OTHER_KINDS = object()  # the slot of kinds past LogThrottle's bound, or unhashable
+
 
 class RequestUsage:
     """Usage added by a handler during one request (``request.meter.add(...)``).
@@ -58,7 +60,8 @@ class LogThrottle:
 
     ``key`` (optional, in :meth:`log`) throttles kinds of the condition apart (an
     exception type, a meter): a new kind is logged at once rather than hidden for the
-    interval by another. At most 256 kinds are tracked (all are forgotten when full).
+    interval by another. At most 256 kinds are tracked apart; later ones share one
+    throttle.
 
     ``logger`` must be a :class:`logging.Logger` (or a ``LoggerAdapter``), ``interval``
     a finite number of seconds >= 0 (0 logs every occurrence); anything else raises
@@ -102,11 +105,17 @@ class LogThrottle:
         logged."""
         with self._lock:
             self.count += 1
-            slot = self._slots.get(key)
+            try:
+                slot = self._slots.get(key)
+            except TypeError:  # an unhashable kind: counted with the other kinds
+                key, slot = _OTHER_KINDS, self._slots.get(_OTHER_KINDS)
             if slot is None:
                 if len(self._slots) >= self._MAX_KEYS:
-                    self._slots.clear()
-                slot = self._slots[key] = [float("-inf"), 0]
+                    # Full: a new kind shares one slot with every kind after it (bounded
+                    # memory, and never a line per occurrence however many kinds come).
+                    key, slot = _OTHER_KINDS, self._slots.get(_OTHER_KINDS)
+                if slot is None:
+                    slot = self._slots[key] = [float("-inf"), 0]
             slot[1] += 1
             now = time.monotonic()
             if now - slot[0] < self._interval:

@@ -79,3 +79,17 @@ def test_kinds_of_a_condition_are_throttled_apart(caplog: pytest.LogCaptureFixtu
         assert not throttle.log(logging.ERROR, "failed: %s", "b", key=("view-b", KeyError))
     assert [r.getMessage() for r in caplog.records] == ["failed: a", "failed: b"]
     assert throttle.count == 7
+
+
+def test_kinds_past_the_bound_share_one_throttle_and_never_flood(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    throttle = LogThrottle(logging.getLogger("meter.test"), interval=60)
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        for _ in range(10):
+            for kind in range(300):
+                throttle.log(logging.ERROR, "failed: %s", kind, key=kind)
+        throttle.log(logging.ERROR, "unhashable", key=["a"])
+    # one line for each of the first 256 kinds, one for all the others together
+    assert len(caplog.records) == 257
+    assert throttle.count == 3001
