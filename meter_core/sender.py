@@ -145,6 +145,7 @@ class Sender:
         self._overflow_log = LogThrottle(logger, interval=10.0)
         self._claim_log = LogThrottle(logger, interval=10.0)
         self._closed_log = LogThrottle(logger, interval=10.0)
+        self._store_refused_at_close = False  # (see _store_retries_now)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -398,10 +399,15 @@ class Sender:
         if leased and not still_sending and self._store is not None:
             self._release(leased)
         # a store that failed earlier may work again now (an offer already trying it, on
-        # a store slow to fail, is not waited for past the timeout)
-        self._drain_fallback(wait=timeout)
+        # a store slow to fail, is not waited for past the timeout); not asked again when
+        # it refused events moments ago, in flush_for_close
+        refused = self._store_refused_at_close
+        if not refused:
+            self._drain_fallback(wait=timeout)
         if leftover:
-            self._store_final(leftover, "undelivered at close", count_failed=False)
+            self._store_final(
+                leftover, "undelivered at close", count_failed=False, skip_store=refused
+            )
             if self._store is None:
                 logger.error(
                     "%d usage events undelivered at close, %s", len(leftover), _ONLY_IN_MEMORY
@@ -448,13 +454,18 @@ class Sender:
             self._store.store(
                 [i.event for i in items], error="undelivered at close", attempts=attempts
             )
-        except Exception as exc:
-            logger.warning("close(): the failure store refused events waiting for a retry "
-                           "(%s): waiting for their retry instead", exc)  # fmt: skip
+        except BaseException as exc:  # (a gevent Timeout too: the events go back first)
             with self._handoff:
                 for entry in waiting:
                     heapq.heappush(self._retries, entry)
                 self._retrying += count
+            # close() will not try it again for them: a store that fails slowly (a file
+            # locked for its busy timeout) would hold the exit up twice
+            self._store_refused_at_close = True
+            if not isinstance(exc, Exception):
+                raise
+            logger.warning("close(): the failure store refused events waiting for a retry "
+                           "(%s): waiting for their retry instead", exc)  # fmt: skip
             return False
         self._stats.add(stored=len(items))
         return True
@@ -772,15 +783,20 @@ class Sender:
             self._drain_lock.release()
         return True
 
-    def _store_final(self, items: list[_Item], reason: str, *, count_failed: bool) -> None:
+    def _store_final(
+        self, items: list[_Item], reason: str, *, count_failed: bool, skip_store: bool = False
+    ) -> None:
         """Hand events to the failure store (or the in-memory fallback) for the retry
-        command. Sender-side attempts are marked as used up."""
+        command. Sender-side attempts are marked as used up. ``skip_store``: the store
+        refused events a moment ago; they go to the in-memory list without asking it."""
         if count_failed:
             self._stats.add(failed=len(items))
         attempts = max([self._policy.max_retries + 1, *(i.attempts for i in items)])
         events = [i.event for i in items]
         if self._store is not None:
             try:
+                if skip_store:
+                    raise StoreError("it refused events waiting for a retry at close")
                 self._store.store(events, error=reason, attempts=attempts)
             except Exception:  # StoreError, or any failure of a custom store
                 logger.exception(

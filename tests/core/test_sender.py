@@ -795,3 +795,62 @@ def test_close_still_waits_for_a_retry_when_the_store_could_not_keep_the_events(
     client.close(timeout=10)
     assert set(backend.event_ids()) == ids
     assert client.stats()["failed_in_memory"] == 0
+
+
+def test_close_asks_a_store_that_just_refused_the_retries_only_once(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # (a file locked by another process: each write waits its whole busy timeout)
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=3)
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
+    client.send(**RECORD)  # (the spool exists, and the customer is looked up)
+    backend.set_fault("down")
+    ids = {client.record(**RECORD) for _ in range(5)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        client.close(timeout=1)
+        assert time.monotonic() - started < 5.5  # one busy timeout (3 s), not two
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert {s.event.event_id for s in client.failed_events()} == ids  # kept, in memory
+
+
+class _Interrupt(BaseException):
+    """Stands for gevent's Timeout: a BaseException raised out of a store write."""
+
+
+def test_a_base_exception_from_the_store_at_close_loses_no_event(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    class InterruptedOnce(SQLiteSpool):
+        interrupted = False
+
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+            if not self.interrupted:
+                type(self).interrupted = True
+                raise _Interrupt
+            super().store(events, **kwargs)
+
+    spool = InterruptedOnce(tmp_path / "spool.db")
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
+    client.send(**RECORD)
+    backend.set_fault("down")
+    ids = {client.record(**RECORD) for _ in range(5)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(_Interrupt):
+        client.close(timeout=5)
+    client.close(timeout=5)  # the interrupted close, done again
+    assert {s.event.event_id for s in spool.claim(100)} == ids
