@@ -54,12 +54,13 @@ def _client(kafka_url: str, portal_url: str | None, secret: Secret | None) -> Me
     return client
 
 
-def _client_or_none(
-    kafka_url: str, portal_url: str | None, secret: Secret | None
-) -> MeterClient | None:
+def _client_or_none(kafka_url: str, portal_url: str | None, api_key: object) -> MeterClient | None:
     # meter-lib returned None for a malformed URL (requests raised, it printed); so do we,
     # with an ERROR log line: a missing environment variable must not break a request.
+    # A key that is not a str is refused the same way.
     try:
+        secret = _secret(api_key)
+        del api_key  # from here on only the wrapped Secret exists in this frame
         return _client(kafka_url, portal_url, secret)
     except ConfigurationError as exc:
         logger.error("meter usage not posted: %s", exc)
@@ -104,14 +105,8 @@ def post_meter_usage(
     account, the network fails, or the backend answers an error. Raises InvalidEvent for
     invalid arguments; a malformed URL is logged and gives None, as in meter-lib.
     """
-    try:
-        secret = _secret(api_key)
-    except ConfigurationError as exc:  # (logged and None, as a malformed URL is)
-        logger.error("meter usage not posted: %s", exc)
-        return None
-    finally:
-        del api_key
-    client = _client_or_none(kafka_url, portal_url, secret)
+    client = _client_or_none(kafka_url, portal_url, api_key)
+    del api_key
     if client is None:
         return None
     event = client.event(
@@ -141,14 +136,8 @@ def post_ai_meter_usage(
     Exactly one of ``start_time`` / ``end_time`` must be given (meter-lib ignored a
     falsy one, as this does). Returns the proxy's JSON or None, as :func:`post_meter_usage`.
     """
-    try:
-        secret = _secret(api_key)
-    except ConfigurationError as exc:  # (logged and None, as a malformed URL is)
-        logger.error("meter usage not posted: %s", exc)
-        return None
-    finally:
-        del api_key
-    client = _client_or_none(kafka_url, portal_url, secret)
+    client = _client_or_none(kafka_url, portal_url, api_key)
+    del api_key
     if client is None:
         return None
     event = client.session_event(

@@ -734,19 +734,30 @@ def test_an_event_recorded_after_close_without_a_store_is_logged_as_at_risk(
     assert client.stats()["failed_in_memory"] == 2
 
 
+def _waiting_for_a_retry(
+    backend: DevServer, events: int, *, backoff: float, times: int | None = None, **options: Any
+) -> tuple[MeterClient, set[str]]:
+    """A client whose ``events`` recorded events failed once (the backend down, for
+    ``times`` requests or until further notice) and wait ``backoff`` s for their retry."""
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         backoff_base=backoff, backoff_cap=backoff, **options)  # fmt: skip
+    client.send(**RECORD)  # (the tenant's customer is looked up: the fault hits the produce)
+    backend.reset()
+    backend.set_fault("down", times=times)
+    ids = {client.record(**RECORD) for _ in range(events)}
+    deadline = time.monotonic() + 10
+    while client.stats()["retried"] < events and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return client, ids
+
+
 def test_close_with_a_store_does_not_wait_out_the_retries_of_an_outage(
     backend: DevServer, tmp_path: Path
 ) -> None:
     # (a worker restarting during an outage: the server starts its replacement only once
     # it has exited, so every second close() waits is a second with one worker less)
     spool = SQLiteSpool(tmp_path / "spool.db")
-    backend.set_fault("down")
-    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
-                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
-    ids = {client.record(**RECORD) for _ in range(20)}
-    deadline = time.monotonic() + 10
-    while client.stats()["retried"] < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    client, ids = _waiting_for_a_retry(backend, 20, backoff=20, failure_store=spool)
     started = time.monotonic()
     client.close(timeout=30)
     assert time.monotonic() - started < 10  # not the 20 s backoff, nor the 30 s timeout
@@ -757,15 +768,7 @@ def test_close_without_a_store_still_waits_for_a_retry_that_can_deliver(
     backend: DevServer,
 ) -> None:
     # (there, the memory list dies with the process: the wait is the events' only chance)
-    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
-                         backoff_base=0.5, backoff_cap=0.5)  # fmt: skip
-    client.send(**RECORD)  # (the tenant's customer is looked up: the fault hits the produce)
-    backend.reset()
-    backend.set_fault("down", times=1)
-    ids = {client.record(**RECORD) for _ in range(5)}
-    deadline = time.monotonic() + 10
-    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    client, ids = _waiting_for_a_retry(backend, 5, backoff=0.5, times=1)
     client.close(timeout=10)
     assert set(backend.event_ids()) == ids
 
@@ -781,17 +784,9 @@ def test_close_still_waits_for_a_retry_when_the_store_could_not_keep_the_events(
     failure_store = (
         SQLiteSpool(blocker / "spool.db") if store == "unwritable spool" else MemoryFailureStore()
     )
-    client = MeterClient(
-        backend.url, internal_url=backend.url, device_id="d", failure_store=failure_store,
-        backoff_base=0.5, backoff_cap=0.5,
-    )  # fmt: skip
-    client.send(**RECORD)  # (the tenant's customer is looked up: the fault hits the produce)
-    backend.reset()
-    backend.set_fault("down", times=1)
-    ids = {client.record(**RECORD) for _ in range(5)}
-    deadline = time.monotonic() + 10
-    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    client, ids = _waiting_for_a_retry(
+        backend, 5, backoff=0.5, times=1, failure_store=failure_store
+    )
     client.close(timeout=10)
     assert set(backend.event_ids()) == ids
     assert client.stats()["failed_in_memory"] == 0
@@ -805,14 +800,7 @@ def test_close_asks_a_store_that_just_refused_the_retries_only_once(
 
     path = tmp_path / "spool.db"
     spool = SQLiteSpool(path, busy_timeout=3)
-    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
-                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
-    client.send(**RECORD)  # (the spool exists, and the customer is looked up)
-    backend.set_fault("down")
-    ids = {client.record(**RECORD) for _ in range(5)}
-    deadline = time.monotonic() + 10
-    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    client, ids = _waiting_for_a_retry(backend, 5, backoff=20, failure_store=spool)
     other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     other.execute("BEGIN EXCLUSIVE")
     try:
@@ -842,14 +830,7 @@ def test_a_base_exception_from_the_store_at_close_loses_no_event(
             super().store(events, **kwargs)
 
     spool = InterruptedOnce(tmp_path / "spool.db")
-    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
-                         failure_store=spool, backoff_base=20, backoff_cap=20)  # fmt: skip
-    client.send(**RECORD)
-    backend.set_fault("down")
-    ids = {client.record(**RECORD) for _ in range(5)}
-    deadline = time.monotonic() + 10
-    while client.stats()["retried"] < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    client, ids = _waiting_for_a_retry(backend, 5, backoff=20, failure_store=spool)
     with pytest.raises(_Interrupt):
         client.close(timeout=5)
     client.close(timeout=5)  # the interrupted close, done again

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -246,14 +248,23 @@ class _EchoingPortal(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def _echoing_portal() -> Iterator[str]:
+    """An :class:`_EchoingPortal` on a loopback port, for the ``with`` block: its URL."""
+    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingPortal)
+    threading.Thread(target=portal.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{portal.server_address[1]}"
+    finally:
+        portal.shutdown()
+        portal.server_close()
+
+
 def test_a_portal_quoting_the_key_in_its_answer_does_not_put_it_in_errors_or_logs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingPortal)
-    threading.Thread(target=portal.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{portal.server_address[1]}"
-    try:
+    with _echoing_portal() as url:
         client = MeterClient(url, url, KEY, device_id="d", timeout=2, max_retries=0)
         with pytest.raises(DeliveryRejected) as info:
             client.send(**SEND)
@@ -261,9 +272,6 @@ def test_a_portal_quoting_the_key_in_its_answer_does_not_put_it_in_errors_or_log
         client.flush(3)
         stats = client.stats()
         client.close(1)
-    finally:
-        portal.shutdown()
-        portal.server_close()
     assert "invalid token Bearer ***" in str(info.value)  # the answer, without the key
     assert KEY not in str(info.value)
     assert KEY not in caplog.text
@@ -370,17 +378,12 @@ def test_a_lookup_that_times_out_on_every_try_says_timed_out(backend: DevServer)
 def test_a_key_quoted_where_an_error_message_cuts_the_answer_short_shows_no_part_of_it(
     cut: str,
 ) -> None:
-    portal = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoingPortal)
-    threading.Thread(target=portal.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{portal.server_address[1]}/{cut}"
-    try:
+    with _echoing_portal() as portal_url:
+        url = f"{portal_url}/{cut}"
         client = MeterClient(url, url, KEY, device_id="d", timeout=2, max_retries=0)
         with pytest.raises(DeliveryRejected) as info:
             client.send(**SEND)
         client.close(1)
-    finally:
-        portal.shutdown()
-        portal.server_close()
     assert KEY[:6] not in str(info.value)
 
 
