@@ -1,5 +1,7 @@
 """Machine instructions per request of MeterMiddleware under uvicorn, counted by
-valgrind's callgrind: the same figure on every run, whatever else the machine is doing.
+valgrind's callgrind: a figure that moves far less than requests/s with what else the
+machine is doing (it still moves a little with timing: how many requests the event loop
+takes at each wake-up).
 
 ``bench_asgi.py`` measures requests/s and CPU time, which a shared machine's noise moves
 by several percent from one round to the next. This script counts the instructions the
