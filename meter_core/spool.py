@@ -29,10 +29,12 @@ from typing import Any
 from meter_core.errors import InvalidEvent, StoreError
 from meter_core.events import UsageEvent
 from meter_core.store import DEFAULT_LEASE_SECONDS, DISCARDED, FAILED, QUEUED, StoredEvent
+from meter_core.usage import LogThrottle
 
 __all__ = ["SQLiteSpool"]
 
 logger = logging.getLogger("meter.spool")
+_unreadable_log = LogThrottle(logger, interval=60.0)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meter_events (
@@ -345,8 +347,16 @@ def _rebuild(rows: Sequence[Any]) -> tuple[list[StoredEvent], list[str]]:
     for event_id, payload, status, attempts, error, due in rows:
         try:
             event = UsageEvent.from_dict(json.loads(payload))
-        except (InvalidEvent, KeyError, TypeError, ValueError):
-            logger.exception("spooled meter event %s has an unreadable payload", event_id)
+        except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
+            # (one line a minute: a spool written by another version may hold many)
+            _unreadable_log.log(
+                logging.ERROR,
+                "spooled meter event %s has an unreadable payload, set aside as discarded: %s",
+                event_id,
+                exc,
+                exc_info=exc,
+                key=type(exc).__name__,
+            )
             unreadable.append(event_id)
             continue
         claimed.append(StoredEvent(event, status, attempts, error, due))

@@ -58,6 +58,7 @@ __all__ = [
 logger = logging.getLogger("meter.django")
 _unconfigured = LogThrottle(logger, interval=60.0)
 _no_device = LogThrottle(logger, interval=60.0)
+_after_commit_failed = LogThrottle(logger, interval=60.0)
 
 #: The device id of events recorded with none given and none configured.
 UNCONFIGURED_DEVICE = "unconfigured"
@@ -274,8 +275,16 @@ def _enqueue_after_commit(
 ) -> None:
     try:
         _enqueue(client, event, hold_on_store_error=hold_on_store_error)
-    except Exception:
-        logger.exception("could not enqueue usage event %s after commit", event.event_id)
+    except Exception as exc:  # (a store down fails every event: one line a minute)
+        _after_commit_failed.log(
+            logging.ERROR,
+            "could not enqueue usage event %s after commit: %s: %s",
+            event.event_id,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+            key=type(exc).__name__,
+        )
 
 
 def record_usage(

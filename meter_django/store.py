@@ -49,7 +49,7 @@ from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from meter_core import InvalidEvent, StoredEvent, StoreError, UsageEvent
+from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
 from meter_django.models import (
     DELIVERED,
     DISCARDED,
@@ -62,6 +62,7 @@ from meter_django.models import (
 __all__ = ["DatabaseFailureStore"]
 
 logger = logging.getLogger("meter.django.store")
+_unreadable_log = LogThrottle(logger, interval=60.0)
 
 #: The protocol's default lease (meter_core uses the same).
 DEFAULT_LEASE_SECONDS = 300.0
@@ -430,8 +431,16 @@ class DatabaseFailureStore:
         for row in rows:
             try:
                 event = UsageEvent.from_dict(row["payload"])
-            except (InvalidEvent, KeyError, TypeError, ValueError):
-                logger.exception("meter event row %s has an unreadable payload", row["id"])
+            except (InvalidEvent, KeyError, TypeError, ValueError) as exc:
+                # (one line a minute: rows written by another version may be many)
+                _unreadable_log.log(
+                    logging.ERROR,
+                    "meter event row %s has an unreadable payload, set aside as discarded: %s",
+                    row["id"],
+                    exc,
+                    exc_info=exc,
+                    key=type(exc).__name__,
+                )
                 unreadable.append(row["id"])
                 continue
             claimed.append(

@@ -18,6 +18,7 @@ import pytest
 
 import meter_core.sender as sender_module
 from meter_core import (
+    LogThrottle,
     MemoryFailureStore,
     MeterClient,
     SQLiteSpool,
@@ -312,3 +313,30 @@ def test_a_store_that_cannot_be_read_is_logged_once_per_interval_not_per_poll(
         assert "KeyError" in lines[0].getMessage()
     finally:
         client.close(0)
+
+
+def test_many_unreadable_spool_rows_log_one_line_with_its_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a spool written by another version can hold many: one line a minute, not one each)
+    import meter_core.spool
+
+    monkeypatch.setattr(meter_core.spool, "_unreadable_log", LogThrottle(meter_core.spool.logger))
+    spool = SQLiteSpool(tmp_path / "spool.db")
+    spool.store([UsageEvent("acme", "dev-1", "page.processed.basic", 2)])
+    now = time.time()
+    with sqlite3.connect(tmp_path / "spool.db") as conn:
+        for n in range(30):
+            bad_id = f"0190b3c2-0000-8000-8000-{n:012d}"
+            conn.execute(
+                "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status,"
+                " attempts, last_error, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, ?, 'acme', 'page.processed.basic', 'queued', 0, '', ?, ?, ?)",
+                (bad_id, json.dumps({"event_id": bad_id, "usage": 3}), now - 1, now, now),
+            )
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        assert len(spool.claim(100, lease_seconds=60)) == 1
+    lines = [r for r in caplog.records if "unreadable payload" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is not None
+    assert spool.counts()["by_status"]["discarded"] == 30
+    spool.close()
