@@ -195,6 +195,18 @@ class MeterClient:
             raise ConfigurationError(
                 "kafka_url: is required (the Kafka REST Proxy base URL; env METER_KAFKA_URL)"
             )
+        if bool(opts["portal_url"]) != bool(opts["api_key"]):
+            # One of the pair is set, most likely by mistake (a variable missing on one
+            # host): say where lookups go, since that is not what was asked for.
+            given, missing = ("portal_url", "api_key") if opts["portal_url"] else (
+                "api_key", "portal_url")  # fmt: skip
+            logger.warning(
+                "%s is set but %s is not: customer lookups go to the in-cluster service "
+                "(internal_url %s), not to the portal; set both for the external lookup",
+                given,
+                missing,
+                redact_url(opts["internal_url"]),
+            )
         return HTTPTransport(
             opts["kafka_url"],
             opts["portal_url"],

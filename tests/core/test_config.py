@@ -216,3 +216,25 @@ def test_a_url_with_a_query_or_fragment_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match="kafka_url: URL must not have a query") as info:
         MeterClient(url)
     assert KEY not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("portal_url", "api_key", "warned"),
+    [("http://portal", None, "portal_url is set but api_key is not"),
+     (None, KEY, "api_key is set but portal_url is not"),
+     ("http://portal", KEY, None), (None, None, None)],
+)  # fmt: skip
+def test_half_of_the_external_lookup_settings_is_a_warning_naming_where_lookups_go(
+    portal_url: str | None, api_key: str | None, warned: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="meter"):
+        client = MeterClient("http://kafka", portal_url, api_key)
+    lines = [r.getMessage() for r in caplog.records if "customer lookups go to" in r.getMessage()]
+    assert lines == ([] if warned is None else [lines[0]])
+    if warned is not None:
+        assert warned in lines[0] and "in-cluster" in lines[0]
+    external = client.transport.external_lookup  # type: ignore[attr-defined]
+    assert external is (portal_url is not None and api_key is not None)
+    assert KEY not in caplog.text
+    client.close()
