@@ -303,17 +303,7 @@ def record_usage(
     table's database when it is in a transaction, else every database that is).
     Never does network I/O. In durable mode, not from async code: see
     :func:`arecord_usage`. See the module docstring."""
-    builder, client, device_id = _recorder(device_id)
-    _refuse_in_event_loop(client, "record_usage")
-    event = builder.event(
-        tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
-        device_id=device_id, metadata=metadata, timestamp=timestamp,
-    )  # fmt: skip
-    if client is None:
-        _keep_unsent(event, using)
-    else:
-        submit(client, event, using=using)
-    return event.event_id
+    return _record(tenant_id, meter_id, total_usage, device_id, metadata, timestamp, using)
 
 
 def record_decided_usage(
@@ -331,15 +321,31 @@ def record_decided_usage(
     meter_asgi does, rather than raised about and lost. Inside a transaction of the
     table's database the write is that transaction's, and a failure still raises.
     Sync code only. Returns the ``event_id``."""
+    return _record(tenant_id, meter_id, total_usage, device_id, metadata, None, None,
+                   hold_on_store_error=True)  # fmt: skip
+
+
+def _record(
+    tenant_id: str,
+    meter_id: str,
+    total_usage: int,
+    device_id: str | None,
+    metadata: Mapping[str, str] | None,
+    timestamp: int | None,
+    using: str | None,
+    *,
+    hold_on_store_error: bool = False,
+) -> str:
     builder, client, device_id = _recorder(device_id)
+    _refuse_in_event_loop(client, "record_usage")
     event = builder.event(
         tenant_id=tenant_id, meter_id=meter_id, total_usage=total_usage,
-        device_id=device_id, metadata=metadata,
+        device_id=device_id, metadata=metadata, timestamp=timestamp,
     )  # fmt: skip
     if client is None:
-        _keep_unsent(event)
+        _keep_unsent(event, using)
     else:
-        submit(client, event, hold_on_store_error=True)
+        submit(client, event, using=using, hold_on_store_error=hold_on_store_error)
     return event.event_id
 
 
