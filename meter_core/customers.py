@@ -22,19 +22,22 @@ _MISSING = object()
 
 
 class _Flight:
-    __slots__ = ("customer", "done", "error")
+    __slots__ = ("customer", "done", "error", "stale")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.customer: Any = None
         self.error: DeliveryError | None = None
+        self.stale = False  # invalidated while it ran: its answer is not cached
 
 
 class CustomerCache:
     """Thread-safe TTL cache of ``tenant_id -> customer id`` over a lookup function.
 
-    ``lookup(tenant_id)`` returns the customer id or raises CustomerNotFound / another
-    DeliveryError. At most ``max_entries`` tenants are kept (oldest dropped first).
+    ``lookup(tenant_id)`` returns the customer id (a non-blank str or an int) or raises
+    CustomerNotFound / another DeliveryError; any other answer (None, a blank string)
+    counts as "no account", so that no event is sent without a customer. At most
+    ``max_entries`` tenants are kept (oldest dropped first).
     """
 
     def __init__(
@@ -84,9 +87,9 @@ class CustomerCache:
     def _lead(self, tenant_id: str, flight: _Flight) -> Any:
         try:
             self.lookups += 1
-            customer = self._lookup(tenant_id)
+            customer = _usable(tenant_id, self._lookup(tenant_id))
         except CustomerNotFound as exc:
-            self._put(tenant_id, _MISSING, self._negative_ttl)
+            self._put(tenant_id, _MISSING, self._negative_ttl, flight)
             flight.error = exc
             raise
         except DeliveryError as exc:
@@ -96,8 +99,13 @@ class CustomerCache:
             # retriable, like any failure that is not an answer of the backend
             flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} failed: {exc!r}")
             raise flight.error from exc
+        except BaseException:
+            # Interrupted (KeyboardInterrupt, SystemExit, a gevent Timeout): the threads
+            # waiting for this answer get a retriable error, never "no customer".
+            flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} was interrupted")
+            raise
         else:
-            self._put(tenant_id, customer, self._ttl)
+            self._put(tenant_id, customer, self._ttl, flight)
             flight.customer = customer
             return customer
         finally:
@@ -105,10 +113,12 @@ class CustomerCache:
                 del self._inflight[tenant_id]
             flight.done.set()
 
-    def _put(self, tenant_id: str, value: Any, ttl: float) -> None:
+    def _put(self, tenant_id: str, value: Any, ttl: float, flight: _Flight) -> None:
         if ttl <= 0:
             return
         with self._lock:
+            if flight.stale:  # invalidate() came while the lookup ran: it may be outdated
+                return
             if len(self._entries) >= self._max_entries:
                 now = self._clock()
                 for key in [k for k, (exp, _) in self._entries.items() if exp <= now]:
@@ -125,12 +135,31 @@ class CustomerCache:
         return value
 
     def invalidate(self, tenant_id: str | None = None) -> None:
-        """Forget one tenant's answer, or every answer."""
+        """Forget one tenant's answer, or every answer. A lookup already under way for
+        it still answers the events waiting for it, but its answer is not cached: the
+        next event asks again."""
         with self._lock:
             if tenant_id is None:
                 self._entries.clear()
+                flights = list(self._inflight.values())
             else:
                 self._entries.pop(tenant_id, None)
+                flight = self._inflight.get(tenant_id)
+                flights = [flight] if flight is not None else []
+            for flight in flights:
+                flight.stale = True
+
+
+def _usable(tenant_id: str, customer: Any) -> Any:
+    """``customer`` if it can key a record: a str with a non-blank character or an int
+    (not a bool); else CustomerNotFound (a custom lookup answering None for none)."""
+    if (isinstance(customer, str) and customer and not customer.isspace()) or (
+        isinstance(customer, int) and not isinstance(customer, bool)
+    ):
+        return customer
+    raise CustomerNotFound(
+        f"the customer lookup of tenant {tenant_id!r} gave no usable customer id: {customer!r}"
+    )
 
 
 def _copy_error(error: DeliveryError) -> DeliveryError:

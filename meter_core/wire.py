@@ -333,7 +333,7 @@ def parse_customer_account(
     if (
         isinstance(customer_id, bool)
         or not isinstance(customer_id, (str, int))
-        or customer_id == ""
+        or (isinstance(customer_id, str) and not customer_id.strip())
     ):
         raise CustomerNotFound(
             f"the customer account of tenant {tenant!r} has no usable 'id'", status=status

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
 import pytest
 
-from meter_core import BackendUnavailable, CustomerNotFound
+from meter_core import BackendUnavailable, CustomerNotFound, MeterClient
 from meter_core.customers import CustomerCache
+from meter_core.devserver import DevServer
 
 
 class Clock:
@@ -145,3 +147,117 @@ def test_a_lookup_that_breaks_or_does_not_finish_is_a_retriable_failure() -> Non
     finally:
         release.set()
         leader.join()
+
+
+class Interrupted(BaseException):
+    """As KeyboardInterrupt, SystemExit (gunicorn's SIGQUIT) or a gevent Timeout."""
+
+
+def test_waiters_of_an_interrupted_lookup_get_a_retriable_error_not_no_customer() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def lookup(tenant: str) -> str:
+        started.set()
+        release.wait(5)
+        raise Interrupted
+
+    cache = CustomerCache(lookup)
+    answers: list[object] = []
+
+    def lead() -> None:
+        try:
+            cache.get("acme")
+        except Interrupted:
+            answers.append("leader interrupted")
+
+    def wait() -> None:
+        try:
+            answers.append(cache.get("acme"))
+        except BackendUnavailable as exc:
+            answers.append(exc)
+
+    leader = threading.Thread(target=lead)
+    leader.start()
+    assert started.wait(5)
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.1)  # (the waiter is waiting for the leader's answer)
+    release.set()
+    leader.join(5)
+    waiter.join(5)
+    assert "leader interrupted" in answers
+    (error,) = [a for a in answers if a != "leader interrupted"]
+    assert isinstance(error, BackendUnavailable) and error.retriable, error
+    assert "interrupted" in str(error)
+
+
+@pytest.mark.parametrize("answer", [None, "", "   ", "\t", True, 1.5, ["c"]])
+def test_a_lookup_answer_that_cannot_key_a_record_is_no_account(answer: object) -> None:
+    calls: list[str] = []
+    cache = CustomerCache(lambda t: calls.append(t) or answer, negative_ttl=60)
+    with pytest.raises(CustomerNotFound, match="no usable customer id"):
+        cache.get("acme")
+    with pytest.raises(CustomerNotFound, match=r"no customer account .* \(cached\)"):
+        cache.get("acme")
+    assert calls == ["acme"]  # cached as "no account", briefly
+
+
+@pytest.mark.parametrize("answer", ["cust-1", " C-pad ", 0, 42])
+def test_string_and_int_customer_ids_are_used_as_answered(answer: object) -> None:
+    assert CustomerCache(lambda t: answer).get("acme") == answer
+
+
+@pytest.mark.parametrize("everything", [False, True])
+def test_invalidate_during_a_lookup_keeps_its_answer_out_of_the_cache(everything: bool) -> None:
+    owner = {"acme": "ACC-OLD"}
+    read, release = threading.Event(), threading.Event()
+
+    def lookup(tenant: str) -> str:
+        answer = owner[tenant]  # read, then the answer takes a while to come back
+        read.set()
+        release.wait(5)
+        return answer
+
+    cache = CustomerCache(lookup)
+    first: list[str] = []
+    asking = threading.Thread(target=lambda: first.append(cache.get("acme")))
+    asking.start()
+    assert read.wait(5)
+    owner["acme"] = "ACC-NEW"  # the tenant moves; the app says so
+    cache.invalidate(None if everything else "acme")
+    release.set()
+    asking.join(5)
+    assert first == ["ACC-OLD"]  # the lookup under way answers its own callers
+    assert cache.get("acme") == "ACC-NEW"  # but it was not cached
+
+
+def test_a_send_interrupted_in_its_lookup_does_not_bill_the_senders_event_to_no_customer(
+    backend: DevServer,
+) -> None:
+    # The app's thread looks "acme" up for send(); the sender thread, delivering a recorded
+    # event of "acme", waits for that lookup; a signal handler (gunicorn's SIGQUIT calls
+    # sys.exit) interrupts the app's thread in the middle of it.
+    def interrupt(signum: int, frame: object) -> None:
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d", flush_interval=0.05)
+    try:
+        backend.set_fault("slow", delay=1.5)
+        app_thread = threading.get_ident()
+        recorded: list[str] = []
+        threading.Timer(0.3, lambda: recorded.append(client.record(tenant_id="acme",
+                        meter_id="page.processed.basic", total_usage=7))).start()  # fmt: skip
+        threading.Timer(0.8, signal.pthread_kill, (app_thread, signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            client.send(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        backend.clear_fault()
+        assert client.flush(10)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        client.close()
+    values = [r["value"] for r in backend.records]
+    assert [v["event_id"] for v in values] == recorded
+    assert [(r["key"], r["value"]["customer_id"]) for r in backend.records] == [
+        ("cust-acme", "cust-acme")
+    ]
