@@ -3,7 +3,8 @@
 Subcommands:
 
 - ``devserver``: run the local metering backend (customer lookup + REST Proxy v2).
-- ``retry``: resend the events of a SQLite spool, with their original event ids.
+- ``retry``: resend the events of a SQLite spool, with their original event ids (once, or
+  ``--loop``: every ``--interval`` seconds, as a long-running worker).
 - ``spool``: show a spool's events by status and reason.
 - ``demo``: a short end-to-end tour of meter_core against an in-process local backend.
 """
@@ -15,14 +16,16 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from meter_core.client import MeterClient
 from meter_core.config import options_from_env
-from meter_core.errors import ConfigurationError, MeterError
+from meter_core.errors import ConfigurationError, MeterError, StoreError
 from meter_core.redeliver import RedeliveryReport, redeliver
 from meter_core.spool import SQLiteSpool
 
@@ -38,6 +41,17 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: seconds from 0 to a day (nan or inf could not be slept)."""
+    try:
+        number = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 0 <= number <= 86_400:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 86400 seconds, got {text}")
     return number
 
 
@@ -65,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
         "--max-attempts", type=_positive, default=None, help="skip events already tried N times"
     )
     retry.add_argument("--dry-run", action="store_true", help="count, send nothing")
+    retry.add_argument("--tenant", default=None, help="only this tenant's events")
+    retry.add_argument("--meter", default=None, help="only this meter's events")
+    retry.add_argument("--loop", action="store_true", help="run again every --interval")
+    retry.add_argument(
+        "--interval", type=_seconds, default=60.0, help="seconds between runs (default 60)"
+    )
+    retry.add_argument(
+        "--runs", type=_positive, default=None, help="with --loop: stop after N runs"
+    )
     retry.add_argument("--kafka-url", help="REST Proxy URL (default: METER_KAFKA_URL)")
     retry.add_argument("--portal-url", help="portal URL (default: METER_PORTAL_URL)")
     retry.add_argument("--internal-url", help="internal lookup URL (default: METER_INTERNAL_URL)")
@@ -154,7 +177,7 @@ def _devserver(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    if not os.path.exists(args.spool):
+    if not args.loop and not os.path.exists(args.spool):
         # The spool is made at the first event that fails: none yet is the healthy case,
         # and a cron job must not fail for it. Nothing is created (a mistyped path would
         # otherwise become an empty spool): the note on stderr shows the path.
@@ -170,9 +193,62 @@ def _retry(args: argparse.Namespace) -> int:
     _check_can_resend(options)
     # A dry run only claims, counts and gives back: it needs no client, so no backend URL.
     client = None if args.dry_run else MeterClient(**options)
-    spool = SQLiteSpool(args.spool)
+    try:
+        if not args.loop:
+            return 0 if _retry_once(args, client, SQLiteSpool(args.spool)).ok else 1
+        return _retry_loop(args, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
+    """Run every ``--interval`` seconds (``--runs`` times, or until Ctrl-C or SIGTERM):
+    a long-running worker beside the app. A run that fails on the spool (a file locked
+    for its whole busy timeout) is reported on one line and the next one comes as usual;
+    the client, and its customer lookup cache, is kept from run to run. Exit status: the
+    last run's."""
+    spool: SQLiteSpool | None = None
+    ok = True
+    runs = 0
+    stop_on_sigterm = threading.current_thread() is threading.main_thread()
+    if stop_on_sigterm:  # (a container's stop, systemd's): stop as on Ctrl-C
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            if spool is None and os.path.exists(args.spool):  # (made at the first failure)
+                spool = SQLiteSpool(args.spool)
+            if spool is not None:
+                try:
+                    ok = _retry_once(args, client, spool).ok
+                except StoreError as exc:
+                    ok = False
+                    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed: {exc}; "
+                          f"next run in {args.interval:g}s", file=sys.stderr)  # fmt: skip
+            runs += 1
+            if args.runs is not None and runs >= args.runs:
+                return 0 if ok else 1
+            time.sleep(args.interval)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal ways to stop the worker
+        # events claimed by an interrupted run are due again when their lease ends
+        print("stopped", file=sys.stderr)
+        return 0
+    finally:
+        if stop_on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+        if spool is not None:
+            spool.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _retry_once(
+    args: argparse.Namespace, client: MeterClient | None, spool: SQLiteSpool
+) -> RedeliveryReport:
     total = spool.pending_count()
-    show_progress = total > args.batch_size
+    show_progress = total > args.batch_size and not args.loop
 
     def progress(report: RedeliveryReport) -> None:
         if show_progress:
@@ -185,15 +261,16 @@ def _retry(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         max_attempts=args.max_attempts,
+        tenant_id=args.tenant,
+        meter_id=args.meter,
         dry_run=args.dry_run,
         progress=progress,
     )
     if show_progress:
         print(file=sys.stderr)
-    print(report.summary())
-    remaining = spool.pending_count()
-    print(f"{remaining} events still in the spool")
-    return 0 if report.ok else 1
+    print(report.summary(), flush=True)
+    print(f"{spool.pending_count()} events still in the spool", flush=True)
+    return report
 
 
 def _check_can_resend(options: dict[str, Any]) -> None:

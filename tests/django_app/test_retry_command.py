@@ -125,6 +125,16 @@ def test_refuses_when_metering_is_disabled(settings: Any) -> None:
         _run("--limit", "0")
 
 
+@pytest.mark.parametrize("interval", ["-1", "nan", "inf", "86401"])
+def test_refuses_an_interval_the_loop_could_not_sleep(interval: str) -> None:
+    _stored(1)
+    with pytest.raises(
+        CommandError, match=f"--interval must be from 0 to 86400 seconds, got {interval}"
+    ):
+        _run("--loop", "--interval", interval, "--runs", "2")
+    assert FailedMeterEvent.objects.get().status == "failed"  # nothing claimed
+
+
 @pytest.mark.parametrize("transport", ["log", "memory"])
 def test_refuses_a_transport_that_sends_nothing(settings: Any, transport: str) -> None:
     settings.METER = {"TRANSPORT": transport, "DEVICE_ID": "tests"}

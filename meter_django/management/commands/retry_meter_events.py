@@ -51,8 +51,9 @@ class Command(BaseCommand):
             value = options[name]
             if value is not None and value < 1:
                 raise CommandError(f"--{name.replace('_', '-')} must be at least 1")
-        if options["interval"] < 0:
-            raise CommandError("--interval must not be negative")
+        interval = options["interval"]
+        if not 0 <= interval <= 86_400:  # also refuses nan; inf would overflow the sleep
+            raise CommandError(f"--interval must be from 0 to 86400 seconds, got {interval:g}")
         if not options["loop"]:
             once = self._run_once(options)
             if not once.ok:
