@@ -18,7 +18,8 @@ The request is the view's first argument, or its second after ``self``; a usage
 callable gets it as the view did (a Django REST framework ``Request`` on a DRF view),
 and usage is recorded on the ``HttpRequest`` (the one a DRF ``Request`` wraps).
 Decorating a class raises :class:`meter_core.ConfigurationError` (use
-``method_decorator``).
+``method_decorator``; on an async class-based view's ``dispatch`` too). On an async
+view, a usage callable runs in a worker thread (it may use the ORM).
 
 A malformed ``meter_id`` or a bad ``usage`` raises :class:`meter_core.ConfigurationError`
 when the module is imported. Whether ``meter_id`` is in the meter catalog is only known
@@ -30,6 +31,7 @@ never break the response.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -124,6 +126,24 @@ def _metered(
     return None
 
 
+async def _metered_async(spec: MeterSpec, args: tuple[Any, ...], response: Any) -> None:
+    """:func:`_metered` and the recording for an async view. A usage callable (which may
+    query the database or block) runs in a worker thread, as the middleware runs its
+    rules' ones, never on the event loop."""
+    if callable(spec.usage):
+        direct = await sync_to_async(_metered)(spec, args, response)
+    else:
+        direct = _metered(spec, args, response)
+    if direct:
+        await sync_to_async(record_request)(*direct)
+
+
+async def _finish_async(spec: MeterSpec, args: tuple[Any, ...], pending: Any) -> Any:
+    response = await pending
+    await _metered_async(spec, args, response)
+    return response
+
+
 def meter(
     meter_id: str,
     usage: UsageArg = 1,
@@ -149,9 +169,7 @@ def meter(
             @functools.wraps(view)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
                 response = await view(*args, **kwargs)
-                direct = _metered(spec, args, response)
-                if direct:
-                    await sync_to_async(record_request)(*direct)
+                await _metered_async(spec, args, response)
                 return response
 
             return cast(V, async_wrapper)
@@ -159,6 +177,10 @@ def meter(
         @functools.wraps(view)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             response = view(*args, **kwargs)
+            if asyncio.iscoroutine(response):
+                # A sync function that returns its handler's coroutine: dispatch() of an
+                # async class-based view, under method_decorator(name="dispatch").
+                return _finish_async(spec, args, response)
             direct = _metered(spec, args, response)
             if direct:
                 record_request(*direct)

@@ -33,9 +33,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
 from collections.abc import Callable, Mapping
 
 from asgiref.sync import sync_to_async
@@ -45,6 +43,7 @@ from django.db import connections, transaction
 from meter_core import ConfigurationError, LogThrottle, MeterClient, UsageEvent
 from meter_django.client import get_client
 from meter_django.conf import conf
+from meter_django.loop_thread import in_event_loop
 
 __all__ = [
     "UNCONFIGURED_DEVICE",
@@ -197,22 +196,10 @@ def _after_commit(aliases: list[str], func: Callable[[], None]) -> None:
         transaction.on_commit(lambda alias=alias: committed(alias), using=alias)  # type: ignore[misc]
 
 
-def _in_event_loop() -> bool:
-    """Whether this thread runs an event loop (where Django refuses database access,
-    unless DJANGO_ALLOW_ASYNC_UNSAFE is set)."""
-    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
-        return False
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _refuse_in_event_loop(client: MeterClient | None, name: str) -> None:
     """Durable mode writes the event to the database before returning: Django refuses
     that on an event loop thread. Say so, naming the async variant."""
-    if client is None or not client.enabled or not _in_event_loop():
+    if client is None or not client.enabled or not in_event_loop():
         return
     try:
         durable = conf.durable
@@ -258,7 +245,7 @@ def submit(
     # a transaction, or a store outside the database): handed over after the commit, so
     # rolled-back work is never billed.
     if deciding:
-        _after_commit(deciding, lambda: _enqueue_after_commit(client, event, hold_on_store_error))
+        _after_commit(deciding, lambda: _enqueue_after_commit(client, event))
     else:
         _enqueue(client, event, hold_on_store_error=hold_on_store_error)
 
@@ -270,11 +257,12 @@ def _enqueue(client: MeterClient, event: UsageEvent, *, hold_on_store_error: boo
         client.enqueue(event)
 
 
-def _enqueue_after_commit(
-    client: MeterClient, event: UsageEvent, hold_on_store_error: bool = False
-) -> None:
+def _enqueue_after_commit(client: MeterClient, event: UsageEvent) -> None:
     try:
-        _enqueue(client, event, hold_on_store_error=hold_on_store_error)
+        # Held in memory if the store refuses it (durable mode with the table's database
+        # down): the work has committed, and record_usage() has returned, so nobody
+        # could be told.
+        _enqueue(client, event, hold_on_store_error=True)
     except Exception as exc:  # (a store down fails every event: one line a minute)
         _after_commit_failed.log(
             logging.ERROR,

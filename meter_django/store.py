@@ -50,6 +50,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
+from meter_django.loop_thread import in_event_loop, run_off_loop
 from meter_django.models import (
     DELIVERED,
     DISCARDED,
@@ -312,6 +313,17 @@ class DatabaseFailureStore:
         already here and still owed, a failure updates status, reason, attempts (never
         lowered) and due time and drops any lease; a plain re-store leaves them alone."""
         if not events:
+            return
+        if in_event_loop():
+            # Sync record_usage() called from async code, whose event overflowed a full
+            # queue or is kept unsent: Django refuses the database on this thread, and
+            # the event would be lost. (Durable mode refuses that call up front.)
+            run_off_loop(
+                lambda: self.store(
+                    events, error=error, attempts=attempts, next_attempt_at=next_attempt_at
+                ),
+                self.using,
+            )
             return
         status = FAILED if error else QUEUED
         error = error[:MAX_ERROR_LENGTH]

@@ -66,6 +66,40 @@ def test_decorator_through_method_decorator_on_dispatch(quiet: MeterSettings) ->
     assert [(e.meter_id, e.total_usage) for e in events] == [("template.processed.large", 1)]
 
 
+def test_decorator_through_method_decorator_on_the_dispatch_of_an_async_view(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (dispatch() of an async class-based view is a sync method returning a coroutine)
+    quiet()
+    with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
+        response = async_to_sync(AsyncClient().get)(
+            "/reports-dispatch-async/", headers={"X-Tenant": "a"}
+        )
+    assert response.status_code == 200 and response.content == b"async dispatch"
+    assert [(e.tenant_id, e.meter_id, e.total_usage) for e in events] == [
+        ("a", "template.processed.medium", 6)
+    ]
+    assert caplog.text == ""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("middleware", [True, False])
+def test_a_usage_callable_of_an_async_view_may_use_the_orm(
+    quiet: MeterSettings, settings: Any, caplog: pytest.LogCaptureFixture, middleware: bool
+) -> None:
+    quiet()
+    if not middleware:  # the decorator records by itself
+        settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "MeterMiddleware" not in m]
+    User.objects.create(username="u1")
+    with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
+        response = async_to_sync(AsyncClient().get)(
+            "/decorated-async-counting/", headers={"X-Tenant": "a"}
+        )
+    assert response.status_code == 200
+    assert [(e.meter_id, e.total_usage) for e in events] == [("rule.executed.medium", 2)]
+    assert caplog.text == ""
+
+
 @pytest.mark.django_db
 def test_decorator_on_the_method_of_a_drf_api_view(
     quiet: MeterSettings, django_capture_on_commit_callbacks: Any

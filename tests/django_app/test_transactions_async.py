@@ -187,6 +187,44 @@ def test_record_usage_on_an_event_loop_in_durable_mode_names_arecord_usage(
     assert not FailedMeterEvent.objects.exists()
 
 
+def test_sync_record_usage_in_an_async_view_spills_a_full_queue_to_the_table(
+    meter_settings: MeterSettings, backend: DevServer, urls: None, transactional_db: None
+) -> None:
+    # Default mode: record_usage() only queues, so async code may call it; a full queue
+    # spills to the table, which Django refuses on the event loop's thread.
+    meter_settings(MAX_QUEUE=1, FLUSH_INTERVAL=60)
+    client = AsyncClient()
+    for _ in range(3):
+        assert async_to_sync(client.get)("/async-record-sync/").status_code == 200
+    # (the sender may have taken the first one already: one or two did not fit)
+    assert FailedMeterEvent.objects.count() >= 1
+    assert get_client().flush(10)
+    wait_for(lambda: len(set(backend.event_ids())) == 3)
+
+
+def test_sync_record_usage_in_an_async_view_keeps_usage_when_misconfigured(
+    meter_settings: MeterSettings, urls: None, transactional_db: None
+) -> None:
+    meter_settings(KAFKA_URL="not a url")
+    assert async_to_sync(AsyncClient().get)("/async-record-sync/").status_code == 200
+    row = FailedMeterEvent.objects.get()  # for the retry command, once the settings are fixed
+    assert (row.meter_id, row.total_usage, row.status) == ("template.licensed.total", 1, "failed")
+
+
+def test_durable_work_committed_while_the_meter_database_fails_is_billed_from_memory(
+    meter_settings: MeterSettings, backend: DevServer, meter_db: str
+) -> None:
+    # The table on its own database, written after the work's commit: when that write
+    # fails, record_usage() has returned long ago and cannot say so.
+    meter_settings(DATABASE=meter_db, DURABLE=True)
+    with connections[meter_db].schema_editor() as editor:
+        editor.delete_model(FailedMeterEvent)  # the meter database refuses every write
+    with transaction.atomic():
+        User.objects.create(username="kept")
+        kept = record_usage(tenant_id="acme", meter_id="template.licensed.total", total_usage=2)
+    wait_for(lambda: backend.event_ids() == [kept])
+
+
 def test_arecord_usage_and_arecord_session_in_durable_mode(
     meter_settings: MeterSettings, backend: DevServer, transactional_db: None
 ) -> None:

@@ -33,6 +33,8 @@ urlpatterns = [
     path("reports/", views.ReportView.as_view(), name="reports"),
     path("reports-async/", views.AsyncReportView.as_view(), name="reports-async"),
     path("reports-dispatch/", views.DispatchDecoratedView.as_view(), name="reports-dispatch"),
+    path("reports-dispatch-async/", views.AsyncDispatchDecoratedView.as_view()),
+    path("decorated-async-counting/", views.decorated_async_counting),
     path("api/reports/", views.DRFReportView.as_view(), name="drf-reports"),
     path("record/", views.record_in_transaction, name="record"),
     path("api/", include(router.urls)),

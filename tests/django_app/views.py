@@ -80,6 +80,29 @@ class DispatchDecoratedView(View):
         return HttpResponse("dispatch")
 
 
+@method_decorator(
+    meter("template.processed.medium", usage=lambda request, response: int(response["X-Count"])),
+    name="dispatch",
+)
+class AsyncDispatchDecoratedView(View):
+    async def get(self, request: HttpRequest) -> HttpResponse:
+        response = HttpResponse("async dispatch")
+        response["X-Count"] = "6"
+        return response
+
+
+def _users_plus_one(request: HttpRequest, response: HttpResponse) -> int:
+    from django.contrib.auth.models import User
+
+    return User.objects.count() + 1
+
+
+# a usage callable that asks the database (Django refuses that on the event loop)
+@meter("rule.executed.medium", usage=_users_plus_one)
+async def decorated_async_counting(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("counted")
+
+
 class DRFReportView(APIView):
     authentication_classes = [TokenAuthentication]
     permission_classes = [IsAuthenticated]
