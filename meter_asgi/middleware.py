@@ -31,7 +31,7 @@ from meter_asgi.recording import Recorder, logger
 from meter_asgi.resolvers import compile_resolver, from_user
 from meter_asgi.routes import RouteMatcher, compile_routes
 from meter_asgi.rule_check import unmatched_rules
-from meter_asgi.sessions import run_session
+from meter_asgi.sessions import OpenSessions, run_session
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
 from meter_core import (
     ConfigurationError,
@@ -157,6 +157,7 @@ class MeterMiddleware:
             )
         self._close_timeout = float(close_timeout)
         self._rules_checked = False
+        self._sessions = OpenSessions()  # websocket sessions not ended yet
         self._recorder = Recorder(
             client=client,
             tenant=tenant_id,
@@ -174,7 +175,8 @@ class MeterMiddleware:
         owned one could not be built from the environment), ``invalid`` (usage dropped
         because an id, a meter or an amount was not valid: a bad usage header drops its
         meter only), ``metered_twice`` (requests that another MeterMiddleware on their
-        way, nested in this one, metered too: both billed them), ``client_gone``
+        way, nested in this one, metered too: both billed them; a websocket session
+        metered by both is counted by the inner one), ``client_gone``
         (successful responses not billed because the client had left before they
         started), ``errors``,
         ``sessions_started``, ``sessions_ended``."""
@@ -192,7 +194,13 @@ class MeterMiddleware:
             await self._http(scope, receive, send)
         elif kind == "websocket" and self._has_sessions:
             await run_session(
-                self.app, scope, receive, send, matcher=self._matcher, recorder=self._recorder
+                self.app,
+                scope,
+                receive,
+                send,
+                matcher=self._matcher,
+                recorder=self._recorder,
+                sessions=self._sessions,
             )
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
@@ -376,11 +384,19 @@ class MeterMiddleware:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Pass lifespan through; build the owned client at startup (so a configuration
         error shows in the log at once) and flush and close it before the server is told
-        that shutdown is complete (a client the app gave is flushed, not closed). A new
-        lifespan (the app served again) starts with a
-        new owned client if the last one was closed or could not be built."""
+        that shutdown is complete (a client the app gave is flushed, not closed). Open
+        websocket sessions are ended as shutdown begins, before the app's own shutdown
+        code (which may close its client) runs. A new lifespan (the app served again)
+        starts with a new owned client if the last one was closed or could not be
+        built."""
         recorder = self._recorder
         recorder.renew()
+
+        async def observe_receive() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self._end_sessions()
+            return message
 
         async def observe(message: Message) -> None:
             kind = message["type"]
@@ -388,10 +404,17 @@ class MeterMiddleware:
                 recorder.client()
                 self._check_rules()
             elif kind in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self._end_sessions()  # (opened while the app shut down)
                 await recorder.shutdown(self._close_timeout)
             await send(message)
 
-        await self.app(scope, receive, observe)
+        await self.app(scope, observe_receive, observe)
+
+    async def _end_sessions(self) -> None:
+        try:
+            await self._sessions.end_all()
+        except Exception as exc:  # (end() logs its own failures: this is a bug of ours)
+            self._recorder.internal_error("ending websocket sessions at shutdown", exc)
 
     def _check_rules(self) -> None:
         """Warn, once, about each rule that no route of the app can match (see

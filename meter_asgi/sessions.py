@@ -7,7 +7,9 @@ each accepted connection of that route one session:
   (``start_time``) per session meter is enqueued;
 - when the app's handling of the connection ends, however it ends (clean close by
   either side, a dropped connection, an exception in the app, cancellation at server
-  shutdown), the matching end event (``end_time``) is enqueued.
+  shutdown), the matching end event (``end_time``) is enqueued; sessions still open when
+  the server's lifespan shutdown begins (handlers it cancelled, still cleaning up) are
+  ended then, before the app's own shutdown closes its client.
 
 The end event is enqueued when the app's handler returns, but its ``end_time`` is when
 the connection ended, as the middleware first sees it: the app's ``websocket.close``
@@ -31,9 +33,13 @@ from meter_asgi.routes import WEBSOCKET, RouteMatcher
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
 from meter_core import InvalidEvent, MeterClient, MeterSpec, UsageEvent, now_ms
 
-__all__ = ["SESSION_ID_KEY", "run_session"]
+__all__ = ["SESSION_ID_KEY", "OpenSessions", "run_session"]
 
 SESSION_ID_KEY = "session_id"
+
+# The recorder (one per middleware) that opened a session for the connection, in
+# ``scope["state"]``: a second MeterMiddleware on its way (nested apps) finds it there.
+_SESSION_BY = "meter.session_metered_by"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,61 @@ class _Session:
     session_id: str
 
 
+class OpenSessions:
+    """The sessions of one middleware whose end event is not recorded yet, so that a
+    server shutting down can end them (:meth:`end_all`) before the client is flushed and
+    closed. Used on the event loop only."""
+
+    def __init__(self) -> None:
+        self._open: set[_OpenSession] = set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, opened: _OpenSession) -> None:
+        self._open.add(opened)
+
+    def discard(self, opened: _OpenSession) -> None:
+        self._open.discard(opened)
+
+    async def end_all(self) -> None:
+        """Record the end of every open session now (at lifespan shutdown: uvicorn cancels
+        the handlers still running after its graceful timeout, and may exit before their
+        cleanup ends, which would leave the sessions started and never ended)."""
+        for opened in list(self._open):
+            await opened.end()
+
+
+class _OpenSession:
+    """One accepted session: its end is recorded once, by whichever comes first, the
+    end of the app's handler or a shutdown (:meth:`OpenSessions.end_all`)."""
+
+    __slots__ = ("done", "ended_at", "recorder", "registry", "session")
+
+    def __init__(self, session: _Session, recorder: Recorder, registry: OpenSessions) -> None:
+        self.session = session
+        self.recorder = recorder
+        self.registry = registry
+        self.ended_at: int | None = None  # when its connection ended, as first seen
+        self.done = False
+        registry.add(self)
+
+    async def end(self) -> None:
+        if self.done:
+            return
+        self.done = True  # (set before any await: the other caller skips)
+        self.registry.discard(self)
+        recorder = self.recorder
+        try:
+            end_time = self.ended_at if self.ended_at is not None else now_ms()
+            events = _events(self.session, end_time=end_time)
+        except Exception as exc:
+            recorder.internal_error("ending a websocket session", exc)
+            return
+        await recorder.submit(self.session.client, events)
+        recorder.counters["sessions_ended"] += 1
+
+
 async def run_session(
     app: ASGIApp,
     scope: Scope,
@@ -53,19 +114,19 @@ async def run_session(
     *,
     matcher: RouteMatcher,
     recorder: Recorder,
+    sessions: OpenSessions,
 ) -> None:
     """Run the app for one websocket connection, recording session start and end events
     for the session meters of its route. The app's messages and exceptions pass through
     unchanged; metering failures are logged, never raised."""
     path: str = scope.get("path", "")
     root_path: str = scope.get("root_path", "")
-    session: _Session | None = None
+    current: _OpenSession | None = None
     started = False
-    ended_at: int | None = None  # when the connection of the open session ended
 
     async def observe(message: Message) -> None:
-        nonlocal session, started, ended_at
-        if session is None:
+        nonlocal current, started
+        if current is None:
             if started or message["type"] != "websocket.accept":
                 await send(message)  # no session (yet, or on this route): pass through
                 return
@@ -78,10 +139,11 @@ async def run_session(
                 return
             if opened is not None:
                 session, start_events = opened
+                current = _OpenSession(session, recorder, sessions)
                 await recorder.submit(session.client, start_events)
                 recorder.counters["sessions_started"] += 1
             return
-        if ended_at is not None:
+        if current.ended_at is not None:
             await send(message)
             return
         try:
@@ -89,31 +151,27 @@ async def run_session(
         except OSError:
             # What servers raise once the client left (ASGI spec); other errors (a
             # message out of order) and cancellation say nothing of the connection.
-            if ended_at is None:
-                ended_at = now_ms()
+            if current.ended_at is None:
+                current.ended_at = now_ms()
             raise
-        if message["type"] == "websocket.close" and ended_at is None:
-            ended_at = now_ms()  # the app closed the connection: the session ends here
+        if message["type"] == "websocket.close" and current.ended_at is None:
+            current.ended_at = now_ms()  # the app closed the connection: the session ends here
 
     async def observe_receive() -> Message:
-        nonlocal ended_at
         message = await receive()
-        if session is not None and ended_at is None and message["type"] == "websocket.disconnect":
-            ended_at = now_ms()  # the client left, or the connection dropped
+        if (
+            current is not None
+            and current.ended_at is None
+            and message["type"] == "websocket.disconnect"
+        ):
+            current.ended_at = now_ms()  # the client left, or the connection dropped
         return message
 
     try:
         await app(scope, observe_receive, observe)
     finally:
-        if session is not None:
-            try:
-                end_time = ended_at if ended_at is not None else now_ms()
-                events = _events(session, end_time=end_time)
-            except Exception as exc:
-                recorder.internal_error("ending a websocket session", exc)
-            else:
-                await recorder.submit(session.client, events)
-                recorder.counters["sessions_ended"] += 1
+        if current is not None:
+            await current.end()
 
 
 def _open(
@@ -136,6 +194,13 @@ def _open(
     except InvalidEvent as exc:
         recorder.invalid_event(f"websocket session {path}", exc)
         return None
+    state = scope.get("state")
+    if state is None:
+        state = scope["state"] = {}
+    other = state.get(_SESSION_BY)
+    if other is not None and other is not recorder:  # (the inner one sees the outer)
+        recorder.metered_twice("websocket session", path)
+    state[_SESSION_BY] = recorder
     return session, events
 
 

@@ -3,6 +3,7 @@ the connection ends however it ends, with one session id shared by both."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -195,3 +196,65 @@ def test_the_session_ends_when_the_app_receives_the_disconnect(
         ws.send("hello")
     ended = time.monotonic()
     assert billed_seconds_once_recorded(meter_backend, ended) < WORK / 2
+
+
+def _busy_chat_app(client: MeterClient, *, nested: bool = False) -> Any:
+    """A chat whose handler is busy until the server cancels it, then cleans up with an
+    await (saving a transcript); the app closes its client in its lifespan, as the
+    FastAPI quickstart does."""
+    import asyncio
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, WebSocketRoute
+    from starlette.websockets import WebSocket
+
+    async def chat(websocket: WebSocket) -> None:
+        await websocket.accept()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            await asyncio.sleep(0.3)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        yield
+        await client.aclose()
+
+    rules = {"WEBSOCKET /ws/busy": {"meter": "chat.on.time_hours", "session": True}}
+    inner: Any = Starlette(routes=[WebSocketRoute("/ws/busy", chat)])
+    if nested:  # the same rules on a mounted app too
+        inner = MeterMiddleware(inner, client=client, routes=rules, tenant="acme")
+        rules = {"WEBSOCKET /ws/busy": {"meter": "chat.on.time_hours", "session": True}}
+    app = Starlette(routes=[Mount("/", inner)], lifespan=lifespan)
+    return MeterMiddleware(app, client=client, routes=rules, tenant="acme"), inner
+
+
+def test_sessions_the_server_cancels_at_shutdown_are_ended_before_the_app_closes_its_client(
+    serve: Callable[..., LiveServer], meter_backend: DevServer
+) -> None:
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="d")
+    middleware, _ = _busy_chat_app(client)
+    live = serve(middleware, lifespan="on", timeout_graceful_shutdown=0.3)
+    with contextlib.ExitStack() as sockets:
+        for _ in range(3):
+            sockets.enter_context(connect(f"{live.ws_url}/ws/busy"))
+        wait_for_records(meter_backend, 3)  # three sessions started
+        live.stop()  # graceful timeout: the busy handlers are cancelled, then lifespan
+    values = meter_backend.values()  # (the app's lifespan closed the client: all sent)
+    starts = {v["metadata"]["session_id"] for v in values if "start_time" in v}
+    ends = [v["metadata"]["session_id"] for v in values if "end_time" in v]
+    assert len(starts) == 3 and sorted(ends) == sorted(starts)  # each ended once
+    assert middleware.stats["sessions_ended"] == 3
+
+
+def test_a_session_metered_by_two_nested_middlewares_is_counted_and_logged(
+    serve: Callable[..., LiveServer], meter_backend: DevServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="d")
+    middleware, inner = _busy_chat_app(client, nested=True)
+    live = serve(middleware, lifespan="on", timeout_graceful_shutdown=0.3)
+    with connect(f"{live.ws_url}/ws/busy"):
+        wait_for_records(meter_backend, 2)
+    live.stop()
+    assert inner.stats["metered_twice"] + middleware.stats["metered_twice"] == 1
+    assert "websocket session /ws/busy was metered by two MeterMiddleware" in caplog.text

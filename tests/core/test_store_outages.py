@@ -340,3 +340,23 @@ def test_many_unreadable_spool_rows_log_one_line_with_its_traceback(
     assert len(lines) == 1 and lines[0].exc_info is not None
     assert spool.counts()["by_status"]["discarded"] == 30
     spool.close()
+
+
+def test_flush_after_close_returns_at_once_with_events_left_in_the_store(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # An app's lifespan closed its client; a middleware flushes it afterwards, with end
+    # events of sessions recorded after the close waiting in the spool for the retry
+    # command: nothing will send them from here, so flush() has nothing to wait for.
+    spool = SQLiteSpool(tmp_path / "s.db")
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         failure_store=spool, durable=True)  # fmt: skip
+    client.record(**RECORD)
+    assert client.flush(5)
+    client.close(5)
+    assert len(backend.event_ids()) == 1
+    client.record(**RECORD)  # after close: stored
+    started = time.monotonic()
+    assert client.flush(3) is True
+    assert time.monotonic() - started < 1.0
+    assert spool.pending_count() == 1
