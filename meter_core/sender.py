@@ -157,7 +157,7 @@ class Sender:
             if self._config.durable:  # accepted only once in the store, as when open
                 assert self._store is not None
                 self._store.store([event])
-                self._stats.add(recorded=1, stored=1)
+                self._stats.add(recorded=1)  # (a durable event's own write: not "stored")
                 return
             self._stats.add(recorded=1)
             self._store_final([_Item(event)], "client closed before delivery", count_failed=False)
@@ -214,10 +214,9 @@ class Sender:
                 raise
             self._hold(events, exc)
             return
-        if self._closed:
-            self._stats.add(recorded=len(events), stored=len(events))
-            return
         self._stats.add(recorded=len(events))
+        if self._closed:
+            return
         if self._thread is None:
             self._start()
         self._stored_since_claim += len(events)
@@ -687,17 +686,20 @@ class Sender:
         retry_now: list[_Item] = []
         give_up: list[_Item] = []
         tried = error is not OUT_OF_TIME  # (cut off by the attempt's deadline: not tried)
+        # Closed while they were sent: not retried here, nor failed for good (no failed
+        # count, no on_error); stored below as events undelivered at close.
+        closed = self._closed
         for item in items:
             item.attempts += tried
-            (retry_now if self._policy.can_retry(item.attempts) and not self._closed
-             else give_up).append(item)  # fmt: skip
+            (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
         if give_up:
             self._fail(give_up, error, attempts_done=True)
         if not retry_now:
             return
         attempt = max(i.attempts for i in retry_now)
         delay = self._policy.backoff(attempt, retry_after=retry_after)
-        self._stats.add(retried=len(retry_now))
+        if not closed:
+            self._stats.add(retried=len(retry_now))
         in_store = [i for i in retry_now if i.from_store]
         if in_store:
             assert self._store is not None
@@ -719,6 +721,8 @@ class Sender:
                     self._retrying += len(in_memory)
             if not scheduled:
                 self._store_final(in_memory, "undelivered at close", count_failed=False)
+        if closed:
+            return
         self._retry_log.log(
             logging.WARNING,
             "delivery of %d events failed (%s); retry %d in %.2fs",
@@ -818,6 +822,7 @@ class Sender:
             self._stats.add(stored=len(events))
             self._drain_fallback()  # the store works again: what it missed goes there
             return
+        # No store: kept in the in-memory list (failed_in_memory), not "stored"
         before = self._fallback.dropped
         self._fallback.store(events, error=reason, attempts=attempts)
-        self._stats.add(stored=len(events), dropped=self._fallback.dropped - before)
+        self._stats.add(dropped=self._fallback.dropped - before)

@@ -19,7 +19,11 @@ class DeliveryStats:
     - ``sent``: events the backend confirmed;
     - ``retried``: event retries scheduled (one event retried twice counts 2);
     - ``failed``: events that failed for good (non-retriable, or out of retries);
-    - ``stored``: events written to the failure store (failed, spilled or left at close);
+    - ``stored``: events written to the failure store (failed, spilled from a full queue
+      or left at close), a count of writes, not of what the store holds now: an event
+      spilled and then sent from the store counts in ``stored`` and in ``sent``. Not
+      counted: a durable event's own write at ``record()``, and events kept in the
+      in-memory list when there is no store or it fails (``failed_in_memory``);
     - ``dropped``: events lost: a full queue with no store, a full in-memory failure
       store, or ``before_send`` returning None (each also logged);
     - ``batches``: produce requests made;

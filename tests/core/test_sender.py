@@ -254,7 +254,9 @@ def test_on_error_gets_events_that_failed_for_good() -> None:
     assert failures[0][0] == [event_id]
     assert isinstance(failures[0][1], DeliveryError)
     stats = client.stats()
-    assert stats["failed"] == 1 and stats["retried"] == 1 and stats["stored"] == 1
+    assert stats["failed"] == 1 and stats["retried"] == 1
+    # no store: kept in memory, not "stored" (nor dropped)
+    assert stats["stored"] == stats["dropped"] == 0 and stats["failed_in_memory"] == 1
     assert [s.event.event_id for s in client.failed_events()] == [event_id]
     assert "backend down" in (stats["last_error"] or "")
     client.close()
@@ -677,7 +679,8 @@ def test_close_called_by_an_on_error_hook_returns_at_once() -> None:
     assert closed_in and closed_in[0] < 1
     time.sleep(0.1)
     assert {s.event.event_id for s in client.failed_events()} == ids
-    assert client.stats()["stored"] == 3  # once each
+    stats = client.stats()  # once each, in memory (no store)
+    assert stats["failed_in_memory"] == 3 and stats["stored"] == stats["dropped"] == 0
 
 
 def test_a_send_that_fails_after_close_took_it_over_is_not_stored_again() -> None:
@@ -694,7 +697,7 @@ def test_a_send_that_fails_after_close_took_it_over_is_not_stored_again() -> Non
     assert [s.event.event_id for s in client.failed_events()] == [event_id]
     time.sleep(1.2)  # the send fails after close() stored the event
     stats = client.stats()
-    assert stats["stored"] == 1 and stats["failed"] == 0 and errors == []
+    assert stats["failed_in_memory"] == 1 and stats["failed"] == 0 and errors == []
     assert len(client.failed_events()) == 1
 
 
@@ -835,3 +838,25 @@ def test_a_base_exception_from_the_store_at_close_loses_no_event(
         client.close(timeout=5)
     client.close(timeout=5)  # the interrupted close, done again
     assert {s.event.event_id for s in spool.claim(100)} == ids
+
+
+def test_a_send_failing_after_close_began_is_stored_as_undelivered_not_failed(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # The send times out (retriable, retries left) after close() has marked the client
+    # closed but before it stops waiting for the thread: nothing retries it here any
+    # more, and it did not fail for good either.
+    errors: list[int] = []
+    spool = SQLiteSpool(tmp_path / "s.db")
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d", timeout=0.3,
+                         max_retries=5, failure_store=spool, flush_interval=0.02,
+                         on_error=lambda events, exc: errors.append(len(events)))  # fmt: skip
+    client.lookup_customer("acme")  # (the lookup is not the slow part)
+    backend.set_fault("slow", delay=1.0)
+    event_id = client.record(**RECORD)
+    time.sleep(0.1)  # on the wire
+    client.close(timeout=0.05)
+    stats = client.stats()
+    assert stats["failed"] == 0 and stats["stored"] == 1 and errors == []
+    (row,) = spool.claim(10)
+    assert (row.event.event_id, row.last_error) == (event_id, "undelivered at close")
