@@ -11,20 +11,25 @@ staging cluster), else to the in-cluster service, as meter-lib meant to.
 
 One difference is on purpose: arguments that meter-lib would have sent as garbage (a
 meter id not in the catalog, a negative or non-int usage, a timestamp in seconds, no
-session time) raise :class:`~meter_core.InvalidEvent` at once. Metadata values are turned
-into strings as meter-lib did.
+session time) raise :class:`~meter_core.InvalidEvent` at once. Metadata is turned into
+strings as meter-lib did, and a float time in milliseconds into an int. The portal is
+used only when both ``portal_url`` and ``api_key`` are set, as in meter-lib. Customer
+ids are cached (``METER_CUSTOMER_CACHE_TTL``, 300 s); "no account" is not, unless
+``METER_NEGATIVE_CACHE_TTL`` says so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from meter_core.client import MeterClient
-from meter_core.config import CLIENT_OPTIONS, Secret
+from meter_core.config import CLIENT_OPTIONS, Secret, options_from_env
 from meter_core.errors import ConfigurationError, DeliveryError, InvalidEvent
 
 __all__ = ["post_ai_meter_usage", "post_meter_usage"]
@@ -50,8 +55,21 @@ def _client(kafka_url: str, portal_url: str | None, secret: Secret | None) -> Me
                     secret,
                     timeout=_TIMEOUT,
                     internal_url=internal_url or CLIENT_OPTIONS["internal_url"].default,
+                    **_cache_ttls(),
                 )
     return client
+
+
+def _cache_ttls() -> dict[str, Any]:
+    """The lookup cache's lifetimes: ``METER_CUSTOMER_CACHE_TTL`` (300 s by default, as
+    for a client) and ``METER_NEGATIVE_CACHE_TTL``, which defaults to 0 here: meter-lib
+    asked at every call, so a tenant given an account is billed at its next call, not
+    after a cached "no account" expires."""
+    env = options_from_env(
+        {k: v for k, v in os.environ.items()
+         if k in ("METER_CUSTOMER_CACHE_TTL", "METER_NEGATIVE_CACHE_TTL")}
+    )  # fmt: skip
+    return {"negative_cache_ttl": 0.0, **env}
 
 
 def _client_or_none(kafka_url: str, portal_url: str | None, api_key: object) -> MeterClient | None:
@@ -61,6 +79,10 @@ def _client_or_none(kafka_url: str, portal_url: str | None, api_key: object) -> 
     try:
         secret = _secret(api_key)
         del api_key  # from here on only the wrapped Secret exists in this frame
+        if not (portal_url and secret is not None):
+            # meter-lib used the portal only with both set, and ignored either alone
+            # (an empty PORTAL_URL variable in an in-cluster service): so do we.
+            portal_url = secret = None
         return _client(kafka_url, portal_url, secret)
     except ConfigurationError as exc:
         logger.error("meter usage not posted: %s", exc)
@@ -81,11 +103,30 @@ def _secret(api_key: object) -> Secret | None:
 
 
 def _stringify(metadata: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """Metadata as meter-lib sent it: values through ``str()``, keys as ``json.dumps``
+    writes them (``1`` -> ``"1"``, ``True`` -> ``"true"``, ``None`` -> ``"null"``)."""
     if metadata is None:
         return None
     if not isinstance(metadata, Mapping):
         raise InvalidEvent("metadata", f"must be a mapping, got {metadata!r}")
-    return {k: str(v) for k, v in metadata.items()}
+    return {_json_key(k): str(v) for k, v in metadata.items()}
+
+
+def _json_key(key: object) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, (bool, int, float)) or key is None:
+        text: str = json.dumps({key: 0})
+        return str(json.loads(text).popitem()[0])
+    raise InvalidEvent("metadata", f"keys must be str, int, float, bool or None, got {key!r}")
+
+
+def _milliseconds(value: Any) -> Any:
+    """A float time in milliseconds (``time.time() * 1000``, which meter-lib sent as is)
+    as the integer the wire protocol asks for; anything else unchanged (and checked)."""
+    if type(value) is float and math.isfinite(value):
+        return int(value)
+    return value
 
 
 def post_meter_usage(
@@ -111,7 +152,8 @@ def post_meter_usage(
         return None
     event = client.event(
         tenant_id=tenant_id, device_id=device_id, meter_id=meter_id,
-        total_usage=total_usage, metadata=_stringify(metadata), timestamp=timestamp,
+        total_usage=total_usage, metadata=_stringify(metadata),
+        timestamp=_milliseconds(timestamp),
     )  # fmt: skip
     try:
         return client.send_event(event)
@@ -142,7 +184,7 @@ def post_ai_meter_usage(
         return None
     event = client.session_event(
         tenant_id=tenant_id, device_id=device_id, meter_id=meter_id,
-        start_time=start_time or None, end_time=end_time or None,
+        start_time=_milliseconds(start_time) or None, end_time=_milliseconds(end_time) or None,
         metadata=_stringify(metadata),
     )  # fmt: skip
     try:

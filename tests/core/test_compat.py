@@ -169,3 +169,52 @@ def test_a_secret_given_as_the_key_is_used_as_such() -> None:
                                   total_usage=1, portal_url=backend.url, api_key=secret)  # type: ignore[arg-type]  # fmt: skip
         assert result is not None
         assert backend.lookups == ["acme"]
+
+
+@pytest.mark.parametrize(
+    ("portal_url", "api_key"), [("", None), ("", ""), ("", KEY), ("portal.example.com", None)]
+)
+def test_a_portal_url_or_key_alone_is_ignored_as_meter_lib_did(
+    portal_url: str, api_key: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (os.environ.get("PORTAL_URL", "") in a service that looks customers up in-cluster)
+    with DevServer() as backend:
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        answers = [
+            f("acme", "d", "page.processed.basic", backend.url, 1, portal_url, api_key)
+            for f in (meter_lib.post_meter_usage, post_meter_usage)
+        ]
+        assert answers[1] is not None
+        assert backend.lookups == ["acme"]  # ours, in-cluster (meter-lib's URL is broken)
+
+
+def test_a_tenant_given_an_account_is_billed_at_its_next_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # meter-lib asked at every call: a cached "no account" would drop the calls after the
+    # account was made, for as long as it is cached
+    with DevServer(unknown_tenants=["newco"]) as backend:
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        assert post_meter_usage("newco", "d", "page.processed.basic", backend.url, 1) is None
+        backend.add_customer("newco", "cust-new")
+        assert post_meter_usage("newco", "d", "page.processed.basic", backend.url, 2) is not None
+        assert [(v["customer_id"], v["total_usage"]) for v in backend.values()] == [("cust-new", 2)]
+        # customer ids themselves are cached (METER_CUSTOMER_CACHE_TTL)
+        assert post_meter_usage("newco", "d", "page.processed.basic", backend.url, 3)
+        assert backend.lookups == ["newco", "newco"]
+
+
+def test_metadata_keys_and_float_times_are_sent_as_meter_lib_meant(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with DevServer() as backend:
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        metadata = {1: 2, False: "x", None: 3, 1.5: "f", "k": None}
+        assert post_meter_usage("acme", "d", "page.processed.basic", backend.url, 1,
+                                timestamp=T0 + 0.75, metadata=metadata)  # type: ignore[arg-type]  # fmt: skip
+        assert post_ai_meter_usage("acme", "d", "chat.on.time_hours", backend.url,
+                                   start_time=T0 + 0.25)  # type: ignore[arg-type]  # fmt: skip
+        volume, session = backend.values()
+    # the keys json.dumps gives them (what meter-lib sent), values through str()
+    assert volume["metadata"] == json.loads(json.dumps({k: str(v) for k, v in metadata.items()}))
+    assert volume["event_time"] == T0 and session["start_time"] == T0
