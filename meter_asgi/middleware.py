@@ -411,6 +411,7 @@ class MeterMiddleware:
         await self.app(scope, observe_receive, observe)
 
     async def _end_sessions(self) -> None:
+        """End this middleware's open websocket sessions (see :class:`OpenSessions`)."""
         try:
             await self._sessions.end_all()
         except Exception as exc:  # (end() logs its own failures: this is a bug of ours)

@@ -9,7 +9,8 @@ each accepted connection of that route one session:
   either side, a dropped connection, an exception in the app, cancellation at server
   shutdown), the matching end event (``end_time``) is enqueued; sessions still open when
   the server's lifespan shutdown begins (handlers it cancelled, still cleaning up) are
-  ended then, before the app's own shutdown closes its client.
+  ended then, before the app's own shutdown closes its client (for a middleware that gets
+  lifespan events: not one on a mounted sub-app).
 
 The end event is enqueued when the app's handler returns, but its ``end_time`` is when
 the connection ended, as the middleware first sees it: the app's ``websocket.close``
@@ -59,9 +60,6 @@ class OpenSessions:
     def __init__(self) -> None:
         self._open: set[_OpenSession] = set()
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def add(self, opened: _OpenSession) -> None:
         self._open.add(opened)
 
@@ -91,6 +89,9 @@ class _OpenSession:
         registry.add(self)
 
     async def end(self) -> None:
+        """Record the session's end event, once (a second call does nothing); its
+        ``end_time`` is when the connection ended, or now. Never raises but
+        CancelledError: a failure is logged."""
         if self.done:
             return
         self.done = True  # (set before any await: the other caller skips)

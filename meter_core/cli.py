@@ -234,7 +234,7 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
         print("stopped", file=sys.stderr)
         return 0
     finally:
-        if stop_on_sigterm:
+        if stop_on_sigterm and previous is not None:  # (None: not set from Python)
             signal.signal(signal.SIGTERM, previous)
         if spool is not None:
             spool.close()

@@ -232,8 +232,7 @@ def coerce_option(
     """Check ``value`` for ``option`` and return it in its proper type.
 
     With ``parse_strings`` (values from the environment) strings are parsed for numbers
-    and booleans, and text options lose the whitespace at their ends; otherwise values
-    must already have the right type. Raises
+    and booleans; otherwise values must already have the right type. Raises
     :class:`ConfigurationError` naming the option (or ``source``, e.g. the variable).
     """
     label = source or option.name
@@ -264,8 +263,7 @@ def coerce_option(
             return value  # a Transport object; checked by the client
         if not isinstance(value, str):
             raise ConfigurationError(f"{label}: must be a str, got {value!r}")
-        # (a variable's value often ends with a space from an env file; ids may not)
-        return value.strip() if parse_strings else value
+        return value
     if kind == "bool":
         if isinstance(value, bool):
             return value

@@ -18,7 +18,8 @@ from meter_core.errors import BackendUnavailable, CustomerNotFound, DeliveryErro
 
 __all__ = ["CustomerCache"]
 
-_MISSING = object()
+_MISSING = object()  # a cached "no account"
+_UNSET = object()
 
 
 class _Flight:
@@ -26,7 +27,7 @@ class _Flight:
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.customer: Any = None
+        self.customer: Any = _UNSET  # (still _UNSET once done: the leader was interrupted)
         self.error: DeliveryError | None = None
         self.stale = False  # invalidated while it ran: its answer is not cached
 
@@ -82,15 +83,20 @@ class CustomerCache:
             raise BackendUnavailable(f"customer lookup of {tenant_id!r} did not finish in time")
         if flight.error is not None:
             raise _copy_error(flight.error)
+        if flight.customer is _UNSET:  # never "no customer": a retriable failure
+            raise BackendUnavailable(f"customer lookup of {tenant_id!r} was interrupted")
         return flight.customer
 
     def _lead(self, tenant_id: str, flight: _Flight) -> Any:
+        # The flight's outcome is set before anything else can be interrupted (a signal
+        # handler may raise anywhere); waiters of a flight left without one get a
+        # retriable error.
         try:
             self.lookups += 1
             customer = _usable(tenant_id, self._lookup(tenant_id))
         except CustomerNotFound as exc:
-            self._put(tenant_id, _MISSING, self._negative_ttl, flight)
             flight.error = exc
+            self._put(tenant_id, _MISSING, self._negative_ttl, flight)
             raise
         except DeliveryError as exc:
             flight.error = exc
@@ -99,18 +105,14 @@ class CustomerCache:
             # retriable, like any failure that is not an answer of the backend
             flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} failed: {exc!r}")
             raise flight.error from exc
-        except BaseException:
-            # Interrupted (KeyboardInterrupt, SystemExit, a gevent Timeout): the threads
-            # waiting for this answer get a retriable error, never "no customer".
-            flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} was interrupted")
-            raise
         else:
-            self._put(tenant_id, customer, self._ttl, flight)
             flight.customer = customer
+            self._put(tenant_id, customer, self._ttl, flight)
             return customer
         finally:
             with self._lock:
-                del self._inflight[tenant_id]
+                if self._inflight.get(tenant_id) is flight:  # (not if invalidated)
+                    del self._inflight[tenant_id]
             flight.done.set()
 
     def _put(self, tenant_id: str, value: Any, ttl: float, flight: _Flight) -> None:
@@ -136,17 +138,18 @@ class CustomerCache:
 
     def invalidate(self, tenant_id: str | None = None) -> None:
         """Forget one tenant's answer, or every answer. A lookup already under way for
-        it still answers the events waiting for it, but its answer is not cached: the
-        next event asks again."""
+        it still answers the events already waiting for it, but its answer is not
+        cached, and the events that come from now on ask again."""
         with self._lock:
             if tenant_id is None:
                 self._entries.clear()
                 flights = list(self._inflight.values())
+                self._inflight.clear()
             else:
                 self._entries.pop(tenant_id, None)
-                flight = self._inflight.get(tenant_id)
+                flight = self._inflight.pop(tenant_id, None)
                 flights = [flight] if flight is not None else []
-            for flight in flights:
+            for flight in flights:  # (a later get() starts a lookup of its own)
                 flight.stale = True
 
 

@@ -120,8 +120,8 @@ _DOT_SEGMENTS = frozenset({".", ".."})
 
 def validate_identifier(name: str, value: object) -> str:
     """Check an id (tenant, device, meter): a non-empty str of at most 128 characters
-    with no control characters nor lone surrogates, no whitespace at either end, other
-    than ``.`` and ``..``. Returns it; raises :class:`InvalidEvent` naming ``name``."""
+    with no control characters nor lone surrogates, other than ``.`` and ``..``. Returns
+    it; raises :class:`InvalidEvent` naming ``name``."""
     if type(value) is str and value in _VALID_IDS:
         return value
     if type(value) is not str:
@@ -134,10 +134,6 @@ def validate_identifier(name: str, value: object) -> str:
         raise InvalidEvent(name, f"must not contain control characters: {value!r}")
     if _UNSTORABLE_CHARS.search(value):
         raise InvalidEvent(name, f"must not contain a lone surrogate: {value!r}")
-    if value[0].isspace() or value[-1].isspace():
-        # An HTTP header cannot carry it (the external lookup sends the tenant in
-        # x-tenant-id): such a tenant could never be billed there.
-        raise InvalidEvent(name, f"must not start or end with whitespace: {value!r}")
     if value in _DOT_SEGMENTS:
         # In a lookup URL's path, "." or ".." would be resolved as a path step (by the
         # HTTP library or the server) and ask for another resource than this tenant's.

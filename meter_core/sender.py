@@ -325,11 +325,11 @@ class Sender:
         durable mode with ``store``, nothing due is left in the store). True when that
         happened within ``timeout`` seconds; events waiting for a retry keep it waiting,
         unless ``stop_at_retry``: then it returns False as soon as some are. Once closed, it
-        returns at once."""
+        answers at once (False while due events are left in the store, in durable mode)."""
         if self._closed:
             # Nothing sends any more: events recorded since close() went to the store
             # (the retry command's), and waiting for them would only use up the timeout.
-            return self._settled(store=False)
+            return self._settled(store)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._state_lock:
             self._flush_waiters += 1

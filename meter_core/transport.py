@@ -34,7 +34,12 @@ from meter_core.config import (
     coerce_option,
     redact_url,
 )
-from meter_core.errors import BackendUnavailable, ConfigurationError, CustomerNotFound
+from meter_core.errors import (
+    BackendUnavailable,
+    ConfigurationError,
+    CustomerNotFound,
+    DeliveryRejected,
+)
 from meter_core.wire import (
     PRODUCE_HEADERS,
     ProduceResult,
@@ -284,6 +289,13 @@ class HTTPTransport:
             raise
 
     def _lookup_customer(self, tenant_id: str) -> CustomerId:
+        if self._auth is not None and tenant_id[:1].isspace():
+            # HTTP header values cannot start with whitespace (the HTTP library refuses
+            # them): final, so that the event is not retried for nothing
+            raise DeliveryRejected(
+                f"customer lookup of {tenant_id!r}: a tenant id that starts with whitespace "
+                "cannot be sent in the portal's x-tenant-id header"
+            )
         url = self._lookup_base + quote(tenant_id, safe="")
         headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None
         what = f"customer lookup of {tenant_id!r} at {redact_url(url)}"

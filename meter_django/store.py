@@ -323,6 +323,7 @@ class DatabaseFailureStore:
                     events, error=error, attempts=attempts, next_attempt_at=next_attempt_at
                 ),
                 self.using,
+                what=f"{len(events)} usage events ({events[0].event_id}...)",
             )
             return
         status = FAILED if error else QUEUED

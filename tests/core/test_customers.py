@@ -153,6 +153,32 @@ class Interrupted(BaseException):
     """As KeyboardInterrupt, SystemExit (gunicorn's SIGQUIT) or a gevent Timeout."""
 
 
+def leader_and_waiter(
+    cache: CustomerCache, started: threading.Event, release: threading.Event
+) -> tuple[object, object]:
+    """Ask for "acme" on a thread (the leader, whose lookup sets ``started`` then waits
+    for ``release``), then on a second one that waits for the leader's answer; release
+    it. Returns what each got: an answer, or the exception."""
+    answers: dict[str, object] = {}
+
+    def ask(who: str) -> None:
+        try:
+            answers[who] = cache.get("acme")
+        except (Interrupted, BackendUnavailable) as exc:
+            answers[who] = exc
+
+    leader = threading.Thread(target=ask, args=("leader",))
+    leader.start()
+    assert started.wait(5)
+    waiter = threading.Thread(target=ask, args=("waiter",))
+    waiter.start()
+    time.sleep(0.1)  # (the waiter is waiting for the leader's answer)
+    release.set()
+    leader.join(5)
+    waiter.join(5)
+    return answers["leader"], answers["waiter"]
+
+
 def test_waiters_of_an_interrupted_lookup_get_a_retriable_error_not_no_customer() -> None:
     started, release = threading.Event(), threading.Event()
 
@@ -161,34 +187,10 @@ def test_waiters_of_an_interrupted_lookup_get_a_retriable_error_not_no_customer(
         release.wait(5)
         raise Interrupted
 
-    cache = CustomerCache(lookup)
-    answers: list[object] = []
-
-    def lead() -> None:
-        try:
-            cache.get("acme")
-        except Interrupted:
-            answers.append("leader interrupted")
-
-    def wait() -> None:
-        try:
-            answers.append(cache.get("acme"))
-        except BackendUnavailable as exc:
-            answers.append(exc)
-
-    leader = threading.Thread(target=lead)
-    leader.start()
-    assert started.wait(5)
-    waiter = threading.Thread(target=wait)
-    waiter.start()
-    time.sleep(0.1)  # (the waiter is waiting for the leader's answer)
-    release.set()
-    leader.join(5)
-    waiter.join(5)
-    assert "leader interrupted" in answers
-    (error,) = [a for a in answers if a != "leader interrupted"]
-    assert isinstance(error, BackendUnavailable) and error.retriable, error
-    assert "interrupted" in str(error)
+    leader, waiter = leader_and_waiter(CustomerCache(lookup), started, release)
+    assert isinstance(leader, Interrupted)
+    assert isinstance(waiter, BackendUnavailable) and waiter.retriable, waiter
+    assert "interrupted" in str(waiter)
 
 
 @pytest.mark.parametrize("answer", [None, "", "   ", "\t", True, 1.5, ["c"]])
@@ -211,11 +213,14 @@ def test_string_and_int_customer_ids_are_used_as_answered(answer: object) -> Non
 def test_invalidate_during_a_lookup_keeps_its_answer_out_of_the_cache(everything: bool) -> None:
     owner = {"acme": "ACC-OLD"}
     read, release = threading.Event(), threading.Event()
+    calls: list[str] = []
 
     def lookup(tenant: str) -> str:
-        answer = owner[tenant]  # read, then the answer takes a while to come back
-        read.set()
-        release.wait(5)
+        calls.append(tenant)
+        answer = owner[tenant]
+        if len(calls) == 1:  # the first answer takes a while to come back
+            read.set()
+            release.wait(5)
         return answer
 
     cache = CustomerCache(lookup)
@@ -225,10 +230,30 @@ def test_invalidate_during_a_lookup_keeps_its_answer_out_of_the_cache(everything
     assert read.wait(5)
     owner["acme"] = "ACC-NEW"  # the tenant moves; the app says so
     cache.invalidate(None if everything else "acme")
+    assert cache.get("acme") == "ACC-NEW"  # asks again, not joining the lookup under way
     release.set()
     asking.join(5)
     assert first == ["ACC-OLD"]  # the lookup under way answers its own callers
-    assert cache.get("acme") == "ACC-NEW"  # but it was not cached
+    assert cache.get("acme") == "ACC-NEW" and len(calls) == 2  # and was not cached
+
+
+def test_waiters_get_a_retriable_error_when_the_leader_is_interrupted_after_its_lookup() -> None:
+    # (a signal handler raising while the answer is being cached)
+    started, release = threading.Event(), threading.Event()
+
+    def lookup(tenant: str) -> str:
+        started.set()
+        release.wait(5)
+        return "cust-1"
+
+    def clock() -> float:
+        if release.is_set():
+            raise Interrupted
+        return 1000.0
+
+    leader, waiter = leader_and_waiter(CustomerCache(lookup, clock=clock), started, release)
+    assert isinstance(leader, Interrupted)
+    assert waiter == "cust-1"  # the lookup had answered (never None, "no customer")
 
 
 def test_a_send_interrupted_in_its_lookup_does_not_bill_the_senders_event_to_no_customer(

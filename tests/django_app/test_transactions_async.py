@@ -202,6 +202,27 @@ def test_sync_record_usage_in_an_async_view_spills_a_full_queue_to_the_table(
     wait_for(lambda: len(set(backend.event_ids())) == 3)
 
 
+def test_a_spill_from_the_loop_does_not_hold_it_for_a_lock_its_caller_holds(
+    meter_settings: MeterSettings, transactional_db: None
+) -> None:
+    # Sync code in a transaction (holding SQLite's write lock) calls async code, which
+    # calls the sync record_usage() while the queue is full: the spill's write waits for
+    # that lock, which is freed only once the loop has finished.
+    meter_settings(MAX_QUEUE=1, FLUSH_INTERVAL=60)
+
+    async def record_three() -> float:
+        started = time.monotonic()
+        for _ in range(3):
+            record_usage(tenant_id="acme", meter_id="template.licensed.total", total_usage=1)
+        return time.monotonic() - started
+
+    with transaction.atomic():
+        User.objects.create(username="holds the write lock")
+        took = async_to_sync(record_three)()
+    assert took < 2.0  # (not a busy timeout, 5 s, per spilled event)
+    wait_for(lambda: FailedMeterEvent.objects.count() >= 1)  # written once the lock was free
+
+
 def test_sync_record_usage_in_an_async_view_keeps_usage_when_misconfigured(
     meter_settings: MeterSettings, urls: None, transactional_db: None
 ) -> None:
