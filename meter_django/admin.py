@@ -13,6 +13,7 @@ are on the wire."""
 from __future__ import annotations
 
 import json
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
@@ -23,7 +24,7 @@ from django.utils.safestring import SafeString
 
 from meter_core import ConfigurationError, StoreError
 from meter_django.conf import conf
-from meter_django.models import FailedMeterEvent
+from meter_django.models import PENDING_STATUSES, FailedMeterEvent
 from meter_django.retry import retry_events
 from meter_django.store import DatabaseFailureStore
 
@@ -35,31 +36,49 @@ if TYPE_CHECKING:
 else:  # ModelAdmin is generic only in the type stubs
     _ModelAdmin = admin.ModelAdmin
 
-_ERROR_CHOICES = 20
+_TOP_CHOICES = 20
 _ERROR_LABEL = 80
 
 
-class LastErrorFilter(admin.SimpleListFilter):
-    """The most frequent last errors of owed events."""
+class _TopOwedFilter(admin.SimpleListFilter):
+    """The most frequent values of a field among owed events (queued or failed), most
+    frequent first: counted on owed rows only, which the (status, ...) index finds, so the
+    sidebar costs little on a table that keeps every delivered row. Any value can still
+    be filtered on by URL (``?tenant_id=acme``)."""
 
-    title = "last error"
-    parameter_name = "last_error"
+    field = ""
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
         rows = (
             model_admin.get_queryset(request)
-            .exclude(last_error="")
-            .values("last_error")
+            .filter(status__in=PENDING_STATUSES)
+            .exclude(**{self.field: ""})
+            .values(self.field)
             .annotate(n=Count("id"))
-            .order_by("-n")[:_ERROR_CHOICES]
+            .order_by("-n")[:_TOP_CHOICES]
         )
-        return [(row["last_error"], _short(row["last_error"])) for row in rows]
+        return [(row[self.field], _short(row[self.field])) for row in rows]
 
     def queryset(
         self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]
     ) -> QuerySet[FailedMeterEvent]:
         value = self.value()
-        return queryset.filter(last_error=value) if value else queryset
+        return queryset.filter(**{self.field: value}) if value else queryset
+
+
+class LastErrorFilter(_TopOwedFilter):
+    """The most frequent last errors of owed events."""
+
+    title = "last error"
+    parameter_name = field = "last_error"
+
+
+class TenantFilter(_TopOwedFilter):
+    """The tenants with the most owed events (a list of every tenant would scan the
+    whole table at each page, and be thousands long)."""
+
+    title = "tenant (most owed)"
+    parameter_name = field = "tenant_id"
 
 
 def _short(text: str) -> str:
@@ -93,8 +112,9 @@ class FailedMeterEventAdmin(_ModelAdmin):
         "next_attempt_at",
         "created_at",
     )
-    list_filter = ("status", "meter_id", "tenant_id", LastErrorFilter)
-    search_fields = ("=event_id", "tenant_id", "meter_id", "device_id")
+    list_filter = ("status", "meter_id", TenantFilter, LastErrorFilter)
+    # (an event id is looked up exactly, through its unique index: get_search_results)
+    search_fields = ("tenant_id", "meter_id", "device_id")
     ordering = ("-id",)
     date_hierarchy = None
     list_per_page = 100
@@ -139,14 +159,30 @@ class FailedMeterEventAdmin(_ModelAdmin):
     # ATOMIC_REQUESTS looks for it, as for a view under @transaction.non_atomic_requests.
     changelist_view._non_atomic_requests = _MeterDatabase()  # type: ignore[attr-defined]
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent], search_term: str
+    ) -> tuple[QuerySet[FailedMeterEvent], bool]:
+        try:
+            event_id = uuid.UUID(search_term.strip())
+        except ValueError:
+            return super().get_search_results(request, queryset, search_term)
+        return queryset.filter(event_id=event_id), False
+
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # An owed event deleted would never be billed (lost without a trace): discard
+        # it instead, which keeps the row. Done ones may go, one by one.
+        if obj is None or obj.status in PENDING_STATUSES:
+            return False
+        return super().has_delete_permission(request, obj)
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # rows change only through the actions; the detail page is read-only
         return False if obj is not None else super().has_change_permission(request)
 
-    @admin.action(description="Retry now (resend the selected events)")
+    @admin.action(description="Retry now (resend the selected events)", permissions=["change"])
     def retry_now(self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]) -> None:
         # The resend runs inside this admin request: a selection of the whole table would
         # keep it waiting for minutes. Larger backlogs are the retry command's job.
@@ -167,18 +203,29 @@ class FailedMeterEventAdmin(_ModelAdmin):
         level = messages.SUCCESS if report.ok else messages.WARNING
         self.message_user(request, report.summary(), level)
 
-    @admin.action(description="Discard (never send the selected events)")
+    @admin.action(description="Discard (never send the selected events)", permissions=["change"])
     def discard(self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]) -> None:
-        ids = [str(i) for i in queryset.values_list("event_id", flat=True)]
+        owed = [
+            str(i)
+            for i in queryset.filter(status__in=PENDING_STATUSES).values_list("event_id", flat=True)
+        ]
         try:
-            n = DatabaseFailureStore(conf.database).discard(ids)
+            n = DatabaseFailureStore(conf.database).discard(owed)
         except (ConfigurationError, StoreError) as exc:
             self.message_user(request, f"Nothing discarded: {exc}", messages.ERROR)
             return
-        if n == 0:
+        if not owed:
             self.message_user(
                 request,
                 "Nothing discarded: only events still owed (queued or failed) can be.",
+                messages.WARNING,
+            )
+            return
+        if n < len(owed):  # leased: a sender has them on the wire right now
+            self.message_user(
+                request,
+                f"Discarded {n} events; {len(owed) - n} are being sent right now and were "
+                "left alone: look again once their lease has ended.",
                 messages.WARNING,
             )
             return

@@ -50,7 +50,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
-from meter_django.loop_thread import in_event_loop, run_off_loop
+from meter_django.loop_thread import in_event_loop
 from meter_django.models import (
     DELIVERED,
     DISCARDED,
@@ -316,16 +316,14 @@ class DatabaseFailureStore:
             return
         if in_event_loop():
             # Sync record_usage() called from async code, whose event overflowed a full
-            # queue or is kept unsent: Django refuses the database on this thread, and
-            # the event would be lost. (Durable mode refuses that call up front.)
-            run_off_loop(
-                lambda: self.store(
-                    events, error=error, attempts=attempts, next_attempt_at=next_attempt_at
-                ),
-                self.using,
-                what=f"{len(events)} usage events ({events[0].event_id}...)",
+            # queue: Django refuses the database on this thread, and waiting here for
+            # another one would hold up the loop. The client keeps such events in memory
+            # and moves them here from a thread of its own.
+            raise StoreError(
+                f"meter event table ({self.using}): not written from an event loop's "
+                "thread, where Django refuses database access (kept in memory until the "
+                "client writes it from its own thread)"
             )
-            return
         status = FAILED if error else QUEUED
         error = error[:MAX_ERROR_LENGTH]
         with self._unit():
@@ -508,13 +506,15 @@ class DatabaseFailureStore:
 
     def discard(self, event_ids: Sequence[str]) -> int:
         """Give up on events still owed: they stay as ``discarded`` and are never sent.
-        Returns how many were discarded."""
+        Events under a lease (a sender has them on the wire) are left alone: the send
+        would mark them delivered anyway. Returns how many were discarded."""
         if not event_ids:
             return 0
         with self._unit():
             n: int = (
                 self._objects()
                 .filter(event_id__in=list(event_ids), status__in=PENDING_STATUSES)
+                .filter(_unleased(timezone.now()))
                 .update(
                     status=DISCARDED,
                     leased_until=None,

@@ -115,3 +115,66 @@ def test_retry_now_refuses_a_selection_too_large_for_one_request(
     assert "retry_meter_events" in response.content.decode()
     assert backend.event_ids() == []  # nothing half-done
     assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"failed"}
+
+
+def test_discard_leaves_alone_events_a_sender_has_on_the_wire(
+    admin_client: Client, meter_settings: MeterSettings
+) -> None:
+    meter_settings()
+    on_the_wire, idle = _stored("acme", "acme")
+    assert len(DatabaseFailureStore().only([on_the_wire]).claim(5, lease_seconds=60)) == 1
+    response = _action(admin_client, "discard", [on_the_wire, idle]).content.decode()
+    assert "Discarded 1 events; 1 are being sent right now" in response
+    statuses = dict(FailedMeterEvent.objects.values_list("event_id", "status"))
+    assert {str(k): v for k, v in statuses.items()} == {on_the_wire: "failed", idle: "discarded"}
+
+
+def test_a_user_who_may_only_view_gets_no_actions(
+    client: Client, meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    from django.contrib.auth.models import Permission, User
+
+    meter_settings()
+    [event_id] = _stored("acme")
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_failedmeterevent"))
+    client.force_login(viewer)
+    page = client.get(reverse(CHANGELIST))
+    assert page.status_code == 200 and event_id in page.content.decode()
+    body = page.content.decode()
+    assert 'value="retry_now"' not in body and 'value="discard"' not in body
+    for action in ("retry_now", "discard"):
+        _action(client, action, [event_id])
+    assert FailedMeterEvent.objects.get().status == "failed"  # untouched
+    assert backend.event_ids() == []
+
+
+def test_owed_events_cannot_be_deleted_done_ones_can(
+    admin_client: Client, meter_settings: MeterSettings
+) -> None:
+    meter_settings()
+    owed, done = _stored("acme", "acme")
+    DatabaseFailureStore().mark_delivered([done])
+    page = admin_client.get(reverse(CHANGELIST)).content.decode()
+    assert "delete_selected" not in page  # no bulk delete: it cannot tell owed rows
+    pk = {str(e): pk for e, pk in FailedMeterEvent.objects.values_list("event_id", "pk")}
+    delete = "admin:meter_django_failedmeterevent_delete"
+    assert admin_client.post(reverse(delete, args=[pk[owed]]), {"post": "yes"}).status_code == 403
+    assert admin_client.post(reverse(delete, args=[pk[done]]), {"post": "yes"}).status_code == 302
+    assert [str(e) for e in FailedMeterEvent.objects.values_list("event_id", flat=True)] == [owed]
+
+
+def test_an_event_id_is_searched_through_its_index_and_tenants_by_any_value(
+    admin_client: Client, meter_settings: MeterSettings
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    meter_settings()
+    acme, globex = _stored("acme", "globex")
+    with CaptureQueriesContext(connection) as queries:
+        page = admin_client.get(reverse(CHANGELIST), {"q": f" {acme} "}).content.decode()
+    assert acme in page and globex not in page
+    assert not any("UPPER(" in q["sql"] for q in queries.captured_queries)
+    filtered = admin_client.get(reverse(CHANGELIST), {"tenant_id": "globex"}).content.decode()
+    assert globex in filtered and acme not in filtered
