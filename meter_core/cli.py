@@ -234,8 +234,8 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
         print("stopped", file=sys.stderr)
         return 0
     finally:
-        if stop_on_sigterm and previous is not None:  # (None: not set from Python)
-            signal.signal(signal.SIGTERM, previous)
+        if stop_on_sigterm:  # (None: a handler not set from Python; the default then)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if spool is not None:
             spool.close()
 

@@ -65,10 +65,14 @@ def _cache_ttls() -> dict[str, Any]:
     for a client) and ``METER_NEGATIVE_CACHE_TTL``, which defaults to 0 here: meter-lib
     asked at every call, so a tenant given an account is billed at its next call, not
     after a cached "no account" expires."""
-    env = options_from_env(
-        {k: v for k, v in os.environ.items()
-         if k in ("METER_CUSTOMER_CACHE_TTL", "METER_NEGATIVE_CACHE_TTL")}
-    )  # fmt: skip
+    try:
+        env = options_from_env(
+            {k: v for k, v in os.environ.items()
+             if k in ("METER_CUSTOMER_CACHE_TTL", "METER_NEGATIVE_CACHE_TTL")}
+        )  # fmt: skip
+    except ConfigurationError as exc:  # a bad tuning variable must not stop every call
+        logger.warning("%s: the default cache lifetimes are used", exc)
+        env = {}
     return {"negative_cache_ttl": 0.0, **env}
 
 
@@ -124,7 +128,7 @@ def _json_key(key: object) -> str:
 def _milliseconds(value: Any) -> Any:
     """A float time in milliseconds (``time.time() * 1000``, which meter-lib sent as is)
     as the integer the wire protocol asks for; anything else unchanged (and checked)."""
-    if type(value) is float and math.isfinite(value):
+    if isinstance(value, float) and math.isfinite(value):
         return int(value)
     return value
 

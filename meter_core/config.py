@@ -232,7 +232,8 @@ def coerce_option(
     """Check ``value`` for ``option`` and return it in its proper type.
 
     With ``parse_strings`` (values from the environment) strings are parsed for numbers
-    and booleans; otherwise values must already have the right type. Raises
+    and booleans, and text options other than ``device_id`` lose the whitespace at their
+    ends; otherwise values must already have the right type. Raises
     :class:`ConfigurationError` naming the option (or ``source``, e.g. the variable).
     """
     label = source or option.name
@@ -263,6 +264,10 @@ def coerce_option(
             return value  # a Transport object; checked by the client
         if not isinstance(value, str):
             raise ConfigurationError(f"{label}: must be a str, got {value!r}")
+        if parse_strings and option.name != "device_id":
+            # (an env file's "METER_TOPIC=usage-events " would name another topic; an id
+            # is billed data, kept exactly as given)
+            return value.strip()
         return value
     if kind == "bool":
         if isinstance(value, bool):

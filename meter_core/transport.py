@@ -178,6 +178,9 @@ def _scrub(exc: BaseException, secret: str) -> None:
         current = current.__cause__ or current.__context__
 
 
+_HEADER_SPACE = frozenset(" \t\n\r\x0b\x0c")  # (what HTTP trims and the library refuses)
+
+
 def _header_value(text: str) -> str | bytes:
     return text if text.isascii() else text.encode("utf-8")
 
@@ -289,12 +292,15 @@ class HTTPTransport:
             raise
 
     def _lookup_customer(self, tenant_id: str) -> CustomerId:
-        if self._auth is not None and tenant_id[:1].isspace():
-            # HTTP header values cannot start with whitespace (the HTTP library refuses
-            # them): final, so that the event is not retried for nothing
+        if self._auth is not None and (
+            tenant_id[:1] in _HEADER_SPACE or tenant_id[-1:] in _HEADER_SPACE
+        ):
+            # A header value cannot start with a space (the HTTP library refuses it) and
+            # loses one at its end (servers trim it, then the header and the path name
+            # different tenants): final, so that the event is not retried for nothing.
             raise DeliveryRejected(
-                f"customer lookup of {tenant_id!r}: a tenant id that starts with whitespace "
-                "cannot be sent in the portal's x-tenant-id header"
+                f"customer lookup of {tenant_id!r}: a tenant id that starts or ends with "
+                "whitespace cannot be sent in the portal's x-tenant-id header"
             )
         url = self._lookup_base + quote(tenant_id, safe="")
         headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None

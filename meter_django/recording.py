@@ -43,7 +43,7 @@ from django.db import connections, transaction
 from meter_core import ConfigurationError, LogThrottle, MeterClient, UsageEvent
 from meter_django.client import get_client
 from meter_django.conf import conf
-from meter_django.loop_thread import in_event_loop
+from meter_django.loop_thread import in_event_loop, run_off_loop
 
 __all__ = [
     "UNCONFIGURED_DEVICE",
@@ -98,10 +98,17 @@ def _store_unsent(event: UsageEvent, table_db: str, *, after_commit: bool = Fals
     from meter_django.store import DatabaseFailureStore
 
     problem = ", no device id" if event.device_id == UNCONFIGURED_DEVICE else ""
-    try:
+
+    def write() -> None:
         DatabaseFailureStore(table_db).store(
             [event], error=f"not sent: metering misconfigured{problem} (see manage.py check)"
         )
+
+    try:
+        if in_event_loop():  # (sync record_usage() from async code: there is no client
+            run_off_loop(write, table_db)  # to keep it meanwhile, so it is waited for)
+        else:
+            write()
     except Exception as exc:
         if not after_commit:
             raise

@@ -351,3 +351,18 @@ def test_retry_loop_stops_on_sigterm_between_runs(backend: DevServer, tmp_path: 
     assert worker.returncode == 0, err
     assert "stopped" in err and "3 delivered, 0 failed" in out
     assert sorted(backend.event_ids()) == sorted(ids)
+
+
+def test_retry_loop_gives_the_sigterm_handler_back(backend: DevServer, tmp_path: Path) -> None:
+    import signal
+
+    def mine(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        fill(tmp_path / "s.db", 1)
+        assert main(retry_args(backend.url, tmp_path / "s.db", "--loop", "--runs", "1")) == 0
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -218,3 +218,13 @@ def test_metadata_keys_and_float_times_are_sent_as_meter_lib_meant(
     # the keys json.dumps gives them (what meter-lib sent), values through str()
     assert volume["metadata"] == json.loads(json.dumps({k: str(v) for k, v in metadata.items()}))
     assert volume["event_time"] == T0 and session["start_time"] == T0
+
+
+def test_a_malformed_cache_variable_is_warned_about_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with DevServer() as backend:
+        monkeypatch.setenv("METER_INTERNAL_URL", backend.url)
+        monkeypatch.setenv("METER_NEGATIVE_CACHE_TTL", "30s")
+        assert post_meter_usage("acme", "d", "page.processed.basic", backend.url, 1)
+        assert "METER_NEGATIVE_CACHE_TTL" in caplog.text

@@ -81,6 +81,16 @@ def test_from_env_reads_meter_variables_and_overrides_win() -> None:
     assert options["api_key"].reveal() == KEY
 
 
+def test_from_env_drops_whitespace_at_the_ends_of_text_values_but_ids() -> None:
+    # (an env file's "METER_TOPIC=usage-test ": the produce URL would name another topic)
+    env = {"METER_KAFKA_URL": "http://kafka:8082", "METER_DEVICE_ID": " web-1 ",
+           "METER_TOPIC": "usage-test ", "METER_TRANSPORT": " memory"}  # fmt: skip
+    client = MeterClient.from_env(env)
+    assert client.options["topic"] == "usage-test"
+    assert client.options["transport"] == "memory"
+    assert client.device_id == " web-1 "  # billed data: as given
+
+
 def test_from_env_reports_the_variable_name() -> None:
     with pytest.raises(ConfigurationError, match="METER_BATCH_SIZE"):
         MeterClient.from_env({"METER_KAFKA_URL": "http://k", "METER_BATCH_SIZE": "many"})

@@ -143,7 +143,25 @@ def test_a_full_queue_with_a_failing_store_logs_a_line_not_one_per_event(
         assert "the failure store failed" in full[0].getMessage()
         assert "database is locked" in full[0].getMessage()
         assert "no failure store is set" not in caplog.text
-        assert client.stats()["dropped"] >= 490
+        # kept in memory for the store (bounded by max_failed_in_memory), not dropped
+        stats = client.stats()
+        assert stats["dropped"] == 0 and stats["failed_in_memory"] >= 490
+    finally:
+        client.close(0)
+
+
+def test_a_full_queue_with_a_failing_store_keeps_at_most_max_failed_in_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), max_queue=10,
+                         max_failed_in_memory=100)  # fmt: skip
+    try:
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            for _ in range(500):
+                client.record(**RECORD)
+        stats = client.stats()
+        assert stats["failed_in_memory"] == 100 and stats["dropped"] >= 390
+        assert stats["recorded"] == 500  # each one counted once: accepted, then dropped
     finally:
         client.close(0)
 
@@ -358,6 +376,6 @@ def test_flush_after_close_answers_at_once_with_events_left_in_the_store(
     assert len(backend.event_ids()) == 1
     client.record(**RECORD)  # after close: stored
     started = time.monotonic()
-    assert client.flush(3) is False  # (one is owed: in the store, for the retry command)
+    assert client.flush(3) is True  # nothing in memory; the row is the retry command's
     assert time.monotonic() - started < 1.0
     assert spool.pending_count() == 1

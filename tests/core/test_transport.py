@@ -58,7 +58,7 @@ def test_external_lookup_mode_sends_the_bearer_key_and_tenant_header() -> None:
         wrong.close()
 
 
-def test_a_tenant_starting_with_whitespace_fails_for_good_in_portal_mode_only(
+def test_a_tenant_starting_or_ending_with_whitespace_fails_for_good_in_portal_mode_only(
     tmp_path: Any,
 ) -> None:
     # The portal lookup sends the tenant in a header, which cannot start with whitespace:
@@ -69,19 +69,23 @@ def test_a_tenant_starting_with_whitespace_fails_for_good_in_portal_mode_only(
         spool = SQLiteSpool(tmp_path / "s.db")
         client = MeterClient(backend.url, backend.url, KEY, device_id="d", timeout=2,
                              failure_store=spool, flush_interval=0.02)  # fmt: skip
-        with pytest.raises(DeliveryRejected, match="starts with whitespace") as info:
-            client.send(**{**SEND, "tenant_id": " acme"})
-        assert not info.value.retriable
-        event_id = client.record(**{**SEND, "tenant_id": "\u00a0acme"})
+        for tenant in (" acme", "acme  "):
+            with pytest.raises(DeliveryRejected, match="starts or ends with whitespace") as info:
+                client.send(**{**SEND, "tenant_id": tenant})
+            assert not info.value.retriable
+        event_id = client.record(**{**SEND, "tenant_id": "acme "})
         assert client.flush(5)
         assert client.stats()["retried"] == 0 and client.stats()["failed"] == 1
         (row,) = spool.claim(5)
         assert row.event.event_id == event_id and "x-tenant-id" in row.last_error
         assert backend.lookups == [] and backend.records == []
+        # a non-ASCII space goes as UTF-8 bytes, which servers keep as they are
+        assert client.send(**{**SEND, "tenant_id": "\u00a0acme"})
+        assert backend.lookups == ["\u00a0acme"]
         client.close()
         internal = MeterClient(backend.url, internal_url=backend.url, device_id="d", timeout=2)
         assert internal.send(**{**SEND, "tenant_id": " acme"})  # a path can carry it
-        assert backend.lookups == [" acme"]
+        assert backend.lookups[-1] == " acme"
         internal.close()
 
 
