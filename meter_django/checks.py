@@ -23,6 +23,8 @@ meter_django.E012   ``@meter`` was given a meter id that is not in the catalog (
                     meters not allowed); seen for the views the URLconf imports
 meter_django.E013   a ``RULES`` value has ``"session": True``, which only websocket routes
                     of meter_asgi use
+meter_django.E014   ``MeterMiddleware`` is listed more than once in ``MIDDLEWARE`` (the
+                    first one meters; the others pass requests through)
 meter_django.W001   only one of ``PORTAL_URL`` / ``API_KEY`` is set (the internal lookup
                     is used); not given when either value is wrong (E003)
 meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLEWARE``
@@ -92,6 +94,8 @@ CHECKS: Mapping[str, str] = {
     "in AppConfig.ready()), or set METER['ALLOW_UNKNOWN_METERS'] = True.",
     "E013": "Remove 'session'. Django metering is per request; record AI sessions with "
     "meter_django.record_session(start_time=...) and record_session(end_time=...).",
+    "E014": "Keep one entry (after AuthenticationMiddleware): the first one meters every "
+    "request, and the others pass requests through.",
     "W001": "Set both PORTAL_URL and API_KEY for the external lookup, or neither.",
     "W002": "Add 'meter_django.middleware.MeterMiddleware' to MIDDLEWARE.",
     "W003": "A rule matches a route template exactly as urls.py writes it, trailing slash "
@@ -217,6 +221,9 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
         ]
         if compiled and _MIDDLEWARE not in getattr(settings, "MIDDLEWARE", []):
             out.append(_warning("W002", f"METER['RULES'] are set but {_MIDDLEWARE} is not."))
+    listed = list(getattr(settings, "MIDDLEWARE", None) or []).count(_MIDDLEWARE)
+    if listed > 1:
+        out.append(_error("E014", f"{_MIDDLEWARE} is listed {listed} times in MIDDLEWARE."))
     for key in ("TENANT", "DEVICE"):
         config = meter.get(key, DJANGO_DEFAULTS[key])
         if key == "TENANT" and config is None:
@@ -231,7 +238,7 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
             out += _check_user_attr(key, config)
     out += _check_statuses(meter.get("METER_STATUSES", DJANGO_DEFAULTS["METER_STATUSES"]))
     alias = meter.get("DATABASE", DJANGO_DEFAULTS["DATABASE"])
-    if alias not in settings.DATABASES:
+    if not isinstance(alias, str) or alias not in settings.DATABASES:
         out.append(_error("E009", f"METER['DATABASE'] is not a database alias: {alias!r}."))
     elif "failure_store" not in options:
         store = meter.get("STORE", DJANGO_DEFAULTS["STORE"])

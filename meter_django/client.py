@@ -38,12 +38,18 @@ def build_store(value: Any, using: str) -> FailureStore | None:
     if value == "memory" or value is None:
         return None
     if isinstance(value, str):
+        path = value
         try:
-            value = import_string(value)
+            value = import_string(path)
         except ImportError as exc:
-            raise ConfigurationError(f"METER['STORE']: cannot import {value!r}: {exc}") from None
+            raise ConfigurationError(f"METER['STORE']: cannot import {path!r}: {exc}") from None
         if not isinstance(value, FailureStore) and callable(value):
-            value = value()
+            try:
+                value = value()
+            except Exception as exc:  # (a factory that fails: an error of the setting)
+                raise ConfigurationError(
+                    f"METER['STORE']: {path!r} raised {type(exc).__name__}: {exc}"
+                ) from exc
     if not isinstance(value, FailureStore):
         raise ConfigurationError(
             "METER['STORE']: must be 'database', 'memory', a meter_core.FailureStore or "

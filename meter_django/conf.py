@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 from django.conf import settings
@@ -106,9 +106,11 @@ def option_from_env(option: ClientOption, environ: Mapping[str, str]) -> Any:
 def parse_statuses(value: Any) -> frozenset[int]:
     """``METER["METER_STATUSES"]`` as a set of HTTP status codes; raises
     ConfigurationError for anything else (a string, a non-code, an empty collection)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+    if isinstance(value, (str, bytes, Iterator)) or not isinstance(value, Iterable):
+        # (an iterator, such as a generator or map(), would be used up by a first read)
         raise ConfigurationError(
-            f"METER['METER_STATUSES']: must be a collection of status codes, got {value!r}"
+            f"METER['METER_STATUSES']: must be a collection of status codes (a list, a "
+            f"tuple, a set or a range), got {value!r}"
         )
     codes = list(value)
     bad = [c for c in codes if type(c) is not int or not 100 <= c <= 599]

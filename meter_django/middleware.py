@@ -69,6 +69,8 @@ _rules_unusable = LogThrottle(logger, interval=60.0)
 _attach_failed = LogThrottle(logger, interval=60.0)
 _record_failed = LogThrottle(logger, interval=60.0)
 _internal_error = LogThrottle(logger, interval=60.0)
+_listed_twice = LogThrottle(logger, interval=60.0)
+_METERED_BY = "_meter_middleware"  # the MeterMiddleware metering a request
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
 AsyncGetResponse = Callable[[HttpRequest], Awaitable[HttpResponseBase]]
@@ -228,6 +230,24 @@ async def _astream(
     await done()
 
 
+def _metered_by_another(request: HttpRequest, middleware: MeterMiddleware) -> bool:
+    """Whether another MeterMiddleware (MIDDLEWARE lists it twice) meters this request:
+    the inner one then passes it through, so that it is not billed twice under two event
+    ids (system check E014 reports the setting)."""
+    other = getattr(request, _METERED_BY, None)
+    if other is None:
+        setattr(request, _METERED_BY, middleware)
+        return False
+    if other is middleware:  # (the same instance again: an internal redirect)
+        return False
+    _listed_twice.log(
+        logging.ERROR,
+        "MeterMiddleware is listed more than once in MIDDLEWARE: requests are metered by "
+        "the first only; remove the others (manage.py check: meter_django.E014)",
+    )
+    return True
+
+
 def _log_internal_error(request: HttpRequest, exc: Exception) -> None:
     log_failure(
         _internal_error,
@@ -252,6 +272,8 @@ class MeterMiddleware:
             markcoroutinefunction(self)
 
     def __call__(self, request: HttpRequest) -> HttpResponseBase | Awaitable[HttpResponseBase]:
+        if _metered_by_another(request, self):
+            return self.get_response(request)  # (a coroutine in async mode)
         if self.async_mode:
             return self.__acall__(request)
         _attach(request)

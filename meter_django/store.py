@@ -72,6 +72,9 @@ MAX_ERROR_LENGTH = 2000
 
 #: The name meter_core gives the client's sender thread (``meter_core.sender``).
 SENDER_THREAD_NAME = "meter-sender"
+#: ...and the short-lived thread that offers the events it keeps in memory to the store:
+#: its connection is closed after each call (it would be left open when the thread ends).
+OFFER_THREAD_NAME = "meter-fallback"
 
 # A sender connection idle for longer is checked (one round trip) before its next use.
 _IDLE_CHECK_SECONDS = 5.0
@@ -233,6 +236,7 @@ class DatabaseFailureStore:
         if not conn.in_atomic_block and _on_sender_thread():
             held = self._sender_connection(conn)
             held.lock.acquire()
+        short_lived = threading.current_thread().name == OFFER_THREAD_NAME
         failed = False
         try:
             if held is not None:
@@ -254,6 +258,8 @@ class DatabaseFailureStore:
                     held.settle(failed)
                 finally:
                     held.lock.release()
+            elif short_lived and not conn.in_atomic_block:
+                _close_quietly(conn)
 
     def _sender_connection(self, conn: BaseDatabaseWrapper) -> _SenderConnection:
         """The entry of the current (sender) thread, made on its first call."""

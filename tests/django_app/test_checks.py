@@ -56,8 +56,13 @@ def test_good_settings_pass(settings: Any) -> None:
         ({**GOOD, "TENANT": {"header": "X-Tenant-Id", "trusted": "yes"}}, "meter_django.E007"),
         ({**GOOD, "METER_STATUSES": "2xx"}, "meter_django.E008"),
         ({**GOOD, "METER_STATUSES": [200, 700]}, "meter_django.E008"),
+        ({**GOOD, "METER_STATUSES": iter([200])}, "meter_django.E008"),
+        ({**GOOD, "METER_STATUSES": map(int, ["200", "201"])}, "meter_django.E008"),
         ({**GOOD, "STORE": "redis"}, "meter_django.E009"),
         ({**GOOD, "DATABASE": "other"}, "meter_django.E009"),
+        ({**GOOD, "DATABASE": ["default"]}, "meter_django.E009"),
+        ({**GOOD, "STORE": "json.loads"}, "meter_django.E009"),
+        ({**GOOD, "STORE": f"{__name__}.failing_store"}, "meter_django.E009"),
         ({**GOOD, "DURABLE": True, "STORE": "memory"}, "meter_django.E010"),
         ({**GOOD, "BACKOFF_BASE": 5.0, "BACKOFF_CAP": 1.0}, "meter_django.E010"),
         ({"KAFKA_URL": "http://127.0.0.1:9"}, "meter_django.E011"),
@@ -75,6 +80,21 @@ def test_good_settings_pass(settings: Any) -> None:
 def test_each_problem_has_its_id(settings: Any, meter: Any, expected: str | None) -> None:
     ids = _ids(settings, meter)
     assert ids == ([expected] if expected else [])
+
+
+def failing_store() -> None:
+    raise RuntimeError("no such bucket")
+
+
+def test_a_store_factory_that_raises_is_named_with_its_error(settings: Any) -> None:
+    settings.METER = {**GOOD, "STORE": f"{__name__}.failing_store"}
+    (message,) = check_settings()
+    assert "failing_store' raised RuntimeError: no such bucket" in message.msg
+
+
+def test_the_middleware_listed_twice_is_an_error(settings: Any) -> None:
+    twice = [*settings.MIDDLEWARE, "meter_django.middleware.MeterMiddleware"]
+    assert _ids(settings, GOOD, MIDDLEWARE=twice) == ["meter_django.E014"]
 
 
 def test_rules_without_the_middleware_warn(settings: Any) -> None:

@@ -608,3 +608,17 @@ def test_a_failure_of_another_meter_is_logged_at_once_not_hidden_by_the_first(
     lines = [r.getMessage() for r in caplog.records if "could not be computed" in r.getMessage()]
     assert len(lines) == 2
     assert "'report.generated.large'" in lines[1]
+
+
+def test_the_middleware_listed_twice_meters_a_request_once(
+    quiet: MeterSettings, settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (each would bill it under an event id of its own: billed twice)
+    quiet()
+    settings.MIDDLEWARE = [*settings.MIDDLEWARE, "meter_django.middleware.MeterMiddleware"]
+    with capture_events() as events, caplog.at_level("ERROR", logger="meter"):
+        assert _get("/documents/7/scan").status_code == 200
+        asgi = async_to_sync(AsyncClient().get)("/documents/8/scan", headers={"X-Tenant": "a"})
+        assert asgi.status_code == 200  # (the middleware in async mode)
+    assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.basic", 3)] * 2
+    assert "listed more than once in MIDDLEWARE" in caplog.text
