@@ -24,10 +24,9 @@ from typing import Any
 from meter_asgi.types import Scope
 from meter_core import ConfigurationError, MeterSpec, RouteRules
 
-__all__ = ["HTTP_METHODS", "WEBSOCKET", "RouteMatcher", "compile_routes"]
+__all__ = ["WEBSOCKET", "RouteMatcher", "compile_routes"]
 
 WEBSOCKET = "WEBSOCKET"
-HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _METHOD_WORD = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _MAX_CACHED_TEMPLATES = 4096
