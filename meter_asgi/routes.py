@@ -24,9 +24,10 @@ from typing import Any
 from meter_asgi.types import Scope
 from meter_core import ConfigurationError, MeterSpec, RouteRules
 
-__all__ = ["WEBSOCKET", "RouteMatcher", "compile_routes"]
+__all__ = ["HTTP_METHODS", "WEBSOCKET", "RouteMatcher", "compile_routes"]
 
 WEBSOCKET = "WEBSOCKET"
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
 _METHOD_WORD = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
 _PARAM = re.compile(r"\{([^{}]*)\}")
 _MAX_CACHED_TEMPLATES = 4096
@@ -37,9 +38,9 @@ _PATH_PARAM = re.compile(r"\{[^{}]*:path\}")
 def compile_routes(routes: object, *, allow_unknown_meters: bool) -> RouteRules:
     """The compiled rules of the ``routes=`` option (a mapping, a RouteRules, or None).
 
-    Raises ConfigurationError for anything :class:`~meter_core.RouteRules` refuses (an
-    unknown method word among them), a key that is not a route template, and a misplaced
-    session meter. A RouteRules given as is is used as is (its session meters still only ever
+    Raises ConfigurationError for anything :class:`~meter_core.RouteRules` refuses, an
+    unknown method word, a key that is not a route template, and a misplaced session
+    meter. A RouteRules given as is is used as is (its session meters still only ever
     apply to websockets, its other meters to HTTP requests).
     """
     if routes is None:
@@ -67,8 +68,14 @@ def _check_key(key: str, value: Any) -> None:
     methods: set[str] = set()
     target = key.strip()
     if len(parts) == 2 and _METHOD_WORD.fullmatch(parts[0]):
-        methods = set(parts[0].split(","))  # (words that are no method: RouteRules)
+        methods = set(parts[0].split(","))
         target = parts[1].strip()
+        unknown = methods - HTTP_METHODS - {WEBSOCKET}
+        if unknown:
+            raise ConfigurationError(
+                f"routes[{key!r}]: unknown method {sorted(unknown)[0]!r} (one of "
+                f"{', '.join(sorted(HTTP_METHODS))}, or {WEBSOCKET} for a websocket route)"
+            )
     if not target.startswith("/"):
         raise ConfigurationError(
             f"routes[{key!r}]: {target!r} is not a route template (it must start with '/'; "

@@ -273,27 +273,16 @@ class Sender:
             try:
                 self._store.store([event])
             except Exception as exc:  # StoreError, or any failure of a custom store
-                # Kept in the in-memory list (bounded: past it the oldest are dropped,
-                # counted) and moved to the store once it works, as failed events are;
-                # sent from there. (Throttled: during an outage of both, this runs for
-                # every new event.)
+                # (throttled: during an outage of both, this runs for every new event)
                 self._overflow_log.log(
                     logging.ERROR,
                     "meter queue is full (%d events) and the failure store failed: new "
-                    "events kept in memory until it works (failed_in_memory in stats()): "
-                    "%s: %s",
+                    "event dropped (see stats()['dropped']): %s: %s",
                     self._config.max_queue,
                     type(exc).__name__,
                     exc,
                 )
-                self._fallback_retry_at = max(
-                    self._fallback_retry_at, time.monotonic() + FALLBACK_RETRY_SECONDS
-                )
-                before = self._fallback.dropped
-                self._fallback.store([event])  # (queued, not failed: no attempt was made)
-                self._stats.add(recorded=1, dropped=self._fallback.dropped - before)
-                if self._thread is None:
-                    self._start()  # (its offer moves them to the store)
+                self._stats.add(dropped=1)
                 return
             self._stats.add(recorded=1, stored=1)
             self._spilled = True
@@ -509,9 +498,6 @@ class Sender:
         wait = self._config.flush_interval
         if self._retries:
             wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
-        if self._store is not None and len(self._fallback) and not self._offering:
-            # (the next offer of the events kept in memory, see _cycle)
-            wait = min(wait, max(0.0, self._fallback_retry_at - time.monotonic()))
         return wait
 
     def _cycle(self) -> None:
@@ -803,9 +789,6 @@ class Sender:
                 # dropped there: not counted twice)
                 moved = self._fallback.discard([e.event_id for e in events])
                 self._stats.add(stored=moved)
-                if attempts == 0:  # from a full queue, never tried: the sender sends them
-                    self._spilled = True
-                    self._wake.set()
                 logger.warning("%d events kept in memory moved to the failure store", len(events))
         finally:
             self._drain_lock.release()

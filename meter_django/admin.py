@@ -17,7 +17,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -58,6 +58,11 @@ class _TopOwedFilter(admin.SimpleListFilter):
             .order_by("-n")[:_TOP_CHOICES]
         )
         return [(row[self.field], _short(row[self.field])) for row in rows]
+
+    def has_output(self) -> bool:
+        # (Django applies a filter only when it has output: a value given by URL must be
+        # applied even when no owed event has it, as in the healthy steady state)
+        return bool(self.value()) or super().has_output()
 
     def queryset(
         self, request: HttpRequest, queryset: QuerySet[FailedMeterEvent]
@@ -166,7 +171,11 @@ class FailedMeterEventAdmin(_ModelAdmin):
             event_id = uuid.UUID(search_term.strip())
         except ValueError:
             return super().get_search_results(request, queryset, search_term)
-        return queryset.filter(event_id=event_id), False
+        # an event id through its unique index, or ids of tenants and devices (often UUIDs
+        # too) matched exactly
+        term = search_term.strip()
+        found = queryset.filter(Q(event_id=event_id) | Q(tenant_id=term) | Q(device_id=term))
+        return found, False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

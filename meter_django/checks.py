@@ -31,6 +31,8 @@ meter_django.W002   ``RULES`` are set but ``MeterMiddleware`` is not in ``MIDDLE
 meter_django.W003   a ``RULES`` key matches no route template or view name of the
                     URLconf (e.g. a missing trailing slash, or a template for a
                     re_path() / DRF router route), so it never meters
+meter_django.W005   a ``RULES`` key names a method that is not an HTTP method (a typo such
+                    as ``POTS``): that rule would meter nothing
 meter_django.W004   ``TENANT`` reads an attribute of ``request.user`` that the user model
                     has not (no field, property or relation of that name): no request
                     would be metered, unless each user object gets it at run time
@@ -52,6 +54,7 @@ import contextlib
 import difflib
 import importlib
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +104,8 @@ CHECKS: Mapping[str, str] = {
     "W003": "A rule matches a route template exactly as urls.py writes it, trailing slash "
     "included (parameter names and converters do not matter), or a view name "
     "'namespace:name'; routes of re_path() and DRF routers only by their view name.",
+    "W005": "A rule with a method list meters only requests of those methods: fix the "
+    "word, or silence this with SILENCED_SYSTEM_CHECKS for a method of your own.",
     "W004": "Give the user model that field or property, point 'user_attr' at one it has "
     "(a dotted path such as 'profile.tenant_id'), or use a callable. If an authentication "
     "backend sets it on each user, silence this with SILENCED_SYSTEM_CHECKS.",
@@ -221,6 +226,7 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
         ]
         if compiled and _MIDDLEWARE not in getattr(settings, "MIDDLEWARE", []):
             out.append(_warning("W002", f"METER['RULES'] are set but {_MIDDLEWARE} is not."))
+        out += _check_rule_methods(rules)
     listed = list(getattr(settings, "MIDDLEWARE", None) or []).count(_MIDDLEWARE)
     if listed > 1:
         out.append(_error("E014", f"{_MIDDLEWARE} is listed {listed} times in MIDDLEWARE."))
@@ -249,6 +255,31 @@ def _check_django_keys(meter: Mapping[str, Any], options: dict[str, Any]) -> lis
         else:
             if store == "database":
                 out += _check_table_database(alias)
+    return out
+
+
+# The methods of the IANA registry that servers route (WebDAV's included): a rule naming
+# another word is most likely a typo ("POTS"), which would meter nothing.
+_HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT",
+     "PROPFIND", "PROPPATCH", "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "REPORT", "SEARCH",
+     "QUERY", "LINK", "UNLINK", "PURGE"}
+)  # fmt: skip
+_METHOD_LIST = re.compile(r"[A-Z]+(?:,[A-Z]+)*")
+
+
+def _check_rule_methods(rules: Mapping[str, Any]) -> list[CheckMessage]:
+    """W005: a rule names a method word that no HTTP client sends (a typo)."""
+    out: list[CheckMessage] = []
+    for key in rules:
+        parts = key.split(None, 1)
+        if len(parts) != 2 or not _METHOD_LIST.fullmatch(parts[0]):
+            continue
+        for method in sorted(set(parts[0].split(",")) - _HTTP_METHODS):
+            close = difflib.get_close_matches(method, sorted(_HTTP_METHODS), n=1)
+            advice = f"Did you mean {close[0]!r}?" if close else ""
+            msg = f"METER['RULES'][{key!r}]: {method!r} is not an HTTP method."
+            out.append(_warning("W005", msg, advice))
     return out
 
 

@@ -105,8 +105,13 @@ def _store_unsent(event: UsageEvent, table_db: str, *, after_commit: bool = Fals
         )
 
     try:
-        if in_event_loop():  # (sync record_usage() from async code: there is no client
-            run_off_loop(write, table_db)  # to keep it meanwhile, so it is waited for)
+        if in_event_loop():  # (sync record_usage() from async code)
+            if not run_off_loop(write, table_db, what=f"usage event {event.event_id}"):
+                logger.warning(
+                    "usage event %s is still being kept in the database (a slow write, "
+                    "handed off by async code); a failure of it will be logged",
+                    event.event_id,
+                )
         else:
             write()
     except Exception as exc:

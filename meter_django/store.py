@@ -50,7 +50,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
-from meter_django.loop_thread import in_event_loop
+from meter_django.loop_thread import HANDOFF_WAIT, in_event_loop, run_off_loop
 from meter_django.models import (
     DELIVERED,
     DISCARDED,
@@ -321,15 +321,19 @@ class DatabaseFailureStore:
         if not events:
             return
         if in_event_loop():
-            # Sync record_usage() called from async code, whose event overflowed a full
-            # queue: Django refuses the database on this thread, and waiting here for
-            # another one would hold up the loop. The client keeps such events in memory
-            # and moves them here from a thread of its own.
-            raise StoreError(
-                f"meter event table ({self.using}): not written from an event loop's "
-                "thread, where Django refuses database access (kept in memory until the "
-                "client writes it from its own thread)"
-            )
+            # Sync record_usage() (or close()) called from async code, whose event goes to
+            # the store (a full queue, a closed client): Django refuses the database on
+            # this thread. Written on another, waited for briefly (see run_off_loop).
+            def write() -> None:
+                self.store(events, error=error, attempts=attempts, next_attempt_at=next_attempt_at)
+
+            if not run_off_loop(write, self.using, what=f"{len(events)} usage events"):
+                raise StoreError(
+                    f"meter event table ({self.using}): not written within "
+                    f"{HANDOFF_WAIT:g}s from an event loop's thread (the write goes on in the "
+                    "background; a failure of it is logged)"
+                )
+            return
         status = FAILED if error else QUEUED
         error = error[:MAX_ERROR_LENGTH]
         with self._unit():

@@ -28,7 +28,7 @@ def meters(m: RouteMatcher, method: str, path: str, template: str | None = None)
 @pytest.mark.parametrize(
     ("routes", "message"),
     [
-        ({"FETCH /a": "page.processed.basic"}, "'FETCH' is not an HTTP method"),
+        ({"FETCH /a": "page.processed.basic"}, "unknown method 'FETCH'"),
         ({"POST documents:scan": "page.processed.basic"}, "not a route template"),
         ({"WEBSOCKET /ws": "chat.on.time_hours"}, "session meters only"),
         ({"/chat": {"meter": "chat.on.time_hours", "session": True}}, "websocket rule"),

@@ -143,25 +143,7 @@ def test_a_full_queue_with_a_failing_store_logs_a_line_not_one_per_event(
         assert "the failure store failed" in full[0].getMessage()
         assert "database is locked" in full[0].getMessage()
         assert "no failure store is set" not in caplog.text
-        # kept in memory for the store (bounded by max_failed_in_memory), not dropped
-        stats = client.stats()
-        assert stats["dropped"] == 0 and stats["failed_in_memory"] >= 490
-    finally:
-        client.close(0)
-
-
-def test_a_full_queue_with_a_failing_store_keeps_at_most_max_failed_in_memory(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    client = client_with(DownTransport(), failure_store=LockedStore(), max_queue=10,
-                         max_failed_in_memory=100)  # fmt: skip
-    try:
-        with caplog.at_level(logging.ERROR, logger="meter"):
-            for _ in range(500):
-                client.record(**RECORD)
-        stats = client.stats()
-        assert stats["failed_in_memory"] == 100 and stats["dropped"] >= 390
-        assert stats["recorded"] == 500  # each one counted once: accepted, then dropped
+        assert client.stats()["dropped"] >= 490
     finally:
         client.close(0)
 

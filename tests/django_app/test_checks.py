@@ -75,6 +75,8 @@ def test_good_settings_pass(settings: Any) -> None:
         ({**GOOD, "PORTAL_URL": "http://portal", "API_KEY": 12345}, "meter_django.E003"),
         ({**GOOD, "RULES": {"/ok/": "page.processed.basic"}}, None),
         ({**GOOD, "RULES": {"/ok": "page.processed.basic"}}, "meter_django.W003"),
+        ({**GOOD, "RULES": {"POTS /ok/": "page.processed.basic"}}, "meter_django.W005"),
+        ({**GOOD, "RULES": {"PURGE,GET /ok/": "page.processed.basic"}}, None),
     ],
 )
 def test_each_problem_has_its_id(settings: Any, meter: Any, expected: str | None) -> None:
@@ -381,3 +383,9 @@ def test_a_user_attribute_the_user_model_has_not_is_a_warning(
                  lambda request: "acme"):  # fmt: skip
         settings.METER = {**GOOD, "TENANT": fine}
         assert check_settings() == []
+
+
+def test_a_rule_method_that_is_no_http_method_says_the_closest(settings: Any) -> None:
+    settings.METER = {**GOOD, "RULES": {"POTS /ok/": "page.processed.basic"}}
+    (message,) = check_settings()
+    assert "'POTS' is not an HTTP method" in message.msg and "'POST'" in (message.hint or "")

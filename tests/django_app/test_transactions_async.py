@@ -187,41 +187,29 @@ def test_record_usage_on_an_event_loop_in_durable_mode_names_arecord_usage(
     assert not FailedMeterEvent.objects.exists()
 
 
-def test_sync_record_usage_in_an_async_view_keeps_what_a_full_queue_cannot_take(
-    meter_settings: MeterSettings,
-    backend: DevServer,
-    urls: None,
-    transactional_db: None,
-    monkeypatch: pytest.MonkeyPatch,
+def test_sync_record_usage_in_an_async_view_spills_a_full_queue_to_the_table(
+    meter_settings: MeterSettings, backend: DevServer, urls: None, transactional_db: None
 ) -> None:
-    # Default mode: record_usage() only queues, so async code may call it. A full queue
-    # spills to the table, which Django refuses on the event loop's thread: the events
-    # are kept in memory, then written from the client's own thread, then sent.
-    import meter_core.sender as sender_module
-
-    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.1)
+    # Default mode: record_usage() only queues, so async code may call it; a full queue
+    # spills to the table, which Django refuses on the event loop's thread: the write is
+    # made on another thread.
     meter_settings(MAX_QUEUE=1, FLUSH_INTERVAL=60)
     client = AsyncClient()
     for _ in range(3):
         assert async_to_sync(client.get)("/async-record-sync/").status_code == 200
     stats = get_client().stats()
-    assert stats["dropped"] == 0 and stats["recorded"] == 3
+    assert stats["dropped"] == 0 and stats["stored"] >= 1  # (one or two did not fit)
     assert get_client().flush(10)
     wait_for(lambda: len(set(backend.event_ids())) == 3)
 
 
 def test_a_spill_from_the_loop_does_not_hold_it_for_a_lock_its_caller_holds(
-    meter_settings: MeterSettings,
-    backend: DevServer,
-    transactional_db: None,
-    monkeypatch: pytest.MonkeyPatch,
+    meter_settings: MeterSettings, backend: DevServer, transactional_db: None
 ) -> None:
     # Sync code in a transaction (holding SQLite's write lock) calls async code, which
-    # calls the sync record_usage() while the queue is full: the spill's write would wait
-    # for that lock, which is freed only once the loop has finished.
-    import meter_core.sender as sender_module
-
-    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.1)
+    # calls the sync record_usage() while the queue is full: the spill's write waits for
+    # that lock, which is freed only once the loop has finished. The loop waits for it
+    # briefly, then lets it go on; the event is written once the lock is free.
     meter_settings(MAX_QUEUE=1, FLUSH_INTERVAL=60)
 
     async def record_three() -> tuple[float, list[str]]:
@@ -235,9 +223,14 @@ def test_a_spill_from_the_loop_does_not_hold_it_for_a_lock_its_caller_holds(
     with transaction.atomic():
         User.objects.create(username="holds the write lock")
         took, ids = async_to_sync(record_three)()
-    assert took < 0.5  # (not a busy timeout, 5 s, per spilled event)
+    assert took < 2.5  # (not a busy timeout, 5 s, per spilled event)
     assert get_client().flush(10)
-    wait_for(lambda: sorted(set(backend.event_ids())) == sorted(ids))  # none lost
+
+    def everywhere() -> set[str]:
+        stored = {str(i) for i in FailedMeterEvent.objects.values_list("event_id", flat=True)}
+        return stored | set(backend.event_ids())
+
+    wait_for(lambda: everywhere() == set(ids))  # none lost: sent, or in the table
 
 
 def test_sync_record_usage_in_an_async_view_keeps_usage_when_misconfigured(
