@@ -143,9 +143,122 @@ def test_a_full_queue_with_a_failing_store_logs_a_line_not_one_per_event(
         assert "the failure store failed" in full[0].getMessage()
         assert "database is locked" in full[0].getMessage()
         assert "no failure store is set" not in caplog.text
-        assert client.stats()["dropped"] >= 490
+        stats = client.stats()  # held in memory, over the queue, not dropped
+        assert stats["dropped"] == 0 and stats["recorded"] == 500
     finally:
         client.close(0)
+
+
+def test_a_full_queue_holds_at_most_max_failed_in_memory_more_while_the_store_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), max_queue=10,
+                         max_failed_in_memory=100, flush_interval=60)  # fmt: skip
+    try:
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            for _ in range(500):
+                client.record(**RECORD)
+        stats = client.stats()
+        assert stats["dropped"] >= 390 and stats["recorded"] + stats["dropped"] == 500
+        assert "are held in memory: new event dropped" in caplog.text
+    finally:
+        client.close(0)
+
+
+def test_memory_stays_bounded_while_the_backend_and_the_store_both_fail() -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), max_queue=10,
+                         max_failed_in_memory=100, max_retries=1000)  # fmt: skip
+    try:
+        peak = 0
+        for i in range(4000):
+            client.record(**RECORD)
+            if not i % 50:
+                peak = max(peak, client.stats()["queue_depth"])
+        stats = client.stats()
+        assert peak <= 130 and stats["queue_depth"] <= 130  # max_queue + held + a batch
+        assert stats["recorded"] + stats["dropped"] == 4000 and stats["dropped"] >= 3800
+    finally:
+        client.close(0)
+
+
+class SlowFailingStore(MemoryFailureStore):
+    """Fails after a wait (a file locked for its busy timeout); ``fail_first`` calls fail,
+    then it works (None: always fails)."""
+
+    def __init__(self, wait: float, fail_first: int | None = None) -> None:
+        super().__init__()
+        self.wait, self.fail_first, self.calls = wait, fail_first, 0
+
+    def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+        self.calls += 1
+        if self.fail_first is None or self.calls <= self.fail_first:
+            time.sleep(self.wait)
+            raise StoreError("database is locked")
+        super().store(events, **kwargs)
+
+
+def test_callers_of_a_full_queue_do_not_all_wait_on_a_store_slow_to_fail() -> None:
+    store = SlowFailingStore(wait=1.0)
+    client = client_with(DownTransport(), failure_store=store, max_queue=1, flush_interval=60)
+    try:
+        client.record(**RECORD)  # (fills the queue)
+        took: list[float] = []
+
+        def record_three() -> None:
+            started = time.monotonic()
+            for _ in range(3):
+                client.record(**RECORD)
+            took.append(time.monotonic() - started)
+
+        threads = [threading.Thread(target=record_three) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert store.calls == 1  # one caller tried it; the others held their events
+        assert sorted(took)[-2] < 0.5  # (only that one waited)
+        assert client.stats()["dropped"] == 0
+    finally:
+        client.close(0)
+
+
+def test_a_store_that_failed_once_takes_spills_again_before_events_are_dropped() -> None:
+    store = SlowFailingStore(wait=0.0, fail_first=1)
+    client = client_with(DownTransport(), failure_store=store, max_queue=10,
+                         max_failed_in_memory=100, flush_interval=60)  # fmt: skip
+    try:
+        for _ in range(500):
+            client.record(**RECORD)
+        stats = client.stats()
+        assert stats["dropped"] == 0 and stats["stored"] >= 380
+    finally:
+        client.close(0)
+
+
+def test_a_full_queue_waits_on_a_locked_spool_once_not_for_every_event(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # A spool locked for longer than its busy timeout makes each write wait that long:
+    # once it failed, events a full queue cannot take are held in memory, sent after the
+    # queue, instead of each waiting for the lock in the caller's thread.
+    path = tmp_path / "s.db"
+    spool = SQLiteSpool(path, busy_timeout=0.5)
+    assert spool.pending_count() == 0  # (the file exists)
+    locker = sqlite3.connect(path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         failure_store=spool, max_queue=1, flush_interval=60)  # fmt: skip
+    try:
+        started = time.monotonic()
+        ids = [client.record(**RECORD) for _ in range(20)]
+        assert time.monotonic() - started < 2.0  # (one wait of 0.5 s, not 19)
+        locker.execute("ROLLBACK")
+        assert client.flush(10)
+        assert sorted(backend.event_ids()) == sorted(ids)  # each sent once
+        assert client.stats()["dropped"] == 0
+    finally:
+        client.close()
+        locker.close()
 
 
 def test_durable_record_after_close_raises_when_the_store_fails() -> None:
