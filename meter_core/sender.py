@@ -319,8 +319,10 @@ class Sender:
         if store is not None and self._claim_spill(held_full=held_full):
             try:
                 store.store([event])
-            except Exception as exc:  # StoreError, or any failure of a custom store
+            except BaseException as exc:  # StoreError, any failure of a custom store...
                 self._end_probe(ok=False)
+                if not isinstance(exc, Exception):  # (...or an interruption: re-raised)
+                    raise
                 self._overflow_log.log(
                     logging.ERROR,
                     "meter queue is full (%d events) and the failure store failed: new "

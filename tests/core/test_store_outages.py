@@ -474,3 +474,32 @@ def test_flush_after_close_answers_at_once_with_events_left_in_the_store(
     assert client.flush(3) is True  # nothing in memory; the row is the retry command's
     assert time.monotonic() - started < 1.0
     assert spool.pending_count() == 1
+
+
+def test_a_spill_interrupted_in_its_write_does_not_stop_later_spills() -> None:
+    class Interrupted(BaseException):
+        pass
+
+    class InterruptedOnce(MemoryFailureStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise Interrupted  # (a signal handler, a gevent Timeout)
+            super().store(events, **kwargs)
+
+    store = InterruptedOnce()
+    client = client_with(DownTransport(), failure_store=store, max_queue=1,
+                         max_failed_in_memory=2, flush_interval=60)  # fmt: skip
+    try:
+        client.record(**RECORD)
+        with pytest.raises(Interrupted):
+            client.record(**RECORD)
+        for _ in range(5):  # held (2), then the store is tried again and works
+            client.record(**RECORD)
+        assert store.calls >= 2 and client.stats()["dropped"] == 0
+    finally:
+        client.close(0)
