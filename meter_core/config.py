@@ -206,9 +206,7 @@ _OPTIONS: tuple[ClientOption, ...] = (
     ClientOption("transport", "str", "http", "METER_TRANSPORT",
                  "'http' (default), 'memory', 'log', or a Transport object."),
     ClientOption("max_failed_in_memory", "int", 10_000, "METER_MAX_FAILED_IN_MEMORY",
-                 "Failed events kept in memory when no failure store is set, or while it "
-                 "fails; also the most new events held over a full queue while it fails.",
-                 minimum=0),
+                 "Failed events kept in memory when no failure store is set.", minimum=0),
     ClientOption("enabled", "bool", True, "METER_ENABLED",
                  "False: validate and capture events, send nothing (development, tests)."),
     ClientOption("failure_store", "object", None, None,

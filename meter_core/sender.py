@@ -113,14 +113,6 @@ class Sender:
         self._stats = stats
         self._on_error = on_error
         self._queue: deque[UsageEvent] = deque()
-        # Events a full queue could not spill while the store failed: held here (bounded
-        # by max_failed_in_memory) and sent after the queue, rather than each one waiting
-        # out a failing store's timeout in the caller's thread (or being dropped).
-        self._held_over: deque[UsageEvent] = deque()
-        self._spill_retry_at = 0.0  # monotonic time before which no spill tries the store
-        self._spill_wait = FALLBACK_RETRY_SECONDS  # ...after a failed spill (doubling)
-        self._spill_lock = threading.Lock()
-        self._probing = False  # a caller is writing a spill to a store that failed
         self._max_queue = config.max_queue
         self._batch_size = config.batch_size
         self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
@@ -220,7 +212,6 @@ class Sender:
         except Exception as exc:  # StoreError, or any failure of a custom store
             if not hold:
                 raise
-            self._spill_failed()  # (a full queue holds them rather than trying it again)
             self._hold(events, exc)
             return
         self._stats.add(recorded=len(events))
@@ -267,8 +258,6 @@ class Sender:
             or (
                 self._store is not None
                 and len(self._queue) + self._retrying + count > self._max_queue
-                and not self._probing  # (else: held in memory, see _claim_spill)
-                and time.monotonic() >= self._spill_retry_at
             )
         )
 
@@ -279,83 +268,27 @@ class Sender:
         if leftover:
             self._store_final(leftover, "client closed before delivery", count_failed=False)
 
-    def _claim_spill(self, *, held_full: bool) -> bool:
-        """Whether this caller may write a spill to the store now. A failed write closes
-        spilling for a while (a store slow to fail, such as a file locked for its whole
-        busy timeout, would hold up every caller in turn): meanwhile events are held in
-        memory, and only when that is full does one caller at a time try the store
-        again, rather than drop its event. One caller probes at a time."""
-        with self._spill_lock:
-            if self._probing:
-                return False
-            if time.monotonic() < self._spill_retry_at and not held_full:
-                return False
-            self._probing = True
-            return True
-
-    def _end_probe(self, ok: bool) -> None:
-        with self._spill_lock:
-            self._probing = False
-            if ok:
-                self._spill_retry_at, self._spill_wait = 0.0, FALLBACK_RETRY_SECONDS
-            else:
-                self._spill_retry_at = time.monotonic() + self._spill_wait
-                self._spill_wait = min(self._spill_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
-
-    def _spill_failed(self) -> None:
-        """A write failed outside a probe: close spilling as a failed probe does."""
-        with self._spill_lock:
-            self._spill_retry_at = time.monotonic() + self._spill_wait
-            self._spill_wait = min(self._spill_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
-
-    def _store_works(self) -> None:
-        """A write to the store succeeded: spills may try it again at once."""
-        with self._spill_lock:
-            self._spill_retry_at, self._spill_wait = 0.0, FALLBACK_RETRY_SECONDS
-
     def _overflow(self, event: UsageEvent) -> None:
-        store = self._store
-        held_full = len(self._held_over) >= self._fallback.max_events
-        if store is not None and self._claim_spill(held_full=held_full):
+        if self._store is not None:
             try:
-                store.store([event])
-            except BaseException as exc:  # StoreError, any failure of a custom store...
-                self._end_probe(ok=False)
-                if not isinstance(exc, Exception):  # (...or an interruption: re-raised)
-                    raise
+                self._store.store([event])
+            except Exception as exc:  # StoreError, or any failure of a custom store
+                # (throttled: during an outage of both, this runs for every new event)
                 self._overflow_log.log(
                     logging.ERROR,
                     "meter queue is full (%d events) and the failure store failed: new "
-                    "events are held in memory (up to max_failed_in_memory) and sent after "
-                    "the queue: %s: %s",
+                    "event dropped (see stats()['dropped']): %s: %s",
                     self._config.max_queue,
                     type(exc).__name__,
                     exc,
                 )
-            else:
-                self._end_probe(ok=True)
-                self._stats.add(recorded=1, stored=1)
-                self._spilled = True
-                self._wake.set()
+                self._stats.add(dropped=1)
                 return
-        if store is not None and len(self._held_over) < self._fallback.max_events:
-            self._held_over.append(event)  # (counted as recorded when taken off)
-            if self._closed:  # close() ran meanwhile: nothing sends it any more
-                self._store_closed_queue()
-            elif self._thread is None:
-                self._start()
+            self._stats.add(recorded=1, stored=1)
+            self._spilled = True
+            self._wake.set()
             return
         self._stats.add(dropped=1)
-        if store is not None:
-            self._overflow_log.log(
-                logging.ERROR,
-                "meter queue is full (%d events), the failure store failed and %d events "
-                "are held in memory: new event dropped (see stats()['dropped'])",
-                self._config.max_queue,
-                len(self._held_over),
-                key="dropped",  # (throttled apart from the line that they are held)
-            )
-            return
         if not self._dropping:
             self._dropping = True
             logger.error(
@@ -378,12 +311,12 @@ class Sender:
         self._wake.set()
 
     def queued(self) -> int:
-        """Events in the queue (and held over it), not yet taken by the sender thread."""
-        return len(self._queue) + len(self._held_over)
+        """Events in the queue, not yet taken by the sender thread."""
+        return len(self._queue)
 
     def depth(self) -> int:
         """Events waiting in memory: queued, scheduled for retry, or in flight."""
-        return self.queued() + self._retrying + len(self._inflight)
+        return len(self._queue) + self._retrying + len(self._inflight)
 
     def flush(
         self, timeout: float | None = None, *, store: bool = True, stop_at_retry: bool = False
@@ -419,7 +352,7 @@ class Sender:
                 self._flush_waiters -= 1
 
     def _settled(self, store: bool = True) -> bool:
-        if self._queue or self._held_over or self._retries or self._inflight or self._busy:
+        if self._queue or self._retries or self._inflight or self._busy:
             return False
         if store and self._config.durable and self._store is not None:
             try:
@@ -660,25 +593,18 @@ class Sender:
             _, _, batch = heapq.heappop(self._retries)
             self._retrying -= len(batch)
             items.extend(batch)
-        if (self._queue or self._held_over) and len(items) < limit:
+        queue = self._queue
+        if queue and len(items) < limit:
             self._take_from_queue(items, limit)
         return items
 
     def _take_from_queue(self, items: list[_Item], limit: int | None) -> None:
-        """Move queued events, then those held over the queue, to ``items`` (until it
-        holds ``limit``; None: all). With a limit (a batch to send), held-over events are
-        taken only while the events in memory stay within ``max_queue``: during an
-        outage they wait there (bounded) rather than growing the retries."""
-        queue, held = self._queue, self._held_over
+        """Move queued events to ``items`` (until it holds ``limit``; None: all)."""
+        queue = self._queue
         with self._stats.lock:
             before = len(items)
             while queue and (limit is None or len(items) < limit):
                 items.append(_Item(queue.popleft()))
-            while held and (
-                limit is None
-                or (len(items) < limit and self._retrying + len(items) < self._max_queue)
-            ):
-                items.append(_Item(held.popleft()))
             self._stats.recorded += len(items) - before
 
     def _claim_from_store(self, limit: int) -> list[_Item]:
@@ -863,7 +789,6 @@ class Sender:
                 # dropped there: not counted twice)
                 moved = self._fallback.discard([e.event_id for e in events])
                 self._stats.add(stored=moved)
-                self._store_works()
                 logger.warning("%d events kept in memory moved to the failure store", len(events))
         finally:
             self._drain_lock.release()
@@ -884,7 +809,6 @@ class Sender:
                 if skip_store:
                     raise StoreError("it refused events waiting for a retry at close")
                 self._store.store(events, error=reason, attempts=attempts)
-                self._store_works()
             except Exception:  # StoreError, or any failure of a custom store
                 logger.exception(
                     "failure store unavailable: keeping %d events in memory", len(events)
