@@ -233,8 +233,9 @@ class FailedMeterEventAdmin(_ModelAdmin):
         if n < len(owed):  # leased: a sender has them on the wire right now
             self.message_user(
                 request,
-                f"Discarded {n} events; {len(owed) - n} are being sent right now and were "
-                "left alone: look again once their lease has ended.",
+                f"Discarded {n} events; {len(owed) - n} are being sent right now (or were "
+                "delivered meanwhile) and were left alone: look again once their lease has "
+                "ended.",
                 messages.WARNING,
             )
             return
