@@ -418,6 +418,14 @@ class Sender:
                 logger.error(
                     "%d usage events undelivered at close, %s", len(leftover), _ONLY_IN_MEMORY
                 )
+        held = len(self._fallback)
+        if held and self._store is not None:  # (the store failed: say what that costs)
+            logger.error(
+                "%d usage events are held only in memory at close, the failure store having "
+                "refused them (failed_in_memory in stats()): they are lost when the process "
+                "exits",
+                held,
+            )
 
     def flush_for_close(self, timeout: float | None) -> None:
         # Durable mode: what is in the store is kept there, and any process sharing it (or

@@ -361,3 +361,16 @@ def test_flush_after_close_answers_at_once_with_events_left_in_the_store(
     assert client.flush(3) is True  # nothing in memory; the row is the retry command's
     assert time.monotonic() - started < 1.0
     assert spool.pending_count() == 1
+
+
+def test_close_says_how_many_events_a_failing_store_leaves_only_in_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = client_with(DownTransport(), failure_store=LockedStore(), max_retries=0)
+    for _ in range(3):
+        client.record(**RECORD)
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        client.close(2)
+    assert client.stats()["failed_in_memory"] == 3
+    assert "3 usage events are held only in memory at close" in caplog.text
+    assert "lost when the process exits" in caplog.text
