@@ -171,6 +171,11 @@ class SQLiteSpool:
         conn = sqlite3.connect(
             self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
         )
+        try:
+            _refuse_foreign_database(conn, self.path)
+        except BaseException:
+            conn.close()
+            raise
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
@@ -337,6 +342,21 @@ class SQLiteSpool:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
             self._connection.drop()
+
+
+def _refuse_foreign_database(conn: sqlite3.Connection, path: Path) -> None:
+    """Raise StoreError when ``path`` is a database of something else (tables, none of
+    them ours): a spool path pointed at the app's own database by mistake must not get
+    our tables, nor be switched to WAL for good. A new or empty file becomes a spool."""
+    tables = {
+        name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    if tables and "meter_events" not in tables:
+        raise StoreError(
+            f"spool {str(path)!r} is an SQLite database of something else (tables "
+            f"{', '.join(sorted(tables)[:3])}{', ...' if len(tables) > 3 else ''}; no "
+            "meter_events): not written to. Give the spool a file of its own"
+        )
 
 
 def _rebuild(rows: Sequence[Any]) -> tuple[list[StoredEvent], list[str]]:

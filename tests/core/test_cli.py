@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -162,6 +163,24 @@ def test_spool_shows_counts_by_status_and_reason(
     assert "BackendUnavailable: down" in out
     assert main(["spool", "--spool", str(tmp_path / "s.db"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["by_status"] == {"failed": 4}
+
+
+def test_spool_commands_refuse_a_database_of_something_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    assert main(["spool", "--spool", str(path)]) == 1
+    assert main(["retry", "--spool", str(path), "--dry-run"]) == 1
+    assert "database of something else" in capsys.readouterr().err
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("users",)]
+    finally:
+        conn.close()
 
 
 def test_spool_of_a_missing_file_fails(tmp_path: Path) -> None:

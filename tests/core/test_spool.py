@@ -132,6 +132,27 @@ def test_spool_errors_are_store_errors(tmp_path: Path) -> None:
         SQLiteSpool(tmp_path / "a-file" / "sub" / "spool.db").store(events(1))
 
 
+def test_a_database_of_something_else_is_left_untouched(tmp_path: Path) -> None:
+    # A spool path pointed at the app's own SQLite database by mistake.
+    path = tmp_path / "app.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match=r"database of something else \(tables users; "):
+        SQLiteSpool(path).store(events(1))
+    conn = sqlite3.connect(path)
+    try:
+        tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+        assert tables == [("users",)]
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    finally:
+        conn.close()
+    # an empty file (made by hand) becomes a spool
+    (tmp_path / "empty.db").write_bytes(b"")
+    SQLiteSpool(tmp_path / "empty.db").store(events(1))
+
+
 _FORKED_SPOOL: list[SQLiteSpool] = []  # the spool a forked child inherits
 
 
