@@ -3,6 +3,9 @@
 While a :func:`capture_events` block is open, every event any client accepts (through
 ``record``, ``record_session``, ``send``, the compatibility functions, or the framework
 adapters) is appended to the list it yields, whatever the client's transport does with it.
+An event recorded through a client with a ``before_send`` hook is captured as the hook
+leaves it, and not at all when the hook drops it: what would be sent (``send()`` does not
+run the hook).
 """
 
 from __future__ import annotations

@@ -247,6 +247,11 @@ class MeterClient:
         return self._customers
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` (or :meth:`aclose`) has been called."""
+        return self._closed
+
+    @property
     def options(self) -> dict[str, Any]:
         """The validated options (the API key as a redacting :class:`Secret`)."""
         return dict(self._options)
@@ -400,12 +405,16 @@ class MeterClient:
         return sender
 
     def _hooked(self, event: UsageEvent) -> UsageEvent | None:
-        """``event`` once seen by :func:`capture_events` and passed through the
-        ``before_send`` hook (None: the hook dropped it)."""
+        """``event`` once passed through the ``before_send`` hook (None: the hook dropped
+        it) and, as the hook left it, seen by :func:`capture_events`: a test captures
+        what would be sent, not what the hook then changed or dropped."""
+        if self._before_send is not None:
+            hooked = self._apply_before_send(event)
+            if hooked is None:
+                return None
+            event = hooked
         if capture._active:
             capture.notify(event)
-        if self._before_send is not None:
-            return self._apply_before_send(event)
         return event
 
     def _apply_before_send(self, event: UsageEvent) -> UsageEvent | None:
@@ -416,7 +425,7 @@ class MeterClient:
             logger.exception("before_send hook raised; the event is kept unchanged")
             return event
         if result is None:
-            self._stats.add(dropped=1)
+            self._stats.add(recorded=1, dropped=1)
             logger.info("before_send dropped event %s", event.event_id)
             return None
         if isinstance(result, UsageEvent):

@@ -7,7 +7,8 @@
     register_client_metrics(client)        # into prometheus_client's default registry
 
 The collector reads ``client.stats()`` at each scrape (no work between scrapes) and
-exports, with a ``client`` label (default ``"default"``):
+exports, with a ``client`` label (default ``"default"``; several clients go in one
+registry under different names):
 
 - counters ``meter_events_recorded_total``, ``meter_events_sent_total``,
   ``meter_events_retried_total``, ``meter_events_failed_total``,
@@ -15,12 +16,19 @@ exports, with a ``client`` label (default ``"default"``):
   ``meter_produce_requests_total``;
 - gauges ``meter_queue_depth`` (events waiting in memory) and ``meter_failed_in_memory``.
 
+The counters are this process's: under a server with several worker processes, each
+worker exports its own (scrape each, or add a label that tells them apart), and
+``prometheus_client``'s multiprocess mode, which collects only the metrics it writes to
+its files, leaves them out.
+
 ``prometheus_client`` is an optional dependency (``litewave-meter[prometheus]``);
 without it, :func:`register_client_metrics` raises ConfigurationError saying so.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -47,27 +55,56 @@ _GAUGES = (
 
 
 class MeterCollector:
-    """A ``prometheus_client`` custom collector over one client's :meth:`stats`."""
+    """A ``prometheus_client`` custom collector over the :meth:`stats` of clients, each
+    exported under its own ``client`` label.
 
-    def __init__(self, client: MeterClient, name: str = "default") -> None:
-        self._client = client
-        self._name = name
+    Built with a client (``MeterCollector(client, name)``) it exports that one;
+    :meth:`add` adds more. :func:`register_client_metrics` keeps one per registry, since
+    a registry takes each metric name from one collector only.
+    """
+
+    def __init__(self, client: MeterClient | None = None, name: str = "default") -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[str, MeterClient] = {}
+        if client is not None:
+            self.add(client, name)
+
+    def add(self, client: MeterClient, name: str = "default") -> None:
+        """Export ``client`` under ``name``. A name given again takes the new client
+        when the one it had is closed (a client rebuilt with new settings), or is the
+        same; raises ConfigurationError when another open client has it."""
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                f"register_client_metrics(name): must be a non-empty str, got {name!r}"
+            )
+        with self._lock:
+            current = self._clients.get(name)
+            if current is not None and current is not client and not current.closed:
+                raise ConfigurationError(
+                    f"register_client_metrics: another open client is exported as {name!r}; "
+                    "give this one its own name= (the client label of its metrics)"
+                )
+            self._clients[name] = client
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        stats = self._client.stats()
+        with self._lock:
+            clients = list(self._clients.items())
+        stats = [(name, client.stats()) for name, client in clients]
         for key, metric, doc in _COUNTERS:
             family = CounterMetricFamily(metric, doc, labels=["client"])
-            family.add_metric([self._name], stats[key])
+            for name, values in stats:
+                family.add_metric([name], values[key])
             yield family
         for key, metric, doc in _GAUGES:
             gauge = GaugeMetricFamily(metric, doc, labels=["client"])
-            gauge.add_metric([self._name], stats[key])
+            for name, values in stats:
+                gauge.add_metric([name], values[key])
             yield gauge
 
     def describe(self) -> Iterator[Any]:
-        # Describing without reading the client keeps registration free of side effects.
+        # Describing without reading the clients keeps registration free of side effects.
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         for _, metric, doc in _COUNTERS:
@@ -76,12 +113,21 @@ class MeterCollector:
             yield GaugeMetricFamily(metric, doc, labels=["client"])
 
 
+_collectors_lock = threading.Lock()
+# The collector this module registered in each registry (a registry refuses a second
+# collector of the same metric names).
+_collectors: weakref.WeakKeyDictionary[Any, MeterCollector] = weakref.WeakKeyDictionary()
+
+
 def register_client_metrics(
     client: MeterClient, *, name: str = "default", registry: Any = None
 ) -> MeterCollector:
-    """Register a :class:`MeterCollector` for ``client`` in ``registry`` (default:
-    ``prometheus_client.REGISTRY``) and return it. Raises ConfigurationError when
-    ``prometheus_client`` is not installed."""
+    """Export ``client``'s counters in ``registry`` (default:
+    ``prometheus_client.REGISTRY``) under the label ``client=name``, and return the
+    registry's :class:`MeterCollector`. Several clients go in one registry under
+    different names; registering a client again is harmless, and a name whose client
+    was closed takes the new one. Raises ConfigurationError when ``prometheus_client``
+    is not installed, or when another open client already has ``name`` there."""
     try:
         import prometheus_client
     except ImportError:
@@ -89,6 +135,14 @@ def register_client_metrics(
             "register_client_metrics: prometheus_client is not installed "
             "(pip install 'litewave-meter[prometheus]')"
         ) from None
-    collector = MeterCollector(client, name)
-    (registry if registry is not None else prometheus_client.REGISTRY).register(collector)
+    target = registry if registry is not None else prometheus_client.REGISTRY
+    with _collectors_lock:
+        collector = _collectors.get(target)
+        if collector is None:
+            collector = MeterCollector()
+            collector.add(client, name)  # (checked before the registry takes it)
+            target.register(collector)
+            _collectors[target] = collector
+            return collector
+    collector.add(client, name)
     return collector

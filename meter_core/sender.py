@@ -282,13 +282,13 @@ class Sender:
                     type(exc).__name__,
                     exc,
                 )
-                self._stats.add(dropped=1)
+                self._stats.add(recorded=1, dropped=1)  # (accepted by record(), then lost)
                 return
             self._stats.add(recorded=1, stored=1)
             self._spilled = True
             self._wake.set()
             return
-        self._stats.add(dropped=1)
+        self._stats.add(recorded=1, dropped=1)
         if not self._dropping:
             self._dropping = True
             logger.error(
@@ -414,12 +414,19 @@ class Sender:
             self._store_final(
                 leftover, "undelivered at close", count_failed=False, skip_store=refused
             )
-            if self._store is None:
-                logger.error(
-                    "%d usage events undelivered at close, %s", len(leftover), _ONLY_IN_MEMORY
-                )
         held = len(self._fallback)
-        if held and self._store is not None:  # (the store failed: say what that costs)
+        if held and self._store is None:
+            # (those that failed for good earlier included: their one log line may have
+            # been held back by its throttle, and this is the last word on them)
+            earlier = max(0, held - len(leftover))  # (the list may have evicted some)
+            logger.error(
+                "%d usage events at close (%d undelivered now, %d failed earlier) are %s",
+                held,
+                held - earlier,
+                earlier,
+                _ONLY_IN_MEMORY,
+            )
+        elif held:  # (the store failed: say what that costs)
             logger.error(
                 "%d usage events are held only in memory at close, the failure store having "
                 "refused them (failed_in_memory in stats()): they are lost when the process "

@@ -14,18 +14,24 @@ __all__ = ["DeliveryStats"]
 class DeliveryStats:
     """Counters since the client was created (in this process).
 
-    - ``recorded``: events accepted by ``record()`` (a queued event is counted when the
-      sender takes it off the queue; :meth:`snapshot` adds those still queued);
+    - ``recorded``: events accepted by ``record()`` (each call that returned without an
+      error), those dropped at once included (a full queue, ``before_send``); a queued
+      event is counted when the sender takes it off the queue, and :meth:`snapshot` adds
+      those still queued;
     - ``sent``: events the backend confirmed;
     - ``retried``: event retries scheduled (one event retried twice counts 2);
-    - ``failed``: events that failed for good (non-retriable, or out of retries);
+    - ``failed``: events that failed for good (non-retriable, or out of retries), those
+      kept in the in-memory list included;
     - ``stored``: events written to the failure store (failed, spilled from a full queue
       or left at close), a count of writes, not of what the store holds now: an event
       spilled and then sent from the store counts in ``stored`` and in ``sent``. Not
       counted: a durable event's own write at ``record()``, and events kept in the
       in-memory list when there is no store or it fails (``failed_in_memory``);
-    - ``dropped``: events lost: a full queue with no store, a full in-memory failure
-      store, or ``before_send`` returning None (each also logged);
+    - ``dropped``: events lost: a full queue with no store (or a failing one) and
+      ``before_send`` returning None (both also in ``recorded``), or a full in-memory
+      failure list (those also in ``failed``); each also logged. With nothing dropped,
+      ``recorded`` = ``sent`` + ``failed`` + the events still owed (queued, in flight,
+      waiting for a retry, or spilled to the store);
     - ``batches``: produce requests made;
     - ``last_error``: the text of the latest delivery error, or None.
     """

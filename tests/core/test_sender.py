@@ -161,7 +161,7 @@ def test_full_queue_without_store_drops_the_newest_counts_and_logs_once(
         ids = [client.record(**RECORD) for _ in range(25)]
         stats = client.stats()
         assert stats["dropped"] == 15
-        assert stats["recorded"] == 10
+        assert stats["recorded"] == 25  # every call accepted; 15 of them dropped at once
         assert len([r for r in caplog.records if "queue is full" in r.message]) == 1
         transport.gate.set()
         assert client.flush(5)
@@ -235,7 +235,42 @@ def test_before_send_can_change_or_drop_events() -> None:
     assert client.flush(5)
     assert [v["metadata"] for v in transport.values()] == [{"region": "eu"}]
     assert client.stats()["dropped"] == 1
+    assert client.stats()["recorded"] == 2  # the dropped one was accepted by record()
     client.close()
+
+
+def test_capture_sees_events_as_before_send_leaves_them() -> None:
+    # A test must see what the app would bill: the hook's changes, not its drops.
+    def hook(event: UsageEvent) -> UsageEvent | None:
+        if event.tenant_id.startswith("internal-"):
+            return None
+        return UsageEvent.from_dict({**event.to_dict(), "total_usage": event.total_usage * 10})
+
+    transport = MemoryTransport()
+    client = client_with(transport, before_send=hook)
+    with capture_events() as captured:
+        client.record(**{**RECORD, "tenant_id": "internal-qa"})
+        client.record(**{**RECORD, "total_usage": 2})
+        client.enqueue_many([client.event(**{**RECORD, "tenant_id": "internal-x"})])
+    assert client.flush(5)
+    sent = [(v["tenant_id"], v["total_usage"]) for v in transport.values()]
+    assert [(e.tenant_id, e.total_usage) for e in captured] == sent == [("acme", 20)]
+    client.close()
+
+
+def test_close_without_a_store_says_how_many_failed_events_die_with_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Their failure was logged once, throttled: close() is the last word on what is lost.
+    client = client_with(DownTransport(), max_retries=0)
+    for _ in range(3):
+        client.record(**RECORD)
+    assert client.flush(5)
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        client.close(1)
+    assert client.stats()["failed_in_memory"] == 3
+    assert "3 usage events at close (0 undelivered now, 3 failed earlier)" in caplog.text
+    assert "lost when the process exits" in caplog.text
 
 
 def test_on_error_gets_events_that_failed_for_good() -> None:
@@ -292,8 +327,8 @@ def test_close_without_a_store_says_the_undelivered_events_are_only_in_memory(
     client.close(timeout=0.1)
     assert {s.event.event_id for s in client.failed_events()} == ids
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(m.startswith("5 usage events undelivered at close") and "lost when the "
-               "process exits" in m for m in errors), errors  # fmt: skip
+    assert any(m.startswith("5 usage events at close (5 undelivered now") and "lost when "
+               "the process exits" in m for m in errors), errors  # fmt: skip
 
 
 def test_close_from_many_threads_at_once() -> None:
