@@ -176,6 +176,9 @@ def _devserver(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_TOPIC = "usage-events"  # (MeterClient's)
+
+
 def _retry(args: argparse.Namespace) -> int:
     if not args.loop and not os.path.exists(args.spool):
         # The spool is made at the first event that fails: none yet is the healthy case,
@@ -193,9 +196,12 @@ def _retry(args: argparse.Namespace) -> int:
     _check_can_resend(options)
     # A dry run only claims, counts and gives back: it needs no client, so no backend URL.
     client = None if args.dry_run else MeterClient(**options)
+    # Only the events of the topic resent to: a spool shared by apps of other topics
+    # keeps theirs (and events kept without a topic, by an earlier version, go to any).
+    args.topic = options.get("topic") or DEFAULT_TOPIC
     try:
         if not args.loop:
-            return 0 if _retry_once(args, client, SQLiteSpool(args.spool)).ok else 1
+            return 0 if _retry_once(args, client, _open_spool(args)).ok else 1
         return _retry_loop(args, client)
     finally:
         if client is not None:
@@ -217,7 +223,7 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
     try:
         while True:
             if spool is None and os.path.exists(args.spool):  # (made at the first failure)
-                spool = SQLiteSpool(args.spool)
+                spool = _open_spool(args)
             if spool is not None:
                 try:
                     ok = _retry_once(args, client, spool).ok
@@ -238,6 +244,10 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         if spool is not None:
             spool.close()
+
+
+def _open_spool(args: argparse.Namespace) -> SQLiteSpool:
+    return SQLiteSpool(args.spool, topic=args.topic)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -270,6 +280,10 @@ def _retry_once(
         print(file=sys.stderr)
     print(report.summary(), flush=True)
     print(f"{spool.pending_count()} events still in the spool", flush=True)
+    others = {t: n for t, n in spool.counts()["owed_by_topic"].items() if t and t != spool.topic}
+    for topic, n in others.items():
+        print(f"  {n} of them for topic {topic!r}, not resent here: run with --topic {topic}",
+              flush=True)  # fmt: skip
     return report
 
 
@@ -307,6 +321,10 @@ def _spool(args: argparse.Namespace) -> int:
         print("by reason:")
         for reason, n in counts["by_reason"].items():
             print(f"  {n:>8}  {reason}")
+    if len(counts["owed_by_topic"]) > 1:  # (a spool shared by apps of several topics)
+        print("owed, by topic:")
+        for topic, n in counts["owed_by_topic"].items():
+            print(f"  {n:>8}  {topic or '(none: resent to any topic)'}")
     return 0
 
 

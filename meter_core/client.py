@@ -115,7 +115,13 @@ class MeterClient:
         self._transport = self._make_transport(opts)
         store = opts["failure_store"]
         if store is None and opts["spool_path"]:
-            store = SQLiteSpool(opts["spool_path"])
+            # (bound to the topic: clients of other topics may share the file)
+            store = SQLiteSpool(opts["spool_path"], topic=opts["topic"])
+        elif isinstance(store, SQLiteSpool) and store.topic not in (None, opts["topic"]):
+            raise ConfigurationError(
+                f"failure_store: the spool keeps events of topic {store.topic!r}, and this "
+                f"client sends to {opts['topic']!r}: its events would never be resent"
+            )
         if store is not None and not isinstance(store, FailureStore):
             raise ConfigurationError(
                 f"failure_store: must implement meter_core.FailureStore, got {store!r}"

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from meter_core.errors import InvalidEvent, StoreError
+from meter_core.errors import ConfigurationError, InvalidEvent, StoreError
 from meter_core.events import UsageEvent
 from meter_core.store import DEFAULT_LEASE_SECONDS, DISCARDED, FAILED, QUEUED, StoredEvent
 from meter_core.usage import LogThrottle
@@ -140,8 +140,20 @@ class SQLiteSpool:
     found at the first outage, when the events it should keep stay in memory.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 30.0,
+        topic: str | None = None,
+    ) -> None:
+        if topic is not None and (not isinstance(topic, str) or not topic):
+            raise ConfigurationError(f"SQLiteSpool(topic): must be a non-empty str, got {topic!r}")
         self.path = Path(path)
+        #: The topic of the events this spool keeps and hands out: several clients that
+        #: send to different topics may share a file, each claiming its own events only.
+        #: None: events are kept without one, and every event is handed out.
+        self.topic = topic
         self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         self._lock_pid = os.getpid()
@@ -179,6 +191,7 @@ class SQLiteSpool:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
+        _add_topic_column(conn)
         current.conn, current.pid = conn, os.getpid()
         return conn
 
@@ -219,16 +232,17 @@ class SQLiteSpool:
         now = time.time()
         due = now if next_attempt_at is None else next_attempt_at
         status = FAILED if error else QUEUED
+        topic = self.topic
         rows = [
             (e.event_id, json.dumps(e.to_dict()), e.tenant_id, e.meter_id, status, attempts,
-             error, due, now, now)
+             error, due, now, now, topic)
             for e in events
         ]  # fmt: skip
         with self._transaction() as conn:
             conn.executemany(
                 "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status,"
-                " attempts, last_error, next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " attempts, last_error, next_attempt_at, created_at, updated_at, topic)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (event_id) DO UPDATE SET status = excluded.status,"
                 " attempts = max(attempts, excluded.attempts), last_error = excluded.last_error,"
                 " next_attempt_at = excluded.next_attempt_at, claimed_until = 0,"
@@ -258,6 +272,9 @@ class SQLiteSpool:
         if meter_id is not None:
             where.append("meter_id = ?")
             params.append(meter_id)
+        if self.topic is not None:  # (events kept without a topic: by a version before it)
+            where.append("(topic = ? OR topic IS NULL)")
+            params.append(self.topic)
         token = uuid.uuid4().hex
         with self._transaction(immediate=True) as conn:
             while True:
@@ -328,7 +345,15 @@ class SQLiteSpool:
                     " GROUP BY status, last_error ORDER BY count(*) DESC"
                 )
             }
-        return {"by_status": by_status, "by_reason": by_reason}
+            owed_by_topic = {
+                topic or "": n
+                for topic, n in conn.execute(
+                    "SELECT topic, count(*) FROM meter_events"
+                    " WHERE status IN ('queued', 'failed') GROUP BY topic ORDER BY count(*) DESC"
+                )
+            }
+        # (owed_by_topic: "" for events kept without a topic, which any topic's claims take)
+        return {"by_status": by_status, "by_reason": by_reason, "owed_by_topic": owed_by_topic}
 
     def pending_count(self) -> int:
         """Events still owed (queued or failed)."""
@@ -342,6 +367,19 @@ class SQLiteSpool:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
             self._connection.drop()
+
+
+def _add_topic_column(conn: sqlite3.Connection) -> None:
+    """Give a spool made by a version without topics its ``topic`` column (NULL for the
+    events already in it). Two processes may do so at once: the second finds it done."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(meter_events)")}
+    if "topic" in columns:
+        return
+    try:
+        conn.execute("ALTER TABLE meter_events ADD COLUMN topic TEXT")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):
+            raise
 
 
 def _refuse_foreign_database(conn: sqlite3.Connection, path: Path) -> None:

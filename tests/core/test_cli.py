@@ -45,6 +45,28 @@ def test_retry_resends_with_the_same_event_ids(
     assert "0 events still in the spool" in out
 
 
+def test_retry_resends_only_its_topic_of_a_shared_spool(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.db"
+    eu_events = [UsageEvent("eu-tenant", "d", "page.processed.basic", 1) for _ in range(2)]
+    SQLiteSpool(path, topic="eu-usage").store(eu_events, error="down", attempts=6)
+    SQLiteSpool(path, topic="usage-events").store(
+        [UsageEvent("us-tenant", "d", "page.processed.basic", 1)], error="down", attempts=6
+    )
+    assert main(retry_args(backend.url, path)) == 0  # the default topic, usage-events
+    assert [r["value"]["tenant_id"] for r in backend.records] == ["us-tenant"]
+    out = capsys.readouterr().out
+    assert "2 events still in the spool" in out
+    assert "2 of them for topic 'eu-usage', not resent here: run with --topic eu-usage" in out
+    eu = DevServer(topic="eu-usage").start()
+    try:
+        assert main(retry_args(eu.url, path, "--topic", "eu-usage")) == 0
+        assert sorted(eu.event_ids()) == sorted(e.event_id for e in eu_events)
+    finally:
+        eu.stop()
+
+
 def test_retry_exits_non_zero_when_events_stay_failed(
     tmp_path: Path, closed_port_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -151,6 +152,44 @@ def test_a_database_of_something_else_is_left_untouched(tmp_path: Path) -> None:
     # an empty file (made by hand) becomes a spool
     (tmp_path / "empty.db").write_bytes(b"")
     SQLiteSpool(tmp_path / "empty.db").store(events(1))
+
+
+def test_spools_of_two_topics_share_a_file_each_handing_out_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    usage, eu = SQLiteSpool(path, topic="usage-events"), SQLiteSpool(path, topic="eu-usage")
+    usage.store(events(3, tenant="us-tenant"))
+    eu.store(events(2, tenant="eu-tenant"))
+    assert {s.event.tenant_id for s in eu.claim(10, lease_seconds=60)} == {"eu-tenant"}
+    assert len(usage.claim(10, lease_seconds=60)) == 3
+    assert usage.counts()["owed_by_topic"] == {"usage-events": 3, "eu-usage": 2}
+
+
+def test_a_spool_made_before_topics_gets_the_column_and_hands_its_events_to_any(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    old_schema = [  # (the table as versions without topics made it)
+        "event_id TEXT PRIMARY KEY", "payload TEXT NOT NULL", "tenant_id TEXT NOT NULL",
+        "meter_id TEXT NOT NULL", "status TEXT NOT NULL", "attempts INTEGER NOT NULL DEFAULT 0",
+        "last_error TEXT NOT NULL DEFAULT ''", "next_attempt_at REAL NOT NULL",
+        "claimed_until REAL NOT NULL DEFAULT 0", "claim_token TEXT",
+        "created_at REAL NOT NULL", "updated_at REAL NOT NULL",
+    ]  # fmt: skip
+    conn.execute(f"CREATE TABLE meter_events ({', '.join(old_schema)})")
+    (event,) = events(1)
+    conn.execute(
+        "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status,"
+        " next_attempt_at, created_at, updated_at) VALUES (?, ?, ?, ?, 'queued', 0, 0, 0)",
+        (event.event_id, json.dumps(event.to_dict()), event.tenant_id, event.meter_id),
+    )
+    conn.commit()
+    conn.close()
+    spool = SQLiteSpool(path, topic="eu-usage")
+    spool.store(events(1, tenant="eu-tenant"))
+    claimed = spool.claim(10, lease_seconds=60)
+    assert sorted(s.event.tenant_id for s in claimed) == ["acme", "eu-tenant"]
+    assert spool.counts()["owed_by_topic"] == {"": 1, "eu-usage": 1}
 
 
 _FORKED_SPOOL: list[SQLiteSpool] = []  # the spool a forked child inherits

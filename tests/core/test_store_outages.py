@@ -18,6 +18,7 @@ import pytest
 
 import meter_core.sender as sender_module
 from meter_core import (
+    ConfigurationError,
     LogThrottle,
     MemoryFailureStore,
     MeterClient,
@@ -374,3 +375,41 @@ def test_close_says_how_many_events_a_failing_store_leaves_only_in_memory(
     assert client.stats()["failed_in_memory"] == 3
     assert "3 usage events are held only in memory at close" in caplog.text
     assert "lost when the process exits" in caplog.text
+
+
+def test_clients_of_two_topics_sharing_a_spool_send_only_their_own_events(
+    tmp_path: Path,
+) -> None:
+    # Two apps on one host with the same METER_SPOOL_PATH: each claims its own events
+    # from the file (before, each sent the other's to its own backend and topic).
+    us, eu = DevServer().start(), DevServer(topic="eu-usage").start()
+    path = str(tmp_path / "shared.db")
+    clients = [
+        MeterClient(us.url, internal_url=us.url, device_id="us", durable=True,
+                    spool_path=path, flush_interval=0.02),
+        MeterClient(eu.url, internal_url=eu.url, device_id="eu", durable=True,
+                    spool_path=path, topic="eu-usage", flush_interval=0.02),
+    ]  # fmt: skip
+    try:
+        for client in clients:
+            for _ in range(20):
+                client.record(**RECORD)
+        for client in clients:
+            assert client.flush(10)
+        deadline = time.monotonic() + 10
+        while len(us.records) + len(eu.records) < 40 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert {r["value"]["device_id"] for r in us.records} == {"us"}
+        assert {r["value"]["device_id"] for r in eu.records} == {"eu"}
+        assert len(us.event_ids()) == len(eu.event_ids()) == 20
+    finally:
+        for client in clients:
+            client.close(5)
+        us.stop()
+        eu.stop()
+
+
+def test_a_spool_of_another_topic_is_refused_when_the_client_is_built(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "s.db", topic="eu-usage")
+    with pytest.raises(ConfigurationError, match="keeps events of topic 'eu-usage'"):
+        MeterClient("http://127.0.0.1:9", device_id="d", failure_store=spool)
