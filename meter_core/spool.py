@@ -112,11 +112,12 @@ class _Connection:
     """A spool's connection and the process that opened it; closed by a finalizer when
     the spool is dropped, under the closing lock."""
 
-    __slots__ = ("conn", "pid")
+    __slots__ = ("conn", "ident", "pid")
 
     def __init__(self) -> None:
         self.conn: sqlite3.Connection | None = None
         self.pid = 0
+        self.ident: tuple[int, int] | None = None  # (device, inode) of the file it opened
 
     def drop(self) -> None:
         with _closing_lock:
@@ -176,8 +177,49 @@ class SQLiteSpool:
     def _connect(self) -> sqlite3.Connection:
         current = self._connection
         if current.conn is not None and current.pid == os.getpid():
-            return current.conn
+            if _file_ident(self.path) == current.ident:
+                return current.conn
+            return self._reopen_removed(current)
         current.drop()  # one inherited through fork is kept, never used
+        return self._open(current)
+
+    def _reopen_removed(self, current: _Connection) -> sqlite3.Connection:
+        """The file was removed (a cleaner of old files in /tmp, an operator) or replaced
+        while open: events written since would go to a file no one can reach. Open the
+        path again, moving the owed events the old file still holds into the new one."""
+        old = current.conn
+        assert old is not None
+        try:
+            cursor = old.execute("SELECT * FROM meter_events WHERE status IN ('queued', 'failed')")
+            columns = [d[0] for d in cursor.description]
+            rows = cursor.fetchall()
+        except sqlite3.Error as exc:
+            logger.error("spool %r was removed while in use, and its events could not be "
+                         "read back: %s", str(self.path), exc)  # fmt: skip
+            columns, rows = [], []
+        current.drop()
+        conn = self._open(current)
+        if rows:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(
+                    f"INSERT OR IGNORE INTO meter_events ({', '.join(columns)})"
+                    f" VALUES ({', '.join('?' * len(columns))})",
+                    rows,
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        logger.warning(
+            "spool %r was removed or replaced while in use: opened again, with the %d "
+            "events still owed that it held",
+            str(self.path),
+            len(rows),
+        )
+        return conn
+
+    def _open(self, current: _Connection) -> sqlite3.Connection:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
@@ -192,7 +234,7 @@ class SQLiteSpool:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
         _add_topic_column(conn)
-        current.conn, current.pid = conn, os.getpid()
+        current.conn, current.pid, current.ident = conn, os.getpid(), _file_ident(self.path)
         return conn
 
     def _process_lock(self) -> threading.RLock:
@@ -272,9 +314,10 @@ class SQLiteSpool:
         if meter_id is not None:
             where.append("meter_id = ?")
             params.append(meter_id)
-        if self.topic is not None:  # (events kept without a topic: by a version before it)
-            where.append("(topic = ? OR topic IS NULL)")
-            params.append(self.topic)
+        topic_where, topic_params = self._topic_filter()
+        if topic_where:  # (events kept without a topic: by a version before it)
+            where.append(topic_where.removeprefix(" AND "))
+            params.extend(topic_params)
         token = uuid.uuid4().hex
         with self._transaction(immediate=True) as conn:
             while True:
@@ -363,10 +406,59 @@ class SQLiteSpool:
             ).fetchone()
         return int(row[0])
 
+    def not_due(self) -> tuple[int, float | None]:
+        """``(count, next_due_at)`` of the owed events of this spool's topic that are not
+        due yet (their next attempt is later: a backoff after a failed one), or not
+        handed out while another worker's lease runs; ``next_due_at`` in epoch seconds,
+        None when there are none."""
+        where, params = self._topic_filter()
+        with self._transaction() as conn:
+            count, first = conn.execute(
+                "SELECT count(*), min(max(next_attempt_at, claimed_until)) FROM meter_events"
+                " WHERE status IN ('queued', 'failed')"
+                " AND (next_attempt_at > ? OR claimed_until > ?)" + where,
+                [time.time(), time.time(), *params],
+            ).fetchone()
+        return int(count), first
+
+    def make_due(self, *, tenant_id: str | None = None, meter_id: str | None = None) -> int:
+        """Make the owed events of this spool's topic that wait for their next attempt
+        due now (an operator who knows the backend is back); leased ones are left alone.
+        Returns how many."""
+        where, params = self._topic_filter()
+        if tenant_id is not None:
+            where += " AND tenant_id = ?"
+            params.append(tenant_id)
+        if meter_id is not None:
+            where += " AND meter_id = ?"
+            params.append(meter_id)
+        now = time.time()
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE meter_events SET next_attempt_at = ?, updated_at = ?"
+                " WHERE status IN ('queued', 'failed') AND next_attempt_at > ?"
+                " AND claimed_until <= ?" + where,
+                [now, now, now, now, *params],
+            )
+        return cursor.rowcount
+
+    def _topic_filter(self) -> tuple[str, list[object]]:
+        if self.topic is None:
+            return "", []
+        return " AND (topic = ? OR topic IS NULL)", [self.topic]
+
     def close(self) -> None:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
             self._connection.drop()
+
+
+def _file_ident(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _add_topic_column(conn: sqlite3.Connection) -> None:

@@ -192,6 +192,29 @@ def test_a_spool_made_before_topics_gets_the_column_and_hands_its_events_to_any(
     assert spool.counts()["owed_by_topic"] == {"": 1, "eu-usage": 1}
 
 
+def test_a_spool_file_removed_while_in_use_is_made_again_with_what_it_owed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A cleaner of old files in /tmp, or an operator, removes the file the connection
+    # holds open: events written after that went to a file no one could reach.
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path)
+    first = events(3)
+    spool.store(first)
+    spool.mark_delivered([first[0].event_id])
+    for suffix in ("", "-wal", "-shm"):
+        os.remove(f"{path}{suffix}")
+    later = events(2)
+    with caplog.at_level(logging.WARNING, logger="meter.spool"):
+        spool.store(later)
+    assert "removed or replaced while in use" in caplog.text
+    reader = SQLiteSpool(path)  # (another process's view: the file at the path)
+    owed = {s.event.event_id for s in reader.claim(10, lease_seconds=60)}
+    assert owed == {e.event_id for e in first[1:] + later}
+    reader.close()
+    spool.close()
+
+
 _FORKED_SPOOL: list[SQLiteSpool] = []  # the spool a forked child inherits
 
 
