@@ -29,7 +29,7 @@ from meter_core.errors import (
     StoreError,
 )
 from meter_core.events import MAX_USAGE, UsageEvent, now_ms, validate_identifier
-from meter_core.redeliver import RedeliveryReport, redeliver
+from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.retry import RetryPolicy
 from meter_core.rules import (
     METHODS_WITHOUT_RESULT,
@@ -84,6 +84,7 @@ __all__ = [
     "UsageEvent",
     "__version__",
     "capture_events",
+    "describe_not_due",
     "is_known_meter",
     "normalize_template",
     "now_ms",

@@ -26,7 +26,7 @@ from typing import Any
 from meter_core.client import MeterClient
 from meter_core.config import options_from_env
 from meter_core.errors import ConfigurationError, MeterError, StoreError
-from meter_core.redeliver import RedeliveryReport, redeliver
+from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.spool import SQLiteSpool
 
 __all__ = ["main"]
@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
         "--max-attempts", type=_positive, default=None, help="skip events already tried N times"
     )
     retry.add_argument("--dry-run", action="store_true", help="count, send nothing")
+    retry.add_argument(
+        "--now",
+        action="store_true",
+        help="also resend events waiting for their next attempt (a backoff after a failed "
+        "one): once the backend is back after an outage (with --loop: at the first run)",
+    )
     retry.add_argument("--tenant", default=None, help="only this tenant's events")
     retry.add_argument("--meter", default=None, help="only this meter's events")
     retry.add_argument("--loop", action="store_true", help="run again every --interval")
@@ -257,6 +263,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def _retry_once(
     args: argparse.Namespace, client: MeterClient | None, spool: SQLiteSpool
 ) -> RedeliveryReport:
+    if args.now and not args.dry_run:
+        args.now = False  # (one-shot: later runs of --loop keep the backoff)
+        made_due = spool.make_due(tenant_id=args.tenant, meter_id=args.meter)
+        if made_due:
+            print(f"{made_due} events waiting for their next attempt made due now", flush=True)
     total = spool.pending_count()
     show_progress = total > args.batch_size and not args.loop
 
@@ -284,6 +295,9 @@ def _retry_once(
     for topic, n in others.items():
         print(f"  {n} of them for topic {topic!r}, not resent here: run with --topic {topic}",
               flush=True)  # fmt: skip
+    hint = describe_not_due(*spool.not_due())
+    if hint:
+        print(f"  {hint}", flush=True)
     return report
 
 

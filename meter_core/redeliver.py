@@ -20,7 +20,24 @@ from meter_core.errors import ConfigurationError
 from meter_core.retry import RetryPolicy
 from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
 
-__all__ = ["RedeliveryReport", "redeliver"]
+__all__ = ["RedeliveryReport", "describe_not_due", "redeliver"]
+
+
+def describe_not_due(count: int, next_due_at: float | None) -> str | None:
+    """The line the retry commands print about owed events a run left because they are
+    not due yet (``count`` of them, the first due at ``next_due_at``, epoch seconds):
+    right after an outage, or after a clock that jumped ahead, a run resends none of
+    them and would otherwise not say why. None when there are none."""
+    if not count or next_due_at is None:
+        return None
+    wait = max(0.0, next_due_at - time.time())
+    if wait < 120:
+        when = f"{wait:.0f}s"
+    elif wait < 7200:
+        when = f"{wait / 60:.0f} min"
+    else:
+        when = f"{wait / 3600:.1f} h"
+    return f"{count} of them not due yet (the next in {when}): --now resends them at once"
 
 
 @dataclass

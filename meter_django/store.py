@@ -45,8 +45,8 @@ from django.conf import settings
 from django.db import Error as DBError
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Count, F, Q, QuerySet
-from django.db.models.functions import Greatest
+from django.db.models import Count, F, Min, Q, QuerySet
+from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
@@ -554,6 +554,44 @@ class DatabaseFailureStore:
                     reason = f"{reason}: {row['last_error']}"
                 by_reason[reason] = by_reason.get(reason, 0) + row["n"]
         return {"by_status": by_status, "by_reason": by_reason}
+
+    def not_due(self) -> tuple[int, float | None]:
+        """``(count, next_due_at)`` of the owed events that are not due yet (waiting for
+        their next attempt, or leased by a worker); ``next_due_at`` in epoch seconds,
+        None when there are none."""
+        now = timezone.now()
+        with self._unit():
+            waiting = (
+                self._objects()
+                .filter(status__in=PENDING_STATUSES)
+                .filter(Q(next_attempt_at__gt=now) | Q(leased_until__gt=now))
+                .aggregate(
+                    n=Count("id"),
+                    # (a NULL in GREATEST makes it NULL on SQLite: no lease is the due time)
+                    first=Min(
+                        Greatest("next_attempt_at", Coalesce("leased_until", "next_attempt_at"))
+                    ),
+                )
+            )
+        first = waiting["first"]
+        return waiting["n"], None if first is None else _epoch(first)
+
+    def make_due(self, *, tenant_id: str | None = None, meter_id: str | None = None) -> int:
+        """Make the owed events waiting for their next attempt due now (an operator who
+        knows the backend is back); leased ones are left alone. Returns how many."""
+        now = timezone.now()
+        rows = (
+            self._objects()
+            .filter(status__in=PENDING_STATUSES, next_attempt_at__gt=now)
+            .filter(_unleased(now))
+        )
+        if tenant_id is not None:
+            rows = rows.filter(tenant_id=tenant_id)
+        if meter_id is not None:
+            rows = rows.filter(meter_id=meter_id)
+        with self._unit():
+            made_due: int = rows.update(next_attempt_at=now, updated_at=now)
+        return made_due
 
     def pending_by_meter(self) -> dict[str, int]:
         """Owed events per meter id."""

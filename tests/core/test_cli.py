@@ -67,6 +67,26 @@ def test_retry_resends_only_its_topic_of_a_shared_spool(
         eu.stop()
 
 
+def test_retry_says_what_is_not_due_yet_and_now_resends_it(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Right after an outage, the rows tried during it wait out their backoff (or an
+    # hour or a day, after a clock that jumped ahead): a run resent 0 and said nothing.
+    path = tmp_path / "s.db"
+    events = [UsageEvent("acme", "d", "page.processed.basic", 1) for _ in range(3)]
+    SQLiteSpool(path).store(events, error="down", attempts=2, next_attempt_at=time.time() + 3600)
+    assert main(retry_args(backend.url, path)) == 0
+    out = capsys.readouterr().out
+    assert "3 events still in the spool" in out
+    assert "3 of them not due yet (the next in 60 min): --now resends them at once" in out
+    assert backend.records == []
+    assert main(retry_args(backend.url, path, "--now")) == 0
+    out = capsys.readouterr().out
+    assert "3 events waiting for their next attempt made due now" in out
+    assert "0 events still in the spool" in out and "not due yet" not in out
+    assert sorted(backend.event_ids()) == sorted(e.event_id for e in events)
+
+
 def test_retry_exits_non_zero_when_events_stay_failed(
     tmp_path: Path, closed_port_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -84,9 +84,17 @@ def test_failures_exit_non_zero_and_back_off(
     assert {r.attempts for r in rows} == {3}
     assert all(r.next_attempt_at.timestamp() > time.time() + 10 for r in rows)
     backend.clear_fault()
-    assert "resent 0 events" in _run()  # not due yet: only the command's failures back off
+    out = _run()
+    assert "resent 0 events" in out  # not due yet: only the command's failures back off
+    # ... which the run says, and how to resend them at once (the backend is back)
+    assert "2 events still owed\n  2 of them not due yet (the next in " in out
+    assert "--now resends them at once" in out
     assert backend.event_ids() == []
     assert set(ids) == {str(r.event_id) for r in rows}
+    out = _run("--now")
+    assert "2 events waiting for their next attempt made due now" in out
+    assert "2 delivered, 0 failed" in out and "not due yet" not in out
+    assert sorted(backend.event_ids()) == sorted(ids)
 
 
 def test_dry_run_sends_and_changes_nothing(

@@ -19,8 +19,10 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import Error as DBError
 from django.db import close_old_connections
 
-from meter_core import ConfigurationError, RedeliveryReport, StoreError
+from meter_core import ConfigurationError, RedeliveryReport, StoreError, describe_not_due
+from meter_django.conf import conf
 from meter_django.retry import retry_events
+from meter_django.store import DatabaseFailureStore
 
 
 class Command(BaseCommand):
@@ -38,6 +40,13 @@ class Command(BaseCommand):
             "--max-attempts", type=int, default=None, help="skip events tried this often"
         )
         parser.add_argument("--dry-run", action="store_true", help="count, send nothing")
+        parser.add_argument(
+            "--now",
+            action="store_true",
+            help="also resend events waiting for their next attempt (a backoff after a "
+            "failed one): once the backend is back after an outage (with --loop: at the "
+            "first run)",
+        )
         parser.add_argument("--tenant", default=None, help="only this tenant's events")
         parser.add_argument("--meter", default=None, help="only this meter's events")
         parser.add_argument("--loop", action="store_true", help="run again every --interval")
@@ -107,6 +116,14 @@ class Command(BaseCommand):
             )
 
         try:
+            store = DatabaseFailureStore(conf.database)
+            if options["now"] and not options["dry_run"]:
+                options["now"] = False  # (one-shot: later runs of --loop keep the backoff)
+                made_due = store.make_due(tenant_id=options["tenant"], meter_id=options["meter"])
+                if made_due:
+                    self.stdout.write(
+                        f"{made_due} events waiting for their next attempt made due now"
+                    )
             report = retry_events(
                 limit=options["limit"],
                 batch_size=options["batch_size"],
@@ -122,4 +139,11 @@ class Command(BaseCommand):
             raise CommandError(f"database error: {exc}") from exc
         style = self.style.SUCCESS if report.ok else self.style.ERROR
         self.stdout.write(style(report.summary()))
+        try:
+            pending = sum(store.pending_by_meter().values())
+            hint = describe_not_due(*store.not_due())
+        except StoreError:  # (the run is reported above; these lines are only hints)
+            pending, hint = 0, None
+        if hint:
+            self.stdout.write(f"{pending} events still owed\n  {hint}")
         return report
