@@ -242,8 +242,9 @@ class MeterMiddleware:
                     # no result: uvicorn takes this response for a closed connection
                     # without an error. (Asked here, not at the end: a caller may hang up
                     # once it has the body its Content-Length promised, before the app's
-                    # last, empty message.)
-                    gone = bool(specs or usage.entries) and client_gone(receive)
+                    # last, empty message. Asked of every successful response: a
+                    # background task may add usage to one without any yet.)
+                    gone = client_gone(receive)
                 raw_headers = message.get("headers")
                 if raw_headers is not None and type(raw_headers) is not list:
                     # any iterable is allowed: read once here, passed on as a list
@@ -254,10 +255,16 @@ class MeterMiddleware:
             elif kind in _FINAL_KINDS and not (
                 kind != "http.response.pathsend" and message.get("more_body", False)
             ):
-                if gone:  # never billed, usage a background task adds later included
-                    self._recorder.counters["client_gone"] += 1
-                    await send(message)
-                    return
+                if (
+                    not gone
+                    and status in self._success
+                    and client_gone(receive)
+                    and not _has_content_length(raw_headers)
+                ):
+                    # The caller left before the end of a response that only this message
+                    # ends (chunked): a stream cut short, whose end a middleware inside
+                    # this one (BaseHTTPMiddleware) sends anyway once the app stopped.
+                    gone = True
                 await send(message)
                 complete = True  # the server took the end of the response
                 return
@@ -274,12 +281,15 @@ class MeterMiddleware:
             cancelled = exc
 
         # A response is billed once complete: a stream cut short (the client left, the
-        # app stopped) was not a successful call.
+        # app stopped) was not a successful call, nor was one whose caller had left.
         if complete and status in self._success and (specs or usage.entries):
-            writing = self._record(scope, state, path, specs, status, raw_headers, header_usage,
-                                   usage)  # fmt: skip
-            if writing is not None:  # a store write, in a worker thread
-                await writing
+            if gone:  # (usage a background task added after the response included)
+                self._recorder.counters["client_gone"] += 1
+            else:
+                writing = self._record(scope, state, path, specs, status, raw_headers,
+                                       header_usage, usage)  # fmt: skip
+                if writing is not None:  # a store write, in a worker thread
+                    await writing
         if cancelled is not None:
             raise cancelled
 
@@ -430,6 +440,10 @@ class MeterMiddleware:
             return
         for message in messages or ():
             logger.warning("%s", message)
+
+
+def _has_content_length(raw_headers: Sequence[tuple[bytes, bytes]] | None) -> bool:
+    return any(name.lower() == b"content-length" for name, _ in raw_headers or ())
 
 
 def _strip_headers(

@@ -38,14 +38,21 @@ async def responses_app(scope: Any, receive: Any, send: Any) -> None:
         return
     await _drain(receive)
     path = scope["path"]
-    if path == "/cut":
+    if path in ("/cut", "/cut-ended"):
         await send(OK_START)
         await send({"type": "http.response.body", "body": b"first", "more_body": True})
         while (await receive())["type"] != "http.disconnect":
             pass
+        if path == "/cut-ended":  # as BaseHTTPMiddleware does once the app inside stopped
+            await send({"type": "http.response.body", "body": b""})
         return
-    if path == "/slow":
+    if path in ("/slow", "/slow-task"):
         await asyncio.sleep(0.5)
+    if path == "/slow-task":  # no rule: only a background task adds usage, once answered
+        await send(OK_START)
+        await send({"type": "http.response.body", "body": b"ok"})
+        scope["state"]["meter.usage"].add("report.generated.medium", 1)
+        return
     if path == "/twice":
         values = unquote(scope["query_string"].decode().split("=", 1)[1]).split(",")
         headers = [(b"x-meter-pages", value.encode()) for value in values]
@@ -65,7 +72,8 @@ def metered(meter_client: MeterClient) -> MeterMiddleware:
     pages = {"meter": "page.processed.advanced", "header": "x-meter-pages"}
     return MeterMiddleware(
         responses_app, client=meter_client, tenant="acme",
-        routes={"GET /cut": "report.generated.large", "GET /twice": pages, "GET /gen": pages,
+        routes={"GET /cut": "report.generated.large", "GET /cut-ended": "report.generated.large",
+                "GET /twice": pages, "GET /gen": pages,
                 "GET /marker": "template.licensed.total", "GET /slow": "report.generated.small"},
     )  # fmt: skip
 
@@ -75,11 +83,18 @@ def server(serve: Callable[..., LiveServer], metered: MeterMiddleware) -> LiveSe
     return serve(metered, lifespan="off")
 
 
+@pytest.mark.parametrize("path", ["/cut", "/cut-ended"])
 def test_a_stream_cut_short_by_the_client_is_not_billed(
-    server: LiveServer, metered: MeterMiddleware, meter_backend: DevServer, http: httpx.Client
+    server: LiveServer,
+    metered: MeterMiddleware,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    path: str,
 ) -> None:
+    # /cut-ended: the end of the stream is sent once the client has left (a
+    # BaseHTTPMiddleware inside this one does so): the client never got it
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
-        raw.sendall(b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         received = b""
         while b"first" not in received:  # the stream started; then the client leaves
             chunk = raw.recv(1000)
@@ -106,6 +121,20 @@ def test_a_client_that_left_before_the_response_is_not_billed(
     wait_for_records(meter_backend, 1)
     time.sleep(0.1)
     assert [v["meter_id"] for v in meter_backend.values()] == ["report.generated.small"]
+    assert metered.stats["client_gone"] == 1 and metered.stats["metered_requests"] == 1
+
+
+def test_usage_a_background_task_adds_after_the_caller_left_is_not_billed(
+    server: LiveServer, metered: MeterMiddleware, meter_backend: DevServer, http: httpx.Client
+) -> None:
+    # No rule for the route, no usage when the response starts: only the task adds some.
+    with pytest.raises(httpx.ReadTimeout):
+        http.get(f"{server.url}/slow-task", timeout=0.2)
+    time.sleep(0.6)  # the app answers, to nobody, and its task adds usage
+    assert http.get(f"{server.url}/slow-task").is_success  # a caller who waited: billed
+    wait_for_records(meter_backend, 1)
+    time.sleep(0.1)
+    assert [v["meter_id"] for v in meter_backend.values()] == ["report.generated.medium"]
     assert metered.stats["client_gone"] == 1 and metered.stats["metered_requests"] == 1
 
 
@@ -208,3 +237,52 @@ def test_a_caller_that_hangs_up_once_it_has_the_whole_body_is_billed(
     (value,) = wait_for_records(meter_backend, 1)
     assert value["meter_id"] == "report.generated.small"
     assert metered.stats["client_gone"] == 0
+
+
+def test_a_stream_cut_short_under_a_base_http_middleware_is_not_billed(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+) -> None:
+    # BaseHTTPMiddleware (inside MeterMiddleware) ends its own stream once the app's
+    # is cancelled by the client's leaving: the end of the response went to nobody.
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import StreamingResponse
+
+    app = FastAPI()
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(40):
+                yield b"chunk\n"
+                await asyncio.sleep(0.05)
+
+        return StreamingResponse(chunks())
+
+    @app.get("/marker")
+    async def marker() -> str:
+        return "ok"
+
+    async def passthrough(request: Request, call_next: Any) -> Any:
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=passthrough)
+    app.add_middleware(MeterMiddleware, client=meter_client, tenant="acme",
+                       routes={"GET /stream": "report.generated.large",
+                               "GET /marker": "template.licensed.total"})  # fmt: skip
+    server = serve(app)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", server.port)) as raw:
+            raw.sendall(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = b""
+            while b"chunk" not in received:  # the stream started; then the client leaves
+                chunk = raw.recv(1000)
+                assert chunk, received
+                received += chunk
+    time.sleep(0.5)  # the app sees the disconnect and stops
+    assert http.get(f"{server.url}/marker").is_success
+    wait_for_records(meter_backend, 1)
+    time.sleep(0.2)
+    assert [v["meter_id"] for v in meter_backend.values()] == ["template.licensed.total"]
