@@ -45,6 +45,8 @@ from typing import cast
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
+from django.urls import ResolverMatch
+from django.urls.resolvers import LocalePrefixPattern
 
 from meter_core import ConfigurationError, LogThrottle, MeterSpec, RequestUsage
 from meter_django.metering import (
@@ -113,7 +115,28 @@ def _matching_specs(request: HttpRequest) -> tuple[MeterSpec, ...]:
     if match is None:
         return ()
     method = request.method or "GET"
-    return rules.match_route(method, match.route) + rules.match(method, match.view_name)
+    by_route = rules.match_route(method, match.route)
+    if not by_route:
+        # Under i18n_patterns() the route starts with the language's prefix ("fr/"): a
+        # rule written as urls.py has it ("GET /page/") meters every language.
+        unprefixed = _without_language_prefix(match)
+        if unprefixed is not None:
+            by_route = rules.match_route(method, unprefixed)
+    return by_route + rules.match(method, match.view_name)
+
+
+def _without_language_prefix(match: ResolverMatch) -> str | None:
+    """The route of ``match`` without the language prefix of i18n_patterns(), when it
+    was resolved through them (the first pattern of its path in the URLconf); None
+    otherwise."""
+    tried = match.tried
+    if not tried or not tried[-1]:
+        return None
+    top = getattr(tried[-1][0], "pattern", None)
+    if not isinstance(top, LocalePrefixPattern):
+        return None
+    prefix = str(top)
+    return match.route[len(prefix) :] if match.route.startswith(prefix) else None
 
 
 # -- what a response meters ------------------------------------------------------------

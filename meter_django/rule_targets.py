@@ -150,7 +150,7 @@ def _walk(
     patterns: Iterable[Any], prefix: str, namespaces: tuple[str, ...], *, regex: bool
 ) -> Iterator[_Route]:
     from django.urls import URLPattern, URLResolver
-    from django.urls.resolvers import RegexPattern
+    from django.urls.resolvers import LocalePrefixPattern, RegexPattern
 
     for pattern in patterns:
         piece = str(pattern.pattern)
@@ -159,6 +159,10 @@ def _walk(
         is_regex = regex or isinstance(pattern.pattern, RegexPattern)
         if isinstance(pattern, URLResolver):
             inner = (*namespaces, pattern.namespace) if pattern.namespace else namespaces
+            if isinstance(pattern.pattern, LocalePrefixPattern) and piece:
+                # i18n_patterns(): the middleware matches their routes without the
+                # language prefix too, as urls.py writes them
+                yield from _walk(pattern.url_patterns, prefix, inner, regex=is_regex)
             yield from _walk(pattern.url_patterns, route, inner, regex=is_regex)
         elif isinstance(pattern, URLPattern):
             name = pattern.name or _view_path(pattern.callback)

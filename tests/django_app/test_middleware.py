@@ -622,3 +622,26 @@ def test_the_middleware_listed_twice_meters_a_request_once(
         assert asgi.status_code == 200  # (the middleware in async mode)
     assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.basic", 3)] * 2
     assert "listed more than once in MIDDLEWARE" in caplog.text
+
+
+def test_a_route_rule_under_i18n_patterns_meters_every_language(
+    quiet: MeterSettings, settings: Any
+) -> None:
+    # urls.py writes path("page/") inside i18n_patterns(): the route Django resolves is
+    # "en/page/" or "fr/page/" by the language; a rule written as urls.py has it billed
+    # none of them, and one written "GET /en/page/" (the check's hint) only English.
+    settings.ROOT_URLCONF = "tests.django_app.urls_i18n"
+    settings.LANGUAGES = [("en", "English"), ("fr", "French")]
+    settings.MIDDLEWARE = [
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.locale.LocaleMiddleware",
+        *settings.MIDDLEWARE[1:],
+    ]
+    quiet(RULES={"GET /page/": "report.generated.small", "GET /legacy/": "page.processed.basic"})
+    from meter_django.checks import check_settings
+
+    assert [m.id for m in check_settings()] == ["meter_django.W003"]  # /legacy/ only
+    with capture_events() as events:
+        for path in ("/en/page/", "/fr/page/", "/en/legacy/"):
+            assert _get(path).status_code == 200
+    assert [e.meter_id for e in events] == ["report.generated.small"] * 2
