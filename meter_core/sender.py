@@ -365,9 +365,20 @@ class Sender:
 
     def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what can be delivered within ``timeout`` seconds, then store everything
-        still undelivered (queue, retries, in flight) and stop the thread. Idempotent."""
+        still undelivered (queue, retries, in flight) and stop the thread. Idempotent.
+        A store that can bound its waits (SQLiteSpool's ``lock_wait_until``) waits for a
+        lock held elsewhere until then too (half a second at least per call), not for
+        its whole busy timeout: what it could not take then is kept in memory, logged."""
         if self._closed:
             return
+        bound = getattr(self._store, "lock_wait_until", None)
+        if timeout is None or not callable(bound):
+            self._close(timeout)
+            return
+        with bound(time.monotonic() + timeout):
+            self._close(timeout)
+
+    def _close(self, timeout: float | None) -> None:
         with self._state_lock:
             never_started = self._thread is None
             if never_started:  # never used: nothing to flush, and no I/O at exit

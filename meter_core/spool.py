@@ -68,6 +68,7 @@ _closing_lock = threading.RLock()  # (the collector may run a finalizer on its h
 _inherited: list[sqlite3.Connection] = []
 _held_for_fork = threading.local()  # per thread: two threads may fork at once
 _FORK_WAIT_SECONDS = 2.0
+_LEAST_LOCK_WAIT = 0.5  # seconds a call waits for a lock within lock_wait_until()
 
 
 def _before_fork() -> None:
@@ -158,6 +159,7 @@ class SQLiteSpool:
         self._busy_timeout = busy_timeout
         self._lock = threading.RLock()
         self._lock_pid = os.getpid()
+        self._deadline = threading.local()  # see lock_wait_until()
         self._connection = _Connection()
         weakref.finalize(self, self._connection.drop)
         with _spools_lock:
@@ -174,16 +176,20 @@ class SQLiteSpool:
     def __repr__(self) -> str:
         return f"SQLiteSpool({str(self.path)!r})"
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, wait: float | None = None) -> sqlite3.Connection:
+        """This process's connection, its busy timeout set to ``wait`` seconds when given
+        (the caller sets it back)."""
         current = self._connection
         if current.conn is not None and current.pid == os.getpid():
             if _file_ident(self.path) == current.ident:
+                if wait is not None:
+                    current.conn.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
                 return current.conn
-            return self._reopen_removed(current)
+            return self._reopen_removed(current, wait)
         current.drop()  # one inherited through fork is kept, never used
-        return self._open(current)
+        return self._open(current, wait)
 
-    def _reopen_removed(self, current: _Connection) -> sqlite3.Connection:
+    def _reopen_removed(self, current: _Connection, wait: float | None) -> sqlite3.Connection:
         """The file was removed (a cleaner of old files in /tmp, an operator) or replaced
         while open: events written since would go to a file no one can reach. Open the
         path again, moving the owed events the old file still holds into the new one."""
@@ -198,7 +204,7 @@ class SQLiteSpool:
                          "read back: %s", str(self.path), exc)  # fmt: skip
             columns, rows = [], []
         current.drop()
-        conn = self._open(current)
+        conn = self._open(current, wait)
         if rows:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -219,11 +225,14 @@ class SQLiteSpool:
         )
         return conn
 
-    def _open(self, current: _Connection) -> sqlite3.Connection:
+    def _open(self, current: _Connection, wait: float | None) -> sqlite3.Connection:
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            self.path,
+            timeout=self._busy_timeout if wait is None else wait,
+            isolation_level=None,
+            check_same_thread=False,
         )
         try:
             _refuse_foreign_database(conn, self.path)
@@ -245,10 +254,36 @@ class SQLiteSpool:
         return self._lock
 
     @contextmanager
+    def lock_wait_until(self, deadline: float | None) -> Iterator[None]:
+        """Within the block, calls of this thread wait for a lock on the file (another
+        process's transaction, another thread's call) until ``deadline`` at most
+        (``time.monotonic()``; None: the busy timeout, as outside the block), or half a
+        second when that is later (a lock held for a moment, by the sender's own claim
+        say, is still waited for), then raise StoreError: for a ``close()`` given a
+        timeout, which must not wait out a busy timeout of 30 s."""
+        previous = getattr(self._deadline, "value", None)
+        self._deadline.value = deadline
+        try:
+            yield
+        finally:
+            self._deadline.value = previous
+
+    @contextmanager
     def _transaction(self, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        with self._process_lock():
+        deadline: float | None = getattr(self._deadline, "value", None)
+        if deadline is not None:
+            deadline = max(deadline, time.monotonic() + _LEAST_LOCK_WAIT)
+        lock = self._process_lock()
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise StoreError(
+                f"spool {str(self.path)!r}: still in use by another thread at the deadline"
+            )
+        try:
+            wait = None if deadline is None else max(0.001, deadline - time.monotonic())
+            conn = self._connect(wait)
             try:
-                conn = self._connect()
                 conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
                 try:
                     yield conn
@@ -256,10 +291,15 @@ class SQLiteSpool:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
-            except (sqlite3.Error, OSError) as exc:
-                # OSError: the file or its folder cannot be made (read-only, a path part
-                # that is a file...); callers handle StoreError, the store's one error type
-                raise StoreError(f"spool {str(self.path)!r}: {exc}") from exc
+            finally:
+                if wait is not None:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        except (sqlite3.Error, OSError) as exc:
+            # OSError: the file or its folder cannot be made (read-only, a path part
+            # that is a file...); callers handle StoreError, the store's one error type
+            raise StoreError(f"spool {str(self.path)!r}: {exc}") from exc
+        finally:
+            lock.release()
 
     def store(
         self,

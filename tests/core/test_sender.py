@@ -851,6 +851,33 @@ def test_close_asks_a_store_that_just_refused_the_retries_only_once(
     assert {s.event.event_id for s in client.failed_events()} == ids  # kept, in memory
 
 
+def test_close_waits_for_a_locked_spool_no_longer_than_its_timeout(
+    backend: DevServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The spool keeps its default busy timeout (30 s): close(timeout=1) waited all of it
+    # (an exit, a worker's restart, held up 30 s), and then kept the events in memory
+    # anyway. It now waits for the lock until its own timeout.
+    import sqlite3
+
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path)
+    client, ids = _waiting_for_a_retry(backend, 5, backoff=20, failure_store=spool)
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            client.close(timeout=1)
+        assert time.monotonic() - started < 4  # 1 s, and half a second per write after
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert {s.event.event_id for s in client.failed_events()} == ids  # kept, in memory
+    assert "5 usage events are held only in memory at close" in caplog.text
+    spool.store([UsageEvent("acme", "d", "page.processed.basic", 1)])  # (30 s again, and
+    assert spool.pending_count() == 1  # the file works once the lock is gone)
+
+
 class _Interrupt(BaseException):
     """Stands for gevent's Timeout: a BaseException raised out of a store write."""
 
