@@ -139,7 +139,8 @@ class SQLiteSpool:
     Errors of sqlite3 are raised as :class:`~meter_core.StoreError`. The constructor only
     looks at the path (no file is made): one that cannot be written (a folder that is
     read-only, a part of it that is a file) is logged as an error at once, rather than
-    found at the first outage, when the events it should keep stay in memory.
+    found at the first outage, when the events it should keep stay in memory
+    (``check_writable=False``: not looked at, for a tool that only reads it).
     """
 
     def __init__(
@@ -148,6 +149,7 @@ class SQLiteSpool:
         *,
         busy_timeout: float = 30.0,
         topic: str | None = None,
+        check_writable: bool = True,
     ) -> None:
         if topic is not None and (not isinstance(topic, str) or not topic):
             raise ConfigurationError(f"SQLiteSpool(topic): must be a non-empty str, got {topic!r}")
@@ -164,7 +166,7 @@ class SQLiteSpool:
         weakref.finalize(self, self._connection.drop)
         with _spools_lock:
             _spools.add(self)
-        problem = _unwritable(self.path)
+        problem = _unwritable(self.path) if check_writable else ""
         if problem:
             logger.error(
                 "spool %r cannot be written (%s): events the backend does not take will be "

@@ -115,6 +115,8 @@ def test_retry_limit_and_progress(
     captured = capsys.readouterr()
     assert "100/120 events" in captured.err
     assert "20 events still in the spool" in captured.out
+    assert main([*args, "--dry-run", "--batch-size", "5"]) == 0
+    assert "\r20/20 events counted" in capsys.readouterr().err  # (none "delivered")
 
 
 def test_retry_reads_the_environment(

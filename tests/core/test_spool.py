@@ -346,6 +346,10 @@ def test_a_path_that_cannot_be_written_is_logged_when_the_spool_is_built(
     assert "a-file' is not a folder" in messages[0] and "kept in memory only" in messages[0]
     assert "it is a folder" in messages[1]
     assert not (tmp_path / "new").exists()  # (building it made nothing)
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="meter.spool"):  # (the command line's)
+        SQLiteSpool(tmp_path / "a-file" / "spool.db", check_writable=False).close()
+    assert caplog.records == []
 
 
 @pytest.mark.parametrize("bad", [None, -1, 1.5, True, "10"])
