@@ -24,7 +24,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 from meter_core.customers import CustomerCache
 from meter_core.delivery import OUT_OF_TIME, deliver_once
@@ -78,6 +80,9 @@ OnError = Callable[[Sequence[UsageEvent], BaseException], None]
 # failed offer, up to the maximum; also at the store's next successful write, and at close.
 FALLBACK_RETRY_SECONDS = 5.0
 FALLBACK_RETRY_MAX_SECONDS = 60.0
+#: Seconds a spill from a full queue, in the caller's thread, waits for a store locked
+#: elsewhere (a store that can bound its waits: see SQLiteSpool.lock_wait_until).
+SPILL_LOCK_WAIT = 1.0
 
 
 class Sender:
@@ -271,7 +276,10 @@ class Sender:
     def _overflow(self, event: UsageEvent) -> None:
         if self._store is not None:
             try:
-                self._store.store([event])
+                # (in the caller's thread, a request's say: a spool locked by another
+                # process is not waited for its whole busy timeout)
+                with self._store_waits(SPILL_LOCK_WAIT):
+                    self._store.store([event])
             except Exception as exc:  # StoreError, or any failure of a custom store
                 # (throttled: during an outage of both, this runs for every new event)
                 self._overflow_log.log(
@@ -371,12 +379,16 @@ class Sender:
         its whole busy timeout: what it could not take then is kept in memory, logged."""
         if self._closed:
             return
+        with self._store_waits(timeout):
+            self._close(timeout)
+
+    def _store_waits(self, seconds: float | None) -> AbstractContextManager[object]:
+        """A block in which a store that can bound its waits for a lock held elsewhere
+        (SQLiteSpool.lock_wait_until) waits ``seconds`` at most (None: as it likes)."""
         bound = getattr(self._store, "lock_wait_until", None)
-        if timeout is None or not callable(bound):
-            self._close(timeout)
-            return
-        with bound(time.monotonic() + timeout):
-            self._close(timeout)
+        if seconds is None or not callable(bound):
+            return nullcontext()
+        return cast(AbstractContextManager[object], bound(time.monotonic() + seconds))
 
     def _close(self, timeout: float | None) -> None:
         with self._state_lock:

@@ -149,6 +149,39 @@ def test_a_full_queue_with_a_failing_store_logs_a_line_not_one_per_event(
         client.close(0)
 
 
+def test_a_spill_to_a_spool_locked_elsewhere_waits_a_second_not_its_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    # The queue is full (the backend down long enough) and another process holds the
+    # spool's lock: each spill, in the caller's thread (a request's), waited the spool's
+    # 30 s busy timeout, then dropped the event anyway.
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path)
+    spool.counts()  # (creates the file)
+    client = client_with(DownTransport(), failure_store=spool, max_queue=3, batch_size=1000,
+                         flush_interval=30)  # fmt: skip
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        for _ in range(3):
+            client.record(**RECORD)
+        locker.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        client.record(**RECORD)  # the queue is full: spilled, to a locked spool
+        assert time.monotonic() - started < 3
+        assert client.stats()["dropped"] == 1
+        locker.execute("ROLLBACK")
+        locker.execute("BEGIN EXCLUSIVE")
+        threading.Timer(0.3, locker.execute, ["ROLLBACK"]).start()
+        client.record(**RECORD)  # a lock held for a moment is still waited for
+        assert client.stats()["dropped"] == 1
+        assert spool.pending_count() == 1
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+        client.close(0)
+
+
 def test_durable_record_after_close_raises_when_the_store_fails() -> None:
     # Durable mode accepts an event only once it is in the store, closed or not: kept
     # in memory after close, nothing would ever send it.
