@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from meter_core.client import MeterClient
-from meter_core.config import options_from_env
+from meter_core.config import CLIENT_OPTIONS, options_from_env
 from meter_core.errors import ConfigurationError, MeterError, StoreError
 from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.spool import SQLiteSpool
@@ -182,7 +182,7 @@ def _devserver(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_TOPIC = "usage-events"  # (MeterClient's)
+DEFAULT_TOPIC: str = CLIENT_OPTIONS["topic"].default
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -301,6 +301,8 @@ def _retry_once(
         print(f"  {n} of them for topic {topic!r}, not resent here: run with --topic {topic}",
               flush=True)  # fmt: skip
     hint = describe_not_due(*spool.not_due())
+    if hint and args.dry_run and args.now:
+        hint = hint.replace("--now resends them at once", "--now would resend them")
     if hint:
         print(f"  {hint}", flush=True)
     return report

@@ -117,11 +117,15 @@ class MeterClient:
         if store is None and opts["spool_path"]:
             # (bound to the topic: clients of other topics may share the file)
             store = SQLiteSpool(opts["spool_path"], topic=opts["topic"])
-        elif isinstance(store, SQLiteSpool) and store.topic not in (None, opts["topic"]):
-            raise ConfigurationError(
-                f"failure_store: the spool keeps events of topic {store.topic!r}, and this "
-                f"client sends to {opts['topic']!r}: its events would never be resent"
-            )
+        elif isinstance(store, SQLiteSpool):
+            if store.topic is None:  # bound to this client's topic, as the spool_path one
+                store.topic = opts["topic"]
+            elif store.topic != opts["topic"]:
+                raise ConfigurationError(
+                    f"failure_store: the spool keeps events of topic {store.topic!r}, and "
+                    f"this client sends to {opts['topic']!r} (a spool given to clients of "
+                    "two topics: give each its own SQLiteSpool of the file)"
+                )
         if store is not None and not isinstance(store, FailureStore):
             raise ConfigurationError(
                 f"failure_store: must implement meter_core.FailureStore, got {store!r}"

@@ -153,7 +153,8 @@ class SQLiteSpool:
     ) -> None:
         if topic is not None and (not isinstance(topic, str) or not topic):
             raise ConfigurationError(f"SQLiteSpool(topic): must be a non-empty str, got {topic!r}")
-        self.path = Path(path)
+        # (absolute: a relative path read again after a chdir would name another file)
+        self.path = Path(os.path.abspath(path))
         #: The topic of the events this spool keeps and hands out: several clients that
         #: send to different topics may share a file, each claiming its own events only.
         #: None: events are kept without one, and every event is handed out.
@@ -194,40 +195,39 @@ class SQLiteSpool:
     def _reopen_removed(self, current: _Connection, wait: float | None) -> sqlite3.Connection:
         """The file was removed (a cleaner of old files in /tmp, an operator) or replaced
         while open: events written since would go to a file no one can reach. Open the
-        path again, moving the owed events the old file still holds into the new one."""
+        path again and move the owed events the old file still holds into the new one
+        (moved: another process that finds the removal later has none left to copy, so
+        none it delivered meanwhile comes back). If the new file cannot be opened or
+        written, the old connection is kept and the call fails: the next one tries
+        again."""
         old = current.conn
         assert old is not None
+        new, ident = self._new_connection(wait)
         try:
-            cursor = old.execute("SELECT * FROM meter_events WHERE status IN ('queued', 'failed')")
-            columns = [d[0] for d in cursor.description]
-            rows = cursor.fetchall()
-        except sqlite3.Error as exc:
-            logger.error("spool %r was removed while in use, and its events could not be "
-                         "read back: %s", str(self.path), exc)  # fmt: skip
-            columns, rows = [], []
+            moved = _move_owed(old, new, str(self.path))
+        except BaseException:
+            new.close()
+            raise
         current.drop()
-        conn = self._open(current, wait)
-        if rows:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany(
-                    f"INSERT OR IGNORE INTO meter_events ({', '.join(columns)})"
-                    f" VALUES ({', '.join('?' * len(columns))})",
-                    rows,
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        current.conn, current.pid, current.ident = new, os.getpid(), ident
         logger.warning(
             "spool %r was removed or replaced while in use: opened again, with the %d "
             "events still owed that it held",
             str(self.path),
-            len(rows),
+            moved,
         )
-        return conn
+        return new
 
     def _open(self, current: _Connection, wait: float | None) -> sqlite3.Connection:
+        conn, ident = self._new_connection(wait)
+        current.conn, current.pid, current.ident = conn, os.getpid(), ident
+        return conn
+
+    def _new_connection(
+        self, wait: float | None
+    ) -> tuple[sqlite3.Connection, tuple[int, int] | None]:
+        """A connection to the file at the path (made if missing, given the schema), and
+        the file's (device, inode)."""
         if self.path.parent and not self.path.parent.exists():
             self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(
@@ -238,15 +238,14 @@ class SQLiteSpool:
         )
         try:
             _refuse_foreign_database(conn, self.path)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            _add_topic_column(conn)
         except BaseException:
             conn.close()
             raise
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        _add_topic_column(conn)
-        current.conn, current.pid, current.ident = conn, os.getpid(), _file_ident(self.path)
-        return conn
+        return conn, _file_ident(self.path)
 
     def _process_lock(self) -> threading.RLock:
         """This process's lock. A child forked while a thread of the parent held the lock
@@ -450,16 +449,17 @@ class SQLiteSpool:
 
     def not_due(self) -> tuple[int, float | None]:
         """``(count, next_due_at)`` of the owed events of this spool's topic that are not
-        due yet (their next attempt is later: a backoff after a failed one), or not
-        handed out while another worker's lease runs; ``next_due_at`` in epoch seconds,
-        None when there are none."""
+        due yet (their next attempt is later: a backoff after a failed one), those a
+        worker holds left out, as :meth:`make_due` leaves them; ``next_due_at`` in epoch
+        seconds, None when there are none."""
         where, params = self._topic_filter()
         with self._transaction() as conn:
+            now = time.time()
             count, first = conn.execute(
-                "SELECT count(*), min(max(next_attempt_at, claimed_until)) FROM meter_events"
-                " WHERE status IN ('queued', 'failed')"
-                " AND (next_attempt_at > ? OR claimed_until > ?)" + where,
-                [time.time(), time.time(), *params],
+                "SELECT count(*), min(next_attempt_at) FROM meter_events"
+                " WHERE status IN ('queued', 'failed') AND next_attempt_at > ?"
+                " AND claimed_until <= ?" + where,
+                [now, now, *params],
             ).fetchone()
         return int(count), first
 
@@ -493,6 +493,55 @@ class SQLiteSpool:
         """Close this process's connection (it is opened again on next use)."""
         with self._process_lock():
             self._connection.drop()
+
+
+def _move_owed(old: sqlite3.Connection, new: sqlite3.Connection, path: str) -> int:
+    """Move the owed rows of ``old`` (a removed file) into ``new``; how many. Rows that
+    cannot be read from ``old`` are logged as lost; a failure to write ``new`` raises,
+    leaving ``old`` as it was."""
+    try:
+        old.execute("BEGIN IMMEDIATE")
+        cursor = old.execute("SELECT * FROM meter_events WHERE status IN ('queued', 'failed')")
+        columns = [d[0] for d in cursor.description]
+        rows = cursor.fetchall()
+    except sqlite3.Error as exc:
+        _rollback_quietly(old)
+        logger.error("spool %r was removed while in use, and the events it held could not be "
+                     "read back: %s", path, exc)  # fmt: skip
+        return 0
+    try:
+        if rows:
+            new.execute("BEGIN IMMEDIATE")
+            try:
+                new.executemany(
+                    f"INSERT OR IGNORE INTO meter_events ({', '.join(columns)})"
+                    f" VALUES ({', '.join('?' * len(columns))})",
+                    rows,
+                )
+            except BaseException:
+                _rollback_quietly(new)
+                raise
+            new.execute("COMMIT")
+    except BaseException:
+        _rollback_quietly(old)
+        raise
+    try:
+        key = columns.index("event_id")
+        old.executemany("DELETE FROM meter_events WHERE event_id = ?", [(r[key],) for r in rows])
+        old.execute("COMMIT")
+    except sqlite3.Error as exc:  # (in both files now: sent twice at worst, same ids)
+        _rollback_quietly(old)
+        logger.warning("spool %r: events moved from the removed file stay in it too: %s",
+                       path, exc)  # fmt: skip
+    return len(rows)
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
 
 
 def _file_ident(path: Path) -> tuple[int, int] | None:

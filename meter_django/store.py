@@ -46,7 +46,7 @@ from django.db import Error as DBError
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Count, F, Min, Q, QuerySet
-from django.db.models.functions import Coalesce, Greatest
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from meter_core import InvalidEvent, LogThrottle, StoredEvent, StoreError, UsageEvent
@@ -557,21 +557,15 @@ class DatabaseFailureStore:
 
     def not_due(self) -> tuple[int, float | None]:
         """``(count, next_due_at)`` of the owed events that are not due yet (waiting for
-        their next attempt, or leased by a worker); ``next_due_at`` in epoch seconds,
-        None when there are none."""
+        their next attempt; those a worker holds left out, as :meth:`make_due` leaves
+        them); ``next_due_at`` in epoch seconds, None when there are none."""
         now = timezone.now()
         with self._unit():
             waiting = (
                 self._objects()
-                .filter(status__in=PENDING_STATUSES)
-                .filter(Q(next_attempt_at__gt=now) | Q(leased_until__gt=now))
-                .aggregate(
-                    n=Count("id"),
-                    # (a NULL in GREATEST makes it NULL on SQLite: no lease is the due time)
-                    first=Min(
-                        Greatest("next_attempt_at", Coalesce("leased_until", "next_attempt_at"))
-                    ),
-                )
+                .filter(status__in=PENDING_STATUSES, next_attempt_at__gt=now)
+                .filter(_unleased(now))
+                .aggregate(n=Count("id"), first=Min("next_attempt_at"))
             )
         first = waiting["first"]
         return waiting["n"], None if first is None else _epoch(first)

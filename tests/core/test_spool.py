@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -212,6 +213,95 @@ def test_a_spool_file_removed_while_in_use_is_made_again_with_what_it_owed(
     owed = {s.event.event_id for s in reader.claim(10, lease_seconds=60)}
     assert owed == {e.event_id for e in first[1:] + later}
     reader.close()
+    spool.close()
+
+
+def _remove_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{path}{suffix}")
+
+
+def test_a_removed_spool_whose_new_file_cannot_be_written_keeps_its_events(
+    tmp_path: Path,
+) -> None:
+    # The path holds another app's database when the removal is found: the owed events
+    # stay with the old connection, and move once a spool can be made there again.
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path)
+    owed = events(3)
+    spool.store(owed)
+    _remove_files(path)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="database of something else"):
+        spool.store(events(1))
+    _remove_files(path)
+    later = events(1)
+    spool.store(later)
+    reader = SQLiteSpool(path)
+    claimed = {s.event.event_id for s in reader.claim(10, lease_seconds=60)}
+    assert claimed == {e.event_id for e in owed + later}
+    reader.close()
+    spool.close()
+
+
+def test_a_removed_spool_found_by_two_processes_moves_its_events_once(tmp_path: Path) -> None:
+    # Each process finds the removal at its next call: the second must not bring back
+    # the events the first moved and delivered meanwhile.
+    path = tmp_path / "spool.db"
+    first, second = SQLiteSpool(path), SQLiteSpool(path)  # (a connection each)
+    owed = events(4)
+    first.store(owed)
+    assert second.pending_count() == 4
+    _remove_files(path)
+    claimed = first.claim(10, lease_seconds=60)
+    assert len(claimed) == 4
+    first.mark_delivered([s.event.event_id for s in claimed])
+    assert second.pending_count() == 0  # found the removal too: nothing left to move
+    assert second.claim(10, lease_seconds=60) == []
+    first.close()
+    second.close()
+
+
+def test_a_bounded_wait_leaves_the_busy_timeout_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "spool.db"
+    spool = SQLiteSpool(path, busy_timeout=5)
+    spool.counts()
+    locker = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with spool.lock_wait_until(time.monotonic()), pytest.raises(StoreError):
+            spool.store(events(1))  # (half a second, then refused)
+        # a call outside the block waits its busy timeout again: the lock, let go in
+        # 1.5 s, is waited for
+        threading.Timer(1.5, locker.execute, ["ROLLBACK"]).start()
+        started = time.monotonic()
+        spool.store(events(1))
+        assert time.monotonic() - started > 1.2
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+    assert spool.pending_count() == 1
+    spool.close()
+
+
+def test_a_relative_spool_path_is_kept_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # read again after a chdir, it would name another file (taken for a replaced one)
+    monkeypatch.chdir(tmp_path)
+    spool = SQLiteSpool("spool.db")
+    spool.store(events(2))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    spool.store(events(1))
+    assert spool.path == tmp_path / "spool.db"
+    assert spool.pending_count() == 3
+    assert not (tmp_path / "elsewhere" / "spool.db").exists()
     spool.close()
 
 

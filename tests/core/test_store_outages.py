@@ -442,7 +442,19 @@ def test_clients_of_two_topics_sharing_a_spool_send_only_their_own_events(
         eu.stop()
 
 
-def test_a_spool_of_another_topic_is_refused_when_the_client_is_built(tmp_path: Path) -> None:
-    spool = SQLiteSpool(tmp_path / "s.db", topic="eu-usage")
+def test_a_spool_given_to_a_client_is_bound_to_its_topic(tmp_path: Path) -> None:
+    # failure_store=SQLiteSpool(path), as the README shows it: the spool takes the
+    # client's topic (unbound, it kept events without one and handed out every topic's)
+    path = tmp_path / "s.db"
+    us_spool, eu_spool = SQLiteSpool(path), SQLiteSpool(path)
+    us = MeterClient("http://127.0.0.1:9", device_id="d", failure_store=us_spool)
+    eu = MeterClient("http://127.0.0.1:9", device_id="d", failure_store=eu_spool,
+                     topic="eu-usage")  # fmt: skip
+    assert (us_spool.topic, eu_spool.topic) == ("usage-events", "eu-usage")
+    us_spool.store([UsageEvent("us-tenant", "d", "page.processed.basic", 1)])
+    eu_spool.store([UsageEvent("eu-tenant", "d", "page.processed.basic", 1)])
+    assert [s.event.tenant_id for s in eu_spool.claim(10)] == ["eu-tenant"]
     with pytest.raises(ConfigurationError, match="keeps events of topic 'eu-usage'"):
-        MeterClient("http://127.0.0.1:9", device_id="d", failure_store=spool)
+        MeterClient("http://127.0.0.1:9", device_id="d", failure_store=eu_spool)
+    us.close(0)
+    eu.close(0)

@@ -144,6 +144,8 @@ class Command(BaseCommand):
             hint = describe_not_due(*store.not_due())
         except StoreError:  # (the run is reported above; these lines are only hints)
             pending, hint = 0, None
+        if hint and options["dry_run"] and options["now"]:
+            hint = hint.replace("--now resends them at once", "--now would resend them")
         if hint:
             self.stdout.write(f"{pending} events still owed\n  {hint}")
         return report
