@@ -178,7 +178,7 @@ class MeterMiddleware:
         way, nested in this one, metered too: both billed them; a websocket session
         metered by both is counted by the inner one), ``client_gone``
         (successful responses not billed because the client had left before they
-        started), ``errors``,
+        started, or before their end: a stream cut short), ``errors``,
         ``sessions_started``, ``sessions_ended``."""
         return dict(self._recorder.counters)
 
@@ -229,10 +229,11 @@ class MeterMiddleware:
         raw_headers: Sequence[tuple[bytes, bytes]] | None = None
         header_usage: dict[str, str] | None = None
         specs: tuple[MeterSpec, ...] = ()  # the route's meters, found as the response starts
-        gone = False  # the caller had left before a billable response started
+        gone = False  # the caller left before it had the whole response
+        body_sent = 0  # bytes of http.response.body messages
 
         async def observe(message: Message) -> None:
-            nonlocal status, complete, raw_headers, header_usage, specs, gone
+            nonlocal status, complete, raw_headers, header_usage, specs, gone, body_sent
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
@@ -252,21 +253,24 @@ class MeterMiddleware:
                     message = {**message, "headers": raw_headers}
                 if strip and raw_headers:
                     message, header_usage = _strip_headers(message, raw_headers, strip)
+            elif kind == "http.response.body":
+                body_sent += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    if (
+                        not gone
+                        and status in self._success
+                        and (specs or usage.entries or client_gone(receive))
+                        and _cut_short(scope, status, raw_headers, body_sent, receive)
+                    ):
+                        gone = True
+                    await send(message)
+                    complete = True  # the server took the end of the response
+                    return
             elif kind in _FINAL_KINDS and not (
                 kind != "http.response.pathsend" and message.get("more_body", False)
             ):
-                if (
-                    not gone
-                    and status in self._success
-                    and client_gone(receive)
-                    and not _has_content_length(raw_headers)
-                ):
-                    # The caller left before the end of a response that only this message
-                    # ends (chunked): a stream cut short, whose end a middleware inside
-                    # this one (BaseHTTPMiddleware) sends anyway once the app stopped.
-                    gone = True
                 await send(message)
-                complete = True  # the server took the end of the response
+                complete = True
                 return
             await send(message)
 
@@ -442,8 +446,36 @@ class MeterMiddleware:
             logger.warning("%s", message)
 
 
-def _has_content_length(raw_headers: Sequence[tuple[bytes, bytes]] | None) -> bool:
-    return any(name.lower() == b"content-length" for name, _ in raw_headers or ())
+def _cut_short(
+    scope: Scope,
+    status: int,
+    raw_headers: Sequence[tuple[bytes, bytes]] | None,
+    body_sent: int,
+    receive: Receive,
+) -> bool:
+    """Whether a response that its last body message is ending never reached its caller
+    in full: fewer bytes than its Content-Length (a stream a middleware inside this one,
+    such as BaseHTTPMiddleware, ends once the app's was cut short), or, framed by that
+    last message (chunked), a caller already gone. A response with no body to frame
+    (HEAD, 204, 304) is whole once its headers went out."""
+    if status in (204, 304) or scope.get("method") == "HEAD":
+        return False
+    length = _content_length(raw_headers)
+    if length is not None:
+        return body_sent < length
+    return client_gone(receive)
+
+
+def _content_length(raw_headers: Sequence[tuple[bytes, bytes]] | None) -> int | None:
+    """The response's Content-Length; None when it has none, or not one valid value."""
+    found: int | None = None
+    for name, value in raw_headers or ():
+        if name.lower() == b"content-length":
+            text = value.strip()
+            if not text.isdigit() or (found is not None and found != int(text)):
+                return None
+            found = int(text)
+    return found
 
 
 def _strip_headers(

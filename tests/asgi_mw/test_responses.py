@@ -38,13 +38,19 @@ async def responses_app(scope: Any, receive: Any, send: Any) -> None:
         return
     await _drain(receive)
     path = scope["path"]
-    if path in ("/cut", "/cut-ended"):
-        await send(OK_START)
+    if path in ("/cut", "/cut-ended", "/cut-sized"):
+        sized = [(b"content-length", b"100")] if path == "/cut-sized" else []
+        await send({**OK_START, "headers": sized})
         await send({"type": "http.response.body", "body": b"first", "more_body": True})
         while (await receive())["type"] != "http.disconnect":
             pass
-        if path == "/cut-ended":  # as BaseHTTPMiddleware does once the app inside stopped
+        if path != "/cut":  # as BaseHTTPMiddleware does once the app inside stopped
             await send({"type": "http.response.body", "body": b""})
+        return
+    if path in ("/empty", "/headers-only"):  # a 204, or a HEAD: whole once its headers went
+        await send({**OK_START, "status": 204 if path == "/empty" else 200})
+        await asyncio.sleep(0.3)  # (before the last message: a middleware, a cleanup)
+        await send({"type": "http.response.body", "body": b""})
         return
     if path in ("/slow", "/slow-task"):
         await asyncio.sleep(0.5)
@@ -73,6 +79,8 @@ def metered(meter_client: MeterClient) -> MeterMiddleware:
     return MeterMiddleware(
         responses_app, client=meter_client, tenant="acme",
         routes={"GET /cut": "report.generated.large", "GET /cut-ended": "report.generated.large",
+                "GET /cut-sized": "report.generated.large", "POST /empty": "page.processed.basic",
+                "HEAD /headers-only": "report.generated.medium",
                 "GET /twice": pages, "GET /gen": pages,
                 "GET /marker": "template.licensed.total", "GET /slow": "report.generated.small"},
     )  # fmt: skip
@@ -83,7 +91,7 @@ def server(serve: Callable[..., LiveServer], metered: MeterMiddleware) -> LiveSe
     return serve(metered, lifespan="off")
 
 
-@pytest.mark.parametrize("path", ["/cut", "/cut-ended"])
+@pytest.mark.parametrize("path", ["/cut", "/cut-ended", "/cut-sized"])
 def test_a_stream_cut_short_by_the_client_is_not_billed(
     server: LiveServer,
     metered: MeterMiddleware,
@@ -91,8 +99,9 @@ def test_a_stream_cut_short_by_the_client_is_not_billed(
     http: httpx.Client,
     path: str,
 ) -> None:
-    # /cut-ended: the end of the stream is sent once the client has left (a
-    # BaseHTTPMiddleware inside this one does so): the client never got it
+    # /cut-ended, /cut-sized: the end of the stream is sent once the client has left (a
+    # BaseHTTPMiddleware inside this one does so): the client never got it (chunked: no
+    # end; with a Content-Length: fewer bytes)
     with socket.create_connection(("127.0.0.1", server.port)) as raw:
         raw.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         received = b""
@@ -286,3 +295,22 @@ def test_a_stream_cut_short_under_a_base_http_middleware_is_not_billed(
     wait_for_records(meter_backend, 1)
     time.sleep(0.2)
     assert [v["meter_id"] for v in meter_backend.values()] == ["template.licensed.total"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/empty"), ("HEAD", "/headers-only")])
+def test_a_response_without_a_body_is_billed_when_its_caller_leaves_after_the_headers(
+    server: LiveServer, metered: MeterMiddleware, meter_backend: DevServer, method: str, path: str
+) -> None:
+    # A 204, or the answer to a HEAD, is whole once its headers are out: a caller may hang
+    # up then, before the app's last (empty) message
+    with socket.create_connection(("127.0.0.1", server.port)) as raw:
+        raw.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = raw.recv(1000)
+            assert chunk, received
+            received += chunk
+    (value,) = wait_for_records(meter_backend, 1)
+    expected = {"/empty": "page.processed.basic", "/headers-only": "report.generated.medium"}
+    assert value["meter_id"] == expected[path]
+    assert metered.stats["client_gone"] == 0
