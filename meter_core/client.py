@@ -435,7 +435,8 @@ class MeterClient:
             logger.exception("before_send hook raised; the event is kept unchanged")
             return event
         if result is None:
-            self._stats.add(recorded=1, dropped=1)
+            if self.enabled:  # (a disabled client counts nothing it is given)
+                self._stats.add(recorded=1, dropped=1)
             logger.info("before_send dropped event %s", event.event_id)
             return None
         if isinstance(result, UsageEvent):

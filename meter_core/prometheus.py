@@ -84,6 +84,11 @@ class MeterCollector:
                     f"register_client_metrics: another open client is exported as {name!r}; "
                     "give this one its own name= (the client label of its metrics)"
                 )
+            other = next((n for n, c in self._clients.items() if c is client and n != name), None)
+            if other is not None:  # (its counters would be summed twice)
+                raise ConfigurationError(
+                    f"register_client_metrics: this client is exported as {other!r} already"
+                )
             self._clients[name] = client
 
     def collect(self) -> Iterator[Any]:
@@ -138,6 +143,8 @@ def register_client_metrics(
     target = registry if registry is not None else prometheus_client.REGISTRY
     with _collectors_lock:
         collector = _collectors.get(target)
+        if collector is not None and not _still_registered(target, collector):
+            collector = None  # (unregistered since: a test's teardown, an app factory)
         if collector is None:
             collector = MeterCollector()
             collector.add(client, name)  # (checked before the registry takes it)
@@ -146,3 +153,14 @@ def register_client_metrics(
             return collector
     collector.add(client, name)
     return collector
+
+
+def _still_registered(registry: Any, collector: MeterCollector) -> bool:
+    """Whether ``collector`` is still in ``registry``: registering it again fails then;
+    if it succeeds, it was not, and is taken out again."""
+    try:
+        registry.register(collector)
+    except ValueError:  # (Duplicated timeseries: it is there)
+        return True
+    registry.unregister(collector)
+    return False

@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.conf import settings
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.urls import ResolverMatch
@@ -128,15 +129,21 @@ def _matching_specs(request: HttpRequest) -> tuple[MeterSpec, ...]:
 def _without_language_prefix(match: ResolverMatch) -> str | None:
     """The route of ``match`` without the language prefix of i18n_patterns(), when it
     was resolved through them (the first pattern of its path in the URLconf); None
-    otherwise."""
+    otherwise. The prefix is read from the route (``"fr/"``), not from the language
+    active now, which the view may have changed."""
     tried = match.tried
     if not tried or not tried[-1]:
         return None
-    top = getattr(tried[-1][0], "pattern", None)
-    if not isinstance(top, LocalePrefixPattern):
+    if not isinstance(getattr(tried[-1][0], "pattern", None), LocalePrefixPattern):
         return None
-    prefix = str(top)
-    return match.route[len(prefix) :] if match.route.startswith(prefix) else None
+    language, slash, rest = match.route.partition("/")
+    if not slash or language not in _language_codes():
+        return None  # (the default language, not prefixed)
+    return rest
+
+
+def _language_codes() -> frozenset[str]:
+    return frozenset(code for code, _ in settings.LANGUAGES)
 
 
 # -- what a response meters ------------------------------------------------------------

@@ -59,3 +59,29 @@ def test_a_name_is_refused_to_a_second_open_client_and_passed_on_once_closed(
     register_client_metrics(second, registry=registry)
     text = generate_latest(registry).decode()
     assert 'meter_events_sent_total{client="default"} 0.0' in text
+
+
+def test_registering_again_after_an_unregister_exports_again(
+    backend: DevServer, make_client: Callable[..., MeterClient]
+) -> None:
+    # (a test's teardown, an app factory: the collector taken out of the registry)
+    registry = CollectorRegistry()
+    for round_ in range(2):
+        client = make_client()
+        collector = register_client_metrics(client, name="web", registry=registry)
+        client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+        assert client.flush(10)
+        text = generate_latest(registry).decode()
+        assert 'meter_events_sent_total{client="web"} 1.0' in text, round_
+        registry.unregister(collector)
+        client.close(5)
+
+
+def test_a_client_is_exported_under_one_name_only(
+    backend: DevServer, make_client: Callable[..., MeterClient]
+) -> None:
+    client = make_client()
+    registry = CollectorRegistry()
+    register_client_metrics(client, name="a", registry=registry)
+    with pytest.raises(ConfigurationError, match="exported as 'a' already"):
+        register_client_metrics(client, name="b", registry=registry)

@@ -637,11 +637,15 @@ def test_a_route_rule_under_i18n_patterns_meters_every_language(
         "django.middleware.locale.LocaleMiddleware",
         *settings.MIDDLEWARE[1:],
     ]
-    quiet(RULES={"GET /page/": "report.generated.small", "GET /legacy/": "page.processed.basic"})
+    quiet(RULES={"GET /page/": "report.generated.small", "GET /legacy/": "page.processed.basic",
+                 "GET /switch/": "report.generated.medium"})  # fmt: skip
     from meter_django.checks import check_settings
 
     assert [m.id for m in check_settings()] == ["meter_django.W003"]  # /legacy/ only
     with capture_events() as events:
-        for path in ("/en/page/", "/fr/page/", "/en/legacy/"):
+        for path in ("/en/page/", "/fr/page/", "/en/legacy/", "/en/switch/", "/fr/switch/"):
             assert _get(path).status_code == 200
-    assert [e.meter_id for e in events] == ["report.generated.small"] * 2
+    # (a view that switches the active language is billed by the route it was asked for)
+    assert [e.meter_id for e in events] == ["report.generated.small"] * 2 + [
+        "report.generated.medium"
+    ] * 2
