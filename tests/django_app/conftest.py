@@ -102,3 +102,16 @@ def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.02)
+
+
+def aget(path: str, data: Any = None, *, client: Any = None, **extra: Any) -> Any:
+    """``AsyncClient().get(path, **extra)`` run to its end from sync test code (through a
+    coroutine function: Django 4.2's ``get`` is a plain method returning a coroutine,
+    which ``async_to_sync`` warns about)."""
+    from asgiref.sync import async_to_sync
+    from django.test import AsyncClient
+
+    async def get() -> Any:
+        return await (client if client is not None else AsyncClient()).get(path, data, **extra)
+
+    return async_to_sync(get)()

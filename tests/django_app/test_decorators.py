@@ -9,17 +9,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.http import HttpResponse
-from django.test import AsyncClient, Client, RequestFactory
+from django.test import Client, RequestFactory
 from django.views import View
 from rest_framework.authtoken.models import Token
 
 from meter_core import ConfigurationError, LogThrottle, RequestUsage, capture_events
 from meter_django import decorators, meter
 from meter_django.decorators import declared_meters
-from tests.django_app.conftest import MeterSettings
+from tests.django_app.conftest import MeterSettings, aget
 
 TRUSTED = {"header": "X-Tenant", "trusted": True}
 
@@ -54,7 +53,7 @@ def test_decorator_on_the_methods_of_a_class_based_view(
 def test_decorator_on_the_method_of_an_async_class_based_view(quiet: MeterSettings) -> None:
     quiet()
     with capture_events() as events:
-        response = async_to_sync(AsyncClient().get)("/reports-async/", headers={"X-Tenant": "a"})
+        response = aget("/reports-async/", headers={"X-Tenant": "a"})
     assert response.status_code == 200
     assert [(e.meter_id, e.total_usage) for e in events] == [("report.generated.large", 4)]
 
@@ -72,9 +71,7 @@ def test_decorator_through_method_decorator_on_the_dispatch_of_an_async_view(
     # (dispatch() of an async class-based view is a sync method returning a coroutine)
     quiet()
     with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
-        response = async_to_sync(AsyncClient().get)(
-            "/reports-dispatch-async/", headers={"X-Tenant": "a"}
-        )
+        response = aget("/reports-dispatch-async/", headers={"X-Tenant": "a"})
     assert response.status_code == 200 and response.content == b"async dispatch"
     assert [(e.tenant_id, e.meter_id, e.total_usage) for e in events] == [
         ("a", "template.processed.medium", 6)
@@ -92,9 +89,7 @@ def test_a_usage_callable_of_an_async_view_may_use_the_orm(
         settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if "MeterMiddleware" not in m]
     User.objects.create(username="u1")
     with capture_events() as events, caplog.at_level(logging.ERROR, logger="meter"):
-        response = async_to_sync(AsyncClient().get)(
-            "/decorated-async-counting/", headers={"X-Tenant": "a"}
-        )
+        response = aget("/decorated-async-counting/", headers={"X-Tenant": "a"})
     assert response.status_code == 200
     assert [(e.meter_id, e.total_usage) for e in events] == [("rule.executed.medium", 2)]
     assert caplog.text == ""

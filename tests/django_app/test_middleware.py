@@ -8,7 +8,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.contrib.auth.models import User
 from django.test import AsyncClient, Client
 from rest_framework.authtoken.models import Token
@@ -19,7 +18,7 @@ from meter_core.events import MAX_USAGE
 from meter_django import get_client, metering, middleware
 from meter_django.metering import untenanted_count
 from meter_django.models import FailedMeterEvent
-from tests.django_app.conftest import MeterSettings
+from tests.django_app.conftest import MeterSettings, aget
 
 TRUSTED = {"header": "X-Tenant", "trusted": True}
 RULES = {
@@ -123,10 +122,8 @@ def test_decorator_on_sync_and_async_views(quiet: MeterSettings) -> None:
     quiet()
     with capture_events() as events:
         _get("/decorated/")
-        async_to_sync(AsyncClient().get)("/decorated-async/", headers={"X-Tenant": "acme"})
-        async_to_sync(AsyncClient().get)(
-            "/decorated-async/", {"status": "404"}, headers={"X-Tenant": "acme"}
-        )
+        aget("/decorated-async/", headers={"X-Tenant": "acme"})
+        aget("/decorated-async/", {"status": "404"}, headers={"X-Tenant": "acme"})
     assert [(e.meter_id, e.total_usage) for e in events] == [
         ("page.processed.advanced", 5),
         ("template.processed.small", 3),
@@ -149,7 +146,7 @@ def test_async_view_through_the_asgi_stack(
     meter_settings: MeterSettings, backend: DevServer
 ) -> None:
     meter_settings(TENANT=TRUSTED)
-    response = async_to_sync(AsyncClient().get)("/async/", headers={"X-Tenant": "initech"})
+    response = aget("/async/", headers={"X-Tenant": "initech"})
     assert response.status_code == 200
     assert get_client().flush(5)
     [value] = backend.values()
@@ -582,7 +579,7 @@ def test_middleware_errors_on_the_async_stack_log_one_line_per_interval(
     client = AsyncClient(headers={"X-Tenant": "acme"})
 
     def request() -> None:
-        assert async_to_sync(client.get)("/async/").status_code == 200
+        assert aget("/async/", client=client).status_code == 200
 
     with capture_events() as events:
         _throttled(caplog, request, "metering of GET /async/ failed: ConfigurationError: ")
@@ -618,7 +615,7 @@ def test_the_middleware_listed_twice_meters_a_request_once(
     settings.MIDDLEWARE = [*settings.MIDDLEWARE, "meter_django.middleware.MeterMiddleware"]
     with capture_events() as events, caplog.at_level("ERROR", logger="meter"):
         assert _get("/documents/7/scan").status_code == 200
-        asgi = async_to_sync(AsyncClient().get)("/documents/8/scan", headers={"X-Tenant": "a"})
+        asgi = aget("/documents/8/scan", headers={"X-Tenant": "a"})
         assert asgi.status_code == 200  # (the middleware in async mode)
     assert [(e.meter_id, e.total_usage) for e in events] == [("page.processed.basic", 3)] * 2
     assert "listed more than once in MIDDLEWARE" in caplog.text

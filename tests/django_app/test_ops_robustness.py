@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from asgiref.sync import async_to_sync
 from django.contrib.messages.storage.fallback import FallbackStorage
 from django.core.management import CommandError, call_command
 from django.db import connection, connections, transaction
 from django.http import HttpRequest, HttpResponse
-from django.test import AsyncClient, Client, RequestFactory
+from django.test import Client, RequestFactory
 from django.urls import reverse
 
 from meter_core import StoreError, UsageEvent
@@ -31,7 +30,7 @@ from meter_django.checks import check_settings
 from meter_django.decorators import meter
 from meter_django.models import FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
-from tests.django_app.conftest import ON_POSTGRES, MeterSettings, wait_for
+from tests.django_app.conftest import ON_POSTGRES, MeterSettings, aget, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -421,7 +420,7 @@ def test_a_durable_write_that_fails_after_the_response_sends_the_usage_from_memo
                 response = Client().get("/stream/", headers=headers)
                 assert b"".join(response.streaming_content) == b"chunk\n" * 3
             else:
-                response = async_to_sync(AsyncClient().get)("/async-plain/", headers=headers)
+                response = aget("/async-plain/", headers=headers)
                 assert response.status_code == 200
         expected = {
             "wsgi": [("report.generated.small", 1)] * 3,

@@ -23,7 +23,7 @@ from meter_core import LogThrottle, capture_events
 from meter_core.devserver import DevServer
 from meter_django import get_client, metering, record_usage, reset_client
 from meter_django.models import FailedMeterEvent
-from tests.django_app.conftest import MeterSettings, wait_for
+from tests.django_app.conftest import MeterSettings, aget, wait_for
 
 URLS = "tests.django_app.urls_transactions_async"
 TRUSTED = {"header": "X-Tenant", "trusted": True}
@@ -196,7 +196,7 @@ def test_sync_record_usage_in_an_async_view_spills_a_full_queue_to_the_table(
     meter_settings(MAX_QUEUE=1, FLUSH_INTERVAL=60)
     client = AsyncClient()
     for _ in range(3):
-        assert async_to_sync(client.get)("/async-record-sync/").status_code == 200
+        assert aget("/async-record-sync/", client=client).status_code == 200
     stats = get_client().stats()
     assert stats["dropped"] == 0 and stats["stored"] >= 1  # (one or two did not fit)
     assert get_client().flush(10)
@@ -237,7 +237,7 @@ def test_sync_record_usage_in_an_async_view_keeps_usage_when_misconfigured(
     meter_settings: MeterSettings, urls: None, transactional_db: None
 ) -> None:
     meter_settings(KAFKA_URL="not a url")
-    assert async_to_sync(AsyncClient().get)("/async-record-sync/").status_code == 200
+    assert aget("/async-record-sync/").status_code == 200
     row = FailedMeterEvent.objects.get()  # for the retry command, once the settings are fixed
     assert (row.meter_id, row.total_usage, row.status) == ("template.licensed.total", 1, "failed")
 
@@ -284,7 +284,7 @@ def test_async_view_records_with_arecord_usage_in_durable_mode(
     meter_settings: MeterSettings, backend: DevServer, urls: None, transactional_db: None
 ) -> None:
     meter_settings(DURABLE=True, TENANT=TRUSTED)
-    response = async_to_sync(AsyncClient().get)("/async-record/", headers=H)
+    response = aget("/async-record/", headers=H)
     assert response.status_code == 200
     wait_for(lambda: len(backend.event_ids()) == 2)
     rows = FailedMeterEvent.objects.all()
@@ -330,8 +330,8 @@ def test_usage_callables_that_query_the_database_are_billed_under_asgi(
     client = AsyncClient()
     client.force_login(user)
     with capture_events() as events:
-        assert async_to_sync(client.get)("/async-plain/", headers=H).status_code == 200
-        assert async_to_sync(client.get)("/plain/", headers=H).status_code == 200
+        assert aget("/async-plain/", client=client, headers=H).status_code == 200
+        assert aget("/plain/", client=client, headers=H).status_code == 200
     assert _totals(events) == {"report.generated.small": 2, "report.generated.medium": 6}
 
 
