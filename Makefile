@@ -13,15 +13,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The oldest Django the package supports (pyproject: Django>=4.2), for its Django tests.
+OLDEST ?= .venv-django42
+$(OLDEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/pip install --quiet --upgrade pip
+	$(OLDEST)/bin/pip install --quiet -e '.[dev]' 'Django==4.2.*'
+	touch $@
+
 demo: $(STAMP)
 	$(BIN)/python example_project/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(OLDEST)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 	METER_TEST_DB=postgres $(BIN)/pytest tests/django_app
+	$(OLDEST)/bin/pytest tests/django_app
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -39,4 +48,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_loop_lag.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) $(OLDEST) .mypy_cache .pytest_cache .ruff_cache build dist *.egg-info

@@ -122,6 +122,26 @@ def test_cache_is_bounded() -> None:
     assert len(cache._entries) <= 10
 
 
+def test_a_full_cache_drops_expired_answers_then_the_oldest() -> None:
+    calls: list[str] = []
+    clock = Clock()
+    cache = CustomerCache(lambda t: calls.append(t) or f"c-{t}", ttl=60, max_entries=3,
+                          clock=clock)  # fmt: skip
+    for tenant in ("a", "b"):
+        cache.get(tenant)
+    clock.now += 30
+    cache.get("c")
+    clock.now += 40  # a and b have expired; c has not
+    cache.get("d")
+    assert list(cache._entries) == ["c", "d"]  # (the expired ones went first)
+    cache.get("e")
+    cache.get("f")  # full: the oldest (c) makes room
+    assert list(cache._entries) == ["d", "e", "f"]
+    calls.clear()
+    assert [cache.get(t) for t in ("d", "e", "f")] == ["c-d", "c-e", "c-f"]
+    assert calls == []  # still cached
+
+
 def test_a_lookup_that_breaks_or_does_not_finish_is_a_retriable_failure() -> None:
     def broken(tenant: str) -> str:
         raise RuntimeError("bug in a lookup")

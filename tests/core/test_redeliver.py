@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_a_failed_resend_is_due_again_within_ten_minutes(
     started = time.time()
     report = redeliver(spool, client)
     assert report.failed == 1
-    with sqlite3.connect(tmp_path / "s.db") as db:
+    with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
         [(attempts, due)] = db.execute("SELECT attempts, next_attempt_at FROM meter_events")
     assert attempts == 7
     assert started + 60 < due <= time.time() + 600

@@ -4,6 +4,7 @@ a healthy backend goes on, nothing already accepted is lost, and the log stays s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -86,7 +87,10 @@ def test_an_unreadable_spool_row_is_set_aside_and_the_others_are_claimed(
     spool.store([good])
     bad_id = "0190b3c2-0000-8000-8000-000000000001"
     now = time.time()
-    with sqlite3.connect(tmp_path / "spool.db") as conn:  # written by another tool
+    with (
+        contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn,
+        conn,
+    ):  # written by another tool
         conn.execute(
             "INSERT INTO meter_events (event_id, payload, tenant_id, meter_id, status, attempts,"
             " last_error, next_attempt_at, created_at, updated_at)"
@@ -360,7 +364,7 @@ def test_many_unreadable_spool_rows_log_one_line_with_its_traceback(
     spool = SQLiteSpool(tmp_path / "spool.db")
     spool.store([UsageEvent("acme", "dev-1", "page.processed.basic", 2)])
     now = time.time()
-    with sqlite3.connect(tmp_path / "spool.db") as conn:
+    with contextlib.closing(sqlite3.connect(tmp_path / "spool.db")) as conn, conn:
         for n in range(30):
             bad_id = f"0190b3c2-0000-8000-8000-{n:012d}"
             conn.execute(

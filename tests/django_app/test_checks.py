@@ -173,7 +173,7 @@ def test_unknown_meter_id_of_a_decorator_is_an_error(
     assert "test_unknown_meter_id_of_a_decorator_is_an_error.<locals>.typo" in messages[0].msg
     assert "Did you mean 'page.processed.basic'?" in messages[0].msg
     with pytest.raises(SystemCheckError, match="page.procesed.basic"):
-        call_command("check")
+        call_command("check", databases=[])
 
     register_meter("tests.checks.custom", "Custom meter of the check tests")
     assert [m.msg for m in check_settings()] == [messages[0].msg]
@@ -205,7 +205,7 @@ def test_every_id_is_documented_with_a_hint() -> None:
 def test_manage_py_check_runs_them(settings: Any) -> None:
     settings.METER = {"ENABLED": True, "TENANT": {"header": "X-Tenant"}}
     with pytest.raises(SystemCheckError) as info:
-        call_command("check")
+        call_command("check", databases=[])
     assert "meter_django.E004" in str(info.value)
     assert "meter_django.E011" in str(info.value)
     assert "meter_django.E007" in str(info.value)
@@ -361,10 +361,10 @@ def test_urlconf_that_cannot_be_walked_gives_no_warning_and_no_crash(
 def test_manage_py_check_shows_the_rule_warning(settings: Any) -> None:
     settings.METER = {**GOOD, "RULES": {"POST /ok": "page.processed.basic"}}
     stderr = StringIO()
-    call_command("check", stdout=StringIO(), stderr=stderr)  # a warning does not fail
+    call_command("check", databases=[], stdout=StringIO(), stderr=stderr)  # a warning does not fail
     assert "meter_django.W003" in stderr.getvalue()
     with pytest.raises(SystemCheckError, match=r"write 'POST /ok/'"):
-        call_command("check", fail_level="WARNING")
+        call_command("check", databases=[], fail_level="WARNING")
 
 
 def test_a_user_attribute_the_user_model_has_not_is_a_warning(

@@ -142,8 +142,8 @@ class Command(BaseCommand):
         try:
             pending = sum(store.pending_by_meter().values())
             hint = describe_not_due(*store.not_due())
-        except StoreError:  # (the run is reported above; these lines are only hints)
-            pending, hint = 0, None
+        except (StoreError, DBError) as exc:  # (a run whose database failed, after all)
+            raise CommandError(f"database error: {exc}") from exc
         if hint and options["dry_run"] and options["now"]:
             hint = hint.replace("--now resends them at once", "--now would resend them")
         if hint:
