@@ -28,6 +28,7 @@ from typing import Protocol, runtime_checkable
 
 from meter_core.errors import ConfigurationError
 from meter_core.events import UsageEvent
+from meter_core.usage import LogThrottle
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
@@ -130,6 +131,9 @@ class MemoryFailureStore:
         self._events: OrderedDict[str, StoredEvent] = OrderedDict()
         self._leases: dict[str, float] = {}
         self._delivered = 0
+        # (throttled: with the store full, every event that fails drops one, and an
+        # outage of many tenants without a customer account fails them one by one)
+        self._drop_log = LogThrottle(logger, interval=10.0)
 
     def __len__(self) -> int:
         return len(self._events)
@@ -155,12 +159,15 @@ class MemoryFailureStore:
                     dropped.append(old_id)
             self.dropped += len(dropped)
         if dropped:
-            logger.error(
+            self._drop_log.log(
+                logging.ERROR,
                 "in-memory failure store is full (%d events): dropped %d undelivered events, "
-                "first %s; configure a failure store (e.g. SQLiteSpool) to keep them",
+                "first %s (dropped in all: %d); configure a failure store (e.g. SQLiteSpool) "
+                "to keep them",
                 self.max_events,
                 len(dropped),
                 dropped[0],
+                self.dropped,
             )
 
     def claim(

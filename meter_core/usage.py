@@ -127,10 +127,12 @@ class LogThrottle:
         else:
             self._logger.log(
                 level,
-                "%s (%d times in the last %gs)",
+                # (the slot shared by kinds past the bound counts them all: say so)
+                "%s (%d times in the last %gs%s)",
                 message % args,
                 since,
                 self._interval,
+                ", this and other kinds" if key is _OTHER_KINDS else "",
                 exc_info=exc_info,
             )
         return True

@@ -93,3 +93,19 @@ def test_kinds_past_the_bound_share_one_throttle_and_never_flood(
     # one line for each of the first 256 kinds, one for all the others together
     assert len(caplog.records) == 257
     assert throttle.count == 3001
+
+
+def test_the_line_of_kinds_past_the_bound_says_it_counts_other_kinds_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # it names the latest kind, with a count of all the kinds that share its slot
+    logger = logging.getLogger("meter.test.throttle.shared")
+    throttle = LogThrottle(logger, interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="meter.test.throttle.shared"):
+        for kind in range(260):
+            throttle.log(logging.WARNING, "failure of kind %d", kind, key=kind)
+        time.sleep(0.25)
+        throttle.log(logging.WARNING, "failure of kind %d", 999, key=999)
+    assert caplog.records[-1].getMessage() == (
+        "failure of kind 999 (4 times in the last 0.2s, this and other kinds)"
+    )

@@ -102,6 +102,13 @@ def test_memory_store_is_bounded_and_counts_what_it_drops(caplog: pytest.LogCapt
     assert store.dropped == 3
     assert "dropped 3 undelivered events" in caplog.text
     assert caplog.records[-1].levelname == "ERROR"
+    # one event at a time (each failing alone: tenants without an account): one line
+    # per interval, not one per event
+    caplog.clear()
+    for event in events(200):
+        store.store([event], error="no account")
+    assert store.dropped == 203
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) <= 1
 
 
 def test_spool_creates_nothing_until_used(tmp_path: Path) -> None:
