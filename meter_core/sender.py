@@ -42,11 +42,6 @@ __all__ = ["Sender", "SenderConfig"]
 
 logger = logging.getLogger("meter.sender")
 
-_RESENT_FROM_MEMORY = (
-    "kept in memory (client.failed_events()) and resent once the backend answers again: "
-    "no failure store is set, so they are lost if the process exits first; set "
-    "failure_store= or spool_path="
-)
 _ONLY_IN_MEMORY = (
     "kept only in memory (client.failed_events()): no failure store is set, so they are "
     "lost when the process exits; set failure_store= or spool_path="
@@ -67,15 +62,12 @@ class SenderConfig:
 class _Item:
     """An event on its way, with the attempts made so far and where it came from."""
 
-    __slots__ = ("attempts", "event", "from_store", "resent")
+    __slots__ = ("attempts", "event", "from_store")
 
-    def __init__(
-        self, event: UsageEvent, attempts: int = 0, from_store: bool = False, resent: bool = False
-    ) -> None:
+    def __init__(self, event: UsageEvent, attempts: int = 0, from_store: bool = False) -> None:
         self.event = event
         self.attempts = attempts
         self.from_store = from_store
-        self.resent = resent  # failed for good once already (kept in memory, resent)
 
 
 # (attrgetter: called for every event sent, it costs a fraction of a Python function)
@@ -130,9 +122,6 @@ class Sender:
         self._batch_size = config.batch_size
         self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
         self._retrying = 0  # events in self._retries: they count against max_queue too
-        # With no store: ids of events kept in memory after their retries ran out on a
-        # retriable failure (an outage); resent once the backend answers again.
-        self._parked: set[str] = set()
         self._seq = itertools.count()
         self._inflight: list[_Item] = []
         self._wake = threading.Event()
@@ -723,8 +712,6 @@ class Sender:
             return
         self._stats.add(sent=len(items))
         if self._store is None:  # (then no item came from a store)
-            if self._parked:
-                self._resend_parked()
             return
         stored_ids = [i.event.event_id for i in items if i.from_store]
         if stored_ids:
@@ -734,33 +721,6 @@ class Sender:
                 # They stay leased, then due again: resent later, deduplicated by event_id.
                 logger.exception("could not mark %d delivered events in the store", len(stored_ids))
 
-    def _resend_parked(self) -> None:
-        """The backend answers again: events kept in memory after an outage outlasted
-        their retries (no store to keep them for the retry command) are due at once, as
-        far as ``max_queue`` has room; the others at the next success. They count in
-        ``failed`` (and were given to ``on_error``) and, once delivered, in ``sent``."""
-        with self._handoff:
-            if self._closed:
-                return
-            room = self._max_queue - len(self._queue) - self._retrying
-            parked = self._parked
-            held = [s for s in self._fallback.events() if s.event.event_id in parked]
-            parked.intersection_update(s.event.event_id for s in held)  # (evicted: gone)
-            take = held[: max(0, room)]
-            if not take:
-                return
-            ids = [s.event.event_id for s in take]
-            self._fallback.discard(ids)
-            parked.difference_update(ids)
-            batch = [_Item(s.event, s.attempts, resent=True) for s in take]
-            heapq.heappush(self._retries, (time.monotonic(), next(self._seq), batch))
-            self._retrying += len(batch)
-        logger.warning(
-            "the backend answers again: resending %d usage events kept in memory after "
-            "their retries ran out",
-            len(batch),
-        )
-
     def _retry_or_fail(self, items: list[_Item], error: DeliveryError) -> None:
         retry_after = error.retry_after if isinstance(error, RateLimited) else None
         retry_now: list[_Item] = []
@@ -769,11 +729,20 @@ class Sender:
         # Closed while they were sent: not retried here, nor failed for good (no failed
         # count, no on_error); stored below as events undelivered at close.
         closed = self._closed
+        # With neither a failure store nor an on_error hook, nothing would keep an event
+        # whose retries ran out: it would sit in memory until the process exits. So it is
+        # retried for as long as the process lives (backing off up to backoff_cap, as
+        # far as max_queue has room for new events), and delivered once the backend is
+        # back.
+        endless = self._store is None and self._on_error is None
         for item in items:
             item.attempts += tried
-            (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
+            if endless or self._policy.can_retry(item.attempts):
+                retry_now.append(item)
+            else:
+                give_up.append(item)
         if give_up:
-            self._fail(give_up, error, attempts_done=True, retriable=True)
+            self._fail(give_up, error, attempts_done=True)
         if not retry_now:
             return
         attempt = max(i.attempts for i in retry_now)
@@ -812,42 +781,17 @@ class Sender:
             delay,
         )
 
-    def _fail(
-        self,
-        items: list[_Item],
-        error: DeliveryError,
-        attempts_done: bool = False,
-        retriable: bool = False,
-    ) -> None:
-        """Events that will not be retried by the sender: to the store, with the reason.
-        ``retriable``: their retries ran out on a failure that may pass (an outage); with
-        no store, they are resent from memory once the backend answers again."""
-        again = [i for i in items if i.resent]
-        if again:  # (failed for good already: counted, logged and given to on_error then)
-            items = [i for i in items if not i.resent]
-            self._store_final(again, str(error), count_failed=False)
-            if retriable and not self._closed:
-                with self._handoff:
-                    self._parked.update(i.event.event_id for i in again)
-            if not items:
-                return
+    def _fail(self, items: list[_Item], error: DeliveryError, attempts_done: bool = False) -> None:
+        """Events that will not be retried by the sender: to the store, with the reason."""
         if not attempts_done:
             for item in items:
                 item.attempts += 1
-        if self._store is not None:
-            kept = "kept for the retry command"
-        elif retriable and not self._closed:
-            kept = _RESENT_FROM_MEMORY
-        else:
-            kept = _ONLY_IN_MEMORY
+        kept = "kept for the retry command" if self._store is not None else _ONLY_IN_MEMORY
         self._failure_log.log(
             logging.ERROR, "%d usage events not delivered, %s: %s", len(items), kept, error
         )
         self._stats.error(str(error))
         self._store_final(items, str(error), count_failed=True)
-        if retriable and self._store is None and not self._closed:
-            with self._handoff:
-                self._parked.update(i.event.event_id for i in items)
         if self._on_error is not None:
             try:
                 self._on_error([i.event for i in items], error)

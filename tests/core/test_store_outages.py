@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ import pytest
 
 import meter_core.sender as sender_module
 from meter_core import (
-    BackendUnavailable,
     ConfigurationError,
     LogThrottle,
     MemoryFailureStore,
@@ -465,66 +464,38 @@ def test_a_spool_given_to_a_client_is_bound_to_its_topic(tmp_path: Path) -> None
     eu.close(0)
 
 
-def test_without_a_store_events_an_outage_outlasted_are_resent_once_the_backend_answers(
-    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+def test_without_a_store_or_on_error_an_outage_longer_than_the_retries_loses_nothing(
+    backend: DevServer, make_client: Any
 ) -> None:
-    # No spool (the default): an outage longer than the retries made events fail for
-    # good, kept in memory and never sent while the process lived (13 % of a drill's
-    # events over five outages of 20 s).
-    backend.remove_customer("ghost")
-    client = make_client(max_retries=1, backoff_base=0.01, backoff_cap=0.01)
+    # No spool (the default) and no on_error hook: events whose retries ran out were kept
+    # in memory, never sent while the process lived (13 % of a drill's events over five
+    # outages of 20 s). They are now retried until the backend is back.
+    client = make_client(max_retries=1, backoff_base=0.01, backoff_cap=0.05)
     client.send(**RECORD)  # (the tenant's customer is looked up before the outage)
     backend.reset()
     backend.set_fault("down")
     outage = [client.record(**RECORD) for _ in range(5)]
-    _wait_until(lambda: client.stats()["failed"] == 5)
-    assert client.stats()["failed_in_memory"] == 5
-    backend.clear_fault()
-    client.record(tenant_id="ghost", meter_id="page.processed.basic", total_usage=1)
-    _wait_until(lambda: client.stats()["failed"] == 6)  # ghost: no account, final
-    later = client.record(**RECORD)
-    with caplog.at_level(logging.WARNING, logger="meter"):
-        assert client.flush(10)
-        _wait_until(lambda: len(backend.event_ids()) == 6)
-    assert sorted(backend.event_ids()) == sorted([*outage, later])
+    _wait_until(lambda: client.stats()["retried"] >= 15)  # (well past max_retries)
     stats = client.stats()
-    assert stats["failed"] == 6 and stats["sent"] == 6  # (resent: counted in both)
-    # the account-less event failed for a reason that does not pass: kept, not resent
-    assert [s.event.tenant_id for s in client.failed_events()] == ["ghost"]
-    assert "resending 5 usage events kept in memory" in caplog.text
+    assert stats["failed"] == 0 and stats["failed_in_memory"] == 0
+    assert stats["queue_depth"] == 5  # still owed, in memory
+    backend.clear_fault()
+    _wait_until(lambda: len(backend.event_ids()) == 5)  # no new event needed
+    assert sorted(backend.event_ids()) == sorted(outage)
+    assert client.flush(5)
+    assert client.stats()["sent"] == 5 and client.stats()["failed"] == 0
 
 
-class _RefusingTransport(DownTransport):
-    """Down until ``up`` is set; then still fails any produce with a refused event id."""
+def test_with_an_on_error_hook_and_no_store_retries_still_run_out(make_client: Any) -> None:
+    # the hook may keep the events itself: it gets them once their retries ran out
+    failed: list[str] = []
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.refused: set[str] = set()
-        self.refusals = 0
+    def keep(events: Sequence[UsageEvent], exc: BaseException) -> None:
+        failed.extend(e.event_id for e in events)
 
-    def produce(self, records: Sequence[Mapping[str, Any]]) -> Any:
-        if any(r["value"]["event_id"] in self.refused for r in records):
-            self.refusals += 1
-            raise BackendUnavailable("backend down again")
-        return super().produce(records)
-
-
-def test_events_resent_from_memory_that_fail_again_are_not_counted_again() -> None:
-    transport = _RefusingTransport()
-    client = client_with(transport, max_retries=0, flush_interval=0.01)
-    try:
-        outage = [client.record(**RECORD) for _ in range(3)]
-        _wait_until(lambda: client.stats()["failed"] == 3)
-        transport.up.set()
-        transport.refused = set(outage)  # the backend answers, then fails them again
-        client.record(**RECORD)
-        _wait_until(lambda: transport.refusals >= 1)  # (the resend was tried)
-        time.sleep(0.1)
-        assert client.stats()["failed"] == 3  # not 6: they failed for good once
-        assert len(client.failed_events()) == 3
-        transport.refused = set()
-        client.record(**RECORD)
-        _wait_until(lambda: set(outage) <= {v["event_id"] for v in transport.values()})
-        assert client.stats()["failed_in_memory"] == 0
-    finally:
-        client.close(1)
+    client = make_client(url="http://127.0.0.1:9", max_retries=1, backoff_base=0.01,
+                         backoff_cap=0.01, timeout=0.5, on_error=keep)  # fmt: skip
+    ids = [client.record(**RECORD) for _ in range(3)]
+    _wait_until(lambda: len(failed) == 3)
+    assert sorted(failed) == sorted(ids)
+    assert client.stats()["failed"] == 3
