@@ -256,10 +256,13 @@ class MeterMiddleware:
             elif kind == "http.response.body":
                 body_sent += len(message.get("body", b""))
                 if not message.get("more_body", False):
+                    # (a response with no usage yet is not looked at here, which spares
+                    # unmetered routes the cost: usage a background task adds to it later
+                    # is billed unless its caller had left before it started, asked above)
                     if (
                         not gone
+                        and (specs or usage.entries)
                         and status in self._success
-                        and (specs or usage.entries or client_gone(receive))
                         and _cut_short(scope, status, raw_headers, body_sent, receive)
                     ):
                         gone = True
