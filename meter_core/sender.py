@@ -729,18 +729,9 @@ class Sender:
         # Closed while they were sent: not retried here, nor failed for good (no failed
         # count, no on_error); stored below as events undelivered at close.
         closed = self._closed
-        # With neither a failure store nor an on_error hook, nothing would keep an event
-        # whose retries ran out: it would sit in memory until the process exits. So it is
-        # retried for as long as the process lives (backing off up to backoff_cap, as
-        # far as max_queue has room for new events), and delivered once the backend is
-        # back.
-        endless = self._store is None and self._on_error is None
         for item in items:
             item.attempts += tried
-            if endless or self._policy.can_retry(item.attempts):
-                retry_now.append(item)
-            else:
-                give_up.append(item)
+            (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
         if give_up:
             self._fail(give_up, error, attempts_done=True)
         if not retry_now:
