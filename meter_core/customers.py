@@ -134,9 +134,9 @@ class CustomerCache:
                 if oldest[0] > now:
                     break
                 entries.popitem(last=False)
+            entries.pop(tenant_id, None)  # (a tenant asked again makes no room for itself)
             while entries and len(entries) >= self._max_entries:
                 entries.popitem(last=False)
-            entries.pop(tenant_id, None)
             entries[tenant_id] = (now + ttl, value)
 
     @staticmethod

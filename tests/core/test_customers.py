@@ -142,6 +142,25 @@ def test_a_full_cache_drops_expired_answers_then_the_oldest() -> None:
     assert calls == []  # still cached
 
 
+def test_a_tenant_asked_again_in_a_full_cache_drops_no_other_answer() -> None:
+    # its own expired answer, behind live ones, makes the room it needs
+    clock = Clock()
+
+    def lookup(tenant: str) -> str:
+        if tenant == "ghost" and clock.now < 1100:
+            raise CustomerNotFound("no account")
+        return f"c-{tenant}"
+
+    cache = CustomerCache(lookup, ttl=300, negative_ttl=30, max_entries=3, clock=clock)
+    cache.get("live-1")
+    with pytest.raises(CustomerNotFound):
+        cache.get("ghost")
+    cache.get("live-2")
+    clock.now += 101  # ghost's "no account" has expired, the live answers have not
+    assert cache.get("ghost") == "c-ghost"
+    assert list(cache._entries) == ["live-1", "live-2", "ghost"]
+
+
 def test_a_lookup_that_breaks_or_does_not_finish_is_a_retriable_failure() -> None:
     def broken(tenant: str) -> str:
         raise RuntimeError("bug in a lookup")
