@@ -297,12 +297,14 @@ class Sender:
             self._wake.set()
             return
         self._stats.add(recorded=1, dropped=1)
-        if not self._dropping:
-            self._dropping = True
-            logger.error(
+        if not self._dropping:  # (a line per burst, and per 10 s at most: a queue that
+            self._dropping = True  # drains a batch at a time starts a burst at each one)
+            self._overflow_log.log(
+                logging.ERROR,
                 "meter queue is full (%d events) and no failure store is set: dropping new "
                 "events until it drains (see stats()['dropped'])",
                 self._config.max_queue,
+                key="no store",
             )
 
     def _start(self) -> None:

@@ -239,6 +239,45 @@ def test_before_send_can_change_or_drop_events() -> None:
     client.close()
 
 
+class _OneBatchAtATime(MemoryTransport):
+    """Each produce waits for a permit: the test lets batches through one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.permits = threading.Semaphore(0)
+
+    def produce(self, records: Sequence[Mapping[str, Any]]) -> Any:
+        self.permits.acquire(timeout=10)
+        return super().produce(records)
+
+
+def test_a_full_queue_that_drains_a_batch_at_a_time_logs_once_not_per_batch(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A slow backend: the queue drains one batch, fills, drops, drains another... each
+    # drain began a new burst, and each burst logged its ERROR line.
+    transport = _OneBatchAtATime()
+    client = client_with(transport, max_queue=5, batch_size=5, flush_interval=0.01)
+    try:
+        with caplog.at_level(logging.ERROR, logger="meter"):
+            for _ in range(3):
+                for _ in range(6):  # five fit, one is dropped
+                    client.record(**RECORD)
+                sent = len(transport.records)
+                transport.permits.release()  # the batch in flight goes
+                deadline = time.monotonic() + 5
+                while client.stats()["queue_depth"] and time.monotonic() < deadline:
+                    time.sleep(0.01)  # the next batch is taken off the queue
+                assert len(transport.records) >= sent
+        assert client.stats()["dropped"] >= 3
+        full = [r for r in caplog.records if "queue is full" in r.getMessage()]
+        assert len(full) == 1
+    finally:
+        for _ in range(5):
+            transport.permits.release()
+        client.close(2)
+
+
 def test_capture_sees_events_as_before_send_leaves_them() -> None:
     # A test must see what the app would bill: the hook's changes, not its drops.
     def hook(event: UsageEvent) -> UsageEvent | None:
