@@ -30,7 +30,7 @@ from typing import cast
 
 from meter_core.customers import CustomerCache
 from meter_core.delivery import OUT_OF_TIME, deliver_once
-from meter_core.errors import BackendUnavailable, DeliveryError, RateLimited, StoreError
+from meter_core.errors import DeliveryError, RateLimited, StoreError
 from meter_core.events import UsageEvent
 from meter_core.retry import RetryPolicy
 from meter_core.stats import DeliveryStats
@@ -122,8 +122,6 @@ class Sender:
         self._batch_size = config.batch_size
         self._retries: list[tuple[float, int, list[_Item]]] = []  # heap by due time
         self._retrying = 0  # events in self._retries: they count against max_queue too
-        # of which past max_retries (see _retry_or_fail): flush() does not wait for them
-        self._overdue = 0
         self._seq = itertools.count()
         self._inflight: list[_Item] = []
         self._wake = threading.Event()
@@ -353,8 +351,6 @@ class Sender:
                     return True
                 if stop_at_retry and self._retrying:
                     return False
-                if self._overdue and self._only_overdue_left():
-                    return False  # (retried until the backend is back: not waited for)
                 self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -364,14 +360,6 @@ class Sender:
         finally:
             with self._state_lock:
                 self._flush_waiters -= 1
-
-    def _only_overdue_left(self) -> bool:
-        """Whether all that is pending is retries past max_retries (an outage, with no
-        store to keep them): waiting for them could last as long as the outage."""
-        return (
-            not self._queue and not self._inflight and not self._busy
-            and self._overdue >= self._retrying
-        )  # fmt: skip
 
     def _settled(self, store: bool = True) -> bool:
         if self._queue or self._retries or self._inflight or self._busy:
@@ -438,7 +426,7 @@ class Sender:
             for _, _, batch in self._retries:
                 leftover.extend(batch)
             self._retries.clear()
-            self._retrying = self._overdue = 0
+            self._retrying = 0
         if leased and not still_sending and self._store is not None:
             self._release(leased)
         # a store that failed earlier may work again now (an offer already trying it, on
@@ -644,8 +632,6 @@ class Sender:
         while self._retries and self._retries[0][0] <= now and len(items) < limit:
             _, _, batch = heapq.heappop(self._retries)
             self._retrying -= len(batch)
-            if self._overdue:
-                self._overdue -= sum(1 for i in batch if i.attempts > self._policy.max_retries)
             items.extend(batch)
         queue = self._queue
         if queue and len(items) < limit:
@@ -745,23 +731,9 @@ class Sender:
         # Closed while they were sent: not retried here, nor failed for good (no failed
         # count, no on_error); stored below as events undelivered at close.
         closed = self._closed
-        # With neither a failure store nor an on_error hook, nothing would keep an event
-        # whose retries run out during an outage of the whole backend: it would sit in
-        # memory, never sent, until the process exits. It is retried instead (backing
-        # off up to backoff_cap) until the backend is back. Not a record the backend
-        # refuses alone (a per-record code): that one still runs out, to be seen.
-        endless = (
-            self._store is None
-            and self._on_error is None
-            and isinstance(error, BackendUnavailable)
-            and error.status != 200
-        )
         for item in items:
             item.attempts += tried
-            if endless or self._policy.can_retry(item.attempts):
-                retry_now.append(item)
-            else:
-                give_up.append(item)
+            (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
         if give_up:
             self._fail(give_up, error, attempts_done=True)
         if not retry_now:
@@ -784,25 +756,11 @@ class Sender:
         in_memory = [i for i in retry_now if not i.from_store]
         if in_memory:
             due = time.monotonic() + delay
-            overdue = [i for i in in_memory if i.attempts > self._policy.max_retries]
             with self._handoff:
                 scheduled = not self._closed  # close() has collected the retries already
                 if scheduled:
                     heapq.heappush(self._retries, (due, next(self._seq), in_memory))
                     self._retrying += len(in_memory)
-                    self._overdue += len(overdue)
-            newly = sum(1 for i in overdue if i.attempts == self._policy.max_retries + 1)
-            if scheduled and newly:
-                self._failure_log.log(
-                    logging.WARNING,
-                    "%d usage events still undelivered after %d retries (%s): retried until "
-                    "the backend answers, as no failure store is set (lost if the process "
-                    "exits first; set failure_store= or spool_path=)",
-                    newly,
-                    self._policy.max_retries,
-                    error,
-                    key="overdue",
-                )
             if not scheduled:
                 self._store_final(in_memory, "undelivered at close", count_failed=False)
         if closed:

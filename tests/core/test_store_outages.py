@@ -11,7 +11,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from meter_core import (
     ConfigurationError,
     LogThrottle,
     MemoryFailureStore,
-    MemoryTransport,
     MeterClient,
     SQLiteSpool,
     StoredEvent,
@@ -463,83 +462,3 @@ def test_a_spool_given_to_a_client_is_bound_to_its_topic(tmp_path: Path) -> None
         MeterClient("http://127.0.0.1:9", device_id="d", failure_store=eu_spool)
     us.close(0)
     eu.close(0)
-
-
-def test_without_a_store_or_on_error_an_outage_longer_than_the_retries_loses_nothing(
-    backend: DevServer, make_client: Any
-) -> None:
-    # No spool (the default) and no on_error hook: events whose retries ran out were kept
-    # in memory, never sent while the process lived (13 % of a drill's events over five
-    # outages of 20 s). They are now retried until the backend is back.
-    client = make_client(max_retries=1, backoff_base=0.01, backoff_cap=0.05)
-    client.send(**RECORD)  # (the tenant's customer is looked up before the outage)
-    backend.reset()
-    backend.set_fault("down")
-    outage = [client.record(**RECORD) for _ in range(5)]
-    _wait_until(lambda: client.stats()["retried"] >= 15)  # (well past max_retries)
-    stats = client.stats()
-    assert stats["failed"] == 0 and stats["failed_in_memory"] == 0
-    assert stats["queue_depth"] == 5  # still owed, in memory
-    started = time.monotonic()
-    assert client.flush(None) is False  # not waited for: they may wait a whole outage
-    assert time.monotonic() - started < 2
-    backend.clear_fault()
-    _wait_until(lambda: len(backend.event_ids()) == 5)  # no new event needed
-    assert sorted(backend.event_ids()) == sorted(outage)
-    assert client.flush(5)
-    assert client.stats()["sent"] == 5 and client.stats()["failed"] == 0
-
-
-def test_close_without_a_timeout_does_not_wait_out_an_outage(make_client: Any) -> None:
-    client = make_client(url="http://127.0.0.1:9", max_retries=0, backoff_base=0.01,
-                         backoff_cap=0.05, timeout=0.5)  # fmt: skip
-    ids = {client.record(**RECORD) for _ in range(3)}
-    _wait_until(lambda: client.stats()["retried"] >= 3)
-    started = time.monotonic()
-    client.close(None)
-    assert time.monotonic() - started < 5
-    assert {s.event.event_id for s in client.failed_events()} == ids  # kept, logged
-
-
-def test_with_an_on_error_hook_and_no_store_retries_still_run_out(make_client: Any) -> None:
-    # the hook may keep the events itself: it gets them once their retries ran out
-    failed: list[str] = []
-
-    def keep(events: Sequence[UsageEvent], exc: BaseException) -> None:
-        failed.extend(e.event_id for e in events)
-
-    client = make_client(url="http://127.0.0.1:9", max_retries=1, backoff_base=0.01,
-                         backoff_cap=0.01, timeout=0.5, on_error=keep)  # fmt: skip
-    ids = [client.record(**RECORD) for _ in range(3)]
-    _wait_until(lambda: len(failed) == 3)
-    assert sorted(failed) == sorted(ids)
-    assert client.stats()["failed"] == 3
-
-
-class _OneRecordRefused(MemoryTransport):
-    """Refuses one tenant's records, one by one, with a retriable code (50001)."""
-
-    def produce(self, records: Sequence[Mapping[str, Any]]) -> Any:
-        from meter_core import ProduceResult, RecordResult
-
-        answers = [
-            RecordResult(error_code=50001, error="try again")
-            if r["value"]["tenant_id"] == "stuck"
-            else RecordResult(partition=0, offset=0)
-            for r in records
-        ]
-        super().produce([r for r in records if r["value"]["tenant_id"] != "stuck"])
-        return ProduceResult({"offsets": []}, answers)
-
-
-def test_a_record_the_backend_refuses_alone_still_runs_out_of_retries() -> None:
-    # not an outage: retried forever, it would never be seen (failed, logged)
-    client = client_with(_OneRecordRefused(), max_retries=2, backoff_base=0.01,
-                         backoff_cap=0.01, flush_interval=0.01)  # fmt: skip
-    try:
-        client.record(**{**RECORD, "tenant_id": "stuck"})
-        client.record(**RECORD)
-        assert client.flush(5)
-        assert client.stats()["failed"] == 1 and client.stats()["sent"] == 1
-    finally:
-        client.close(1)

@@ -245,9 +245,7 @@ def test_site_serves_fast_with_the_backend_unreachable(
     assert statuses == [200] * 30
     assert len(events) == 30
     assert elapsed < 3.0
-    started = time.monotonic()
-    assert not get_client().flush(5)  # (no store: retried until the backend is back)
-    assert time.monotonic() - started < 4  # (not waited for)
+    assert get_client().flush(5)
     assert get_client().stats()["sent"] == 0
 
 
