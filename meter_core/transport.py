@@ -25,7 +25,6 @@ from urllib.parse import quote
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
-from urllib3.util.retry import Retry
 
 from meter_core.config import (
     CLIENT_OPTIONS,
@@ -40,6 +39,7 @@ from meter_core.errors import (
     CustomerNotFound,
     DeliveryRejected,
 )
+from meter_core.http_retries import ConnectionRetry, quiet_urllib3_retry_lines
 from meter_core.wire import (
     PRODUCE_HEADERS,
     ProduceResult,
@@ -240,7 +240,8 @@ class HTTPTransport:
     def _new_session(self) -> requests.Session:
         self._produce_base = None
         session = requests.Session()
-        retry = Retry(
+        quiet_urllib3_retry_lines()  # (see meter_core.http_retries)
+        retry = ConnectionRetry(
             total=2,
             connect=2,
             read=2,

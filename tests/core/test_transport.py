@@ -25,6 +25,7 @@ from meter_core import (
     CustomerNotFound,
     DeliveryRejected,
     InvalidEvent,
+    LogThrottle,
     MeterClient,
     RateLimited,
 )
@@ -438,3 +439,36 @@ def test_a_key_quoted_in_an_escaped_form_is_scrubbed_too(quoted: str) -> None:
         else '{"m": "' + key.replace("<", "\\u003c").replace("&", "\\u0026") + '"}'
     )
     assert KEY not in _scrub_body(body.encode(), key).decode()
+
+
+def test_urllib3_retry_lines_of_the_client_are_throttled_and_the_apps_left_alone(
+    closed_port_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An outage: each failed call is retried twice by urllib3, which logs a WARNING each
+    # time on its own logger. The client's come out as one line per 10 s on
+    # meter.transport; the app's own urllib3 pools still log theirs.
+    import urllib3
+
+    from meter_core import http_retries
+
+    # (the throttle is the process's: another test may have logged its line just now)
+    monkeypatch.setattr(
+        http_retries._FILTER, "_throttle", LogThrottle(http_retries.logger, interval=10.0)
+    )
+    client = MeterClient(closed_port_url, internal_url=closed_port_url, device_id="d", timeout=1)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            with pytest.raises(BackendUnavailable):
+                client.send(**SEND)
+        ours = [r for r in caplog.records if r.name == "urllib3.connectionpool"]
+        throttled = [r for r in caplog.records if "retried at once by urllib3" in r.getMessage()]
+        assert ours == [] and len(throttled) == 1
+        assert throttled[0].name == "meter.transport"
+        caplog.clear()
+        pool = urllib3.PoolManager(retries=urllib3.Retry(connect=1))
+        with pytest.raises(urllib3.exceptions.MaxRetryError):
+            pool.request("GET", closed_port_url)
+    assert any(
+        r.name == "urllib3.connectionpool" and "Retrying" in r.getMessage() for r in caplog.records
+    )
+    client.close()
