@@ -13,7 +13,7 @@ registry under different names):
 - counters ``meter_events_recorded_total``, ``meter_events_sent_total``,
   ``meter_events_retried_total``, ``meter_events_failed_total``,
   ``meter_events_stored_total``, ``meter_events_dropped_total``,
-  ``meter_produce_requests_total``;
+  ``meter_events_resent_total``, ``meter_produce_requests_total``;
 - gauges ``meter_queue_depth`` (events waiting in memory) and ``meter_failed_in_memory``.
 
 The counters are this process's: under a server with several worker processes, each
@@ -46,6 +46,7 @@ _COUNTERS = (
     ("failed", "meter_events_failed", "Usage events that failed for good."),
     ("stored", "meter_events_stored", "Usage events written to the failure store."),
     ("dropped", "meter_events_dropped", "Usage events dropped (each also logged)."),
+    ("resent", "meter_events_resent", "Failed events kept in memory, delivered later."),
     ("batches", "meter_produce_requests", "Produce requests made."),
 )
 _GAUGES = (

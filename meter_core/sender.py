@@ -7,10 +7,11 @@ where the client does network I/O; ``enqueue`` only appends to a deque.
 Guarantee: every event handed to :meth:`Sender.enqueue` ends in exactly one of these
 states, each counted in the client's stats: delivered (the proxy gave it an offset),
 written to the failure store, kept in the in-memory failure list, or dropped with an
-ERROR log line (queue full with no store, in-memory failure list full). Retries resend
-the same ``event_id``. An event in flight when ``close()`` gives up waiting is stored
-too, so it may be both delivered and stored: at-least-once, never lost; the backend
-drops the duplicate by ``event_id``.
+ERROR log line (queue full with no store, in-memory failure list full). Without a
+store, events kept in the in-memory list after a retriable failure are resent from it
+(see :meth:`Sender._resend_kept`). Retries resend the same ``event_id``. An event in
+flight when ``close()`` gives up waiting is stored too, so it may be both delivered and
+stored: at-least-once, never lost; the backend drops the duplicate by ``event_id``.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import math
 import operator
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -29,12 +32,12 @@ from dataclasses import dataclass
 from typing import cast
 
 from meter_core.customers import CustomerCache
-from meter_core.delivery import OUT_OF_TIME, deliver_once
+from meter_core.delivery import OUT_OF_TIME, Outcome, deliver_once
 from meter_core.errors import DeliveryError, RateLimited, StoreError
 from meter_core.events import UsageEvent
 from meter_core.retry import RetryPolicy
 from meter_core.stats import DeliveryStats
-from meter_core.store import FailureStore, MemoryFailureStore
+from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
 from meter_core.transport import Transport
 from meter_core.usage import LogThrottle
 
@@ -45,6 +48,11 @@ logger = logging.getLogger("meter.sender")
 _ONLY_IN_MEMORY = (
     "kept only in memory (client.failed_events()): no failure store is set, so they are "
     "lost when the process exits; set failure_store= or spool_path="
+)
+_RESENT_FROM_MEMORY = (
+    "kept in memory (client.failed_events()) and resent while the process lives, every 5 "
+    "to 60 s: no failure store is set, so they are lost if it exits first; set "
+    "failure_store= or spool_path="
 )
 
 
@@ -78,11 +86,19 @@ OnError = Callable[[Sequence[UsageEvent], BaseException], None]
 # Events kept in memory while the failure store failed are offered to it again (they die
 # with the process there): this long after they were kept, then twice as long after each
 # failed offer, up to the maximum; also at the store's next successful write, and at close.
+# Without a store, events kept there when their retries ran out are resent to the backend
+# on the same schedule (see Sender._resend_kept).
 FALLBACK_RETRY_SECONDS = 5.0
 FALLBACK_RETRY_MAX_SECONDS = 60.0
 #: Seconds a spill from a full queue, in the caller's thread, waits for a store locked
 #: elsewhere (a store that can bound its waits: see SQLiteSpool.lock_wait_until).
 SPILL_LOCK_WAIT = 1.0
+# Lease of events taken from the in-memory list to resend (one resend at a time takes
+# them: this is for a thread that died mid-request).
+RESEND_LEASE_SECONDS = 600.0
+# Every event of the in-memory list to resend is due: the resend's own schedule, on the
+# monotonic clock, says when (a wall clock stepping back would hold them up otherwise).
+_ANY_TIME = sys.float_info.max
 
 
 class Sender:
@@ -151,6 +167,18 @@ class Sender:
         self._claim_log = LogThrottle(logger, interval=10.0)
         self._closed_log = LogThrottle(logger, interval=10.0)
         self._store_refused_at_close = False  # (see _store_retries_now)
+        # Without a store: resending the in-memory list (see _resend_kept), on a thread
+        # of its own; one at a time (_resend_start_lock). A race between the sender
+        # thread and it on these times makes a resend a little early or late, no more.
+        self._resend_pending = False  # the list may hold events to resend
+        self._resend_at = 0.0  # monotonic time of the next resend
+        self._resend_wait = FALLBACK_RETRY_SECONDS  # ...after a failed one
+        self._resend_not_before = 0.0  # monotonic end of the backend's last Retry-After
+        self._resend_hasten = False  # fresh events going through may bring it forward
+        self._resend_thread: threading.Thread | None = None
+        self._resend_start_lock = threading.Lock()
+        self._resending = 0  # events of the list in the resend under way
+        self._resend_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
 
@@ -351,7 +379,8 @@ class Sender:
                     return True
                 if stop_at_retry and self._retrying:
                     return False
-                self._wake.set()
+                if self._worth_waking():
+                    self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -360,6 +389,20 @@ class Sender:
         finally:
             with self._state_lock:
                 self._flush_waiters -= 1
+
+    def _worth_waking(self) -> bool:
+        """Whether a flush waiting for the sender has something for it to do now (the
+        queue, a due retry, due events in a durable store). Waking it for nothing at
+        every cycle's end made a flush that waits for a retry (a 429's Retry-After, say)
+        and the sender thread ping-pong, a core busy for the whole wait."""
+        if self._queue:
+            return True
+        retries = self._retries
+        if retries and retries[0][0] <= time.monotonic():
+            return True
+        if self._busy or self._inflight:
+            return False  # (the cycle under way goes on: it needs no wake-up)
+        return not retries  # (else only retries not due yet: the sender wakes for them)
 
     def _settled(self, store: bool = True) -> bool:
         if self._queue or self._retries or self._inflight or self._busy:
@@ -404,6 +447,7 @@ class Sender:
         on_sender_thread = threading.current_thread() is self._thread
         if not on_sender_thread:  # (a hook of the sender thread's could never see it settle)
             self.flush_for_close(timeout)
+        self._closing = True  # (no periodic resend of the in-memory list from here on)
         with self._state_lock:
             self._stopping = True
             self._closed = True
@@ -444,11 +488,14 @@ class Sender:
             # (those that failed for good earlier included: their one log line may have
             # been held back by its throttle, and this is the last word on them)
             earlier = max(0, held - len(leftover))  # (the list may have evicted some)
+            resend = self._resend_thread
+            resending = self._resending if resend is not None and resend.is_alive() else 0
             logger.error(
-                "%d usage events at close (%d undelivered now, %d failed earlier) are %s",
+                "%d usage events at close (%d undelivered now, %d failed earlier%s) are %s",
                 held,
                 held - earlier,
                 earlier,
+                f"; {resending} of them in a resend still under way" if resending else "",
                 _ONLY_IN_MEMORY,
             )
         elif held:  # (the store failed: say what that costs)
@@ -464,11 +511,17 @@ class Sender:
         # the next start) sends it; waiting until it is empty would hold every exit while
         # other processes keep writing to it.
         self._closing = True  # and no new batch is claimed from the store meanwhile
+        if self._store is None:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            # the memory list dies with us: wait, it is their only chance
+            if self.flush(timeout, store=False):
+                self._last_resend(deadline)
+            return
         if self._settled(store=False):
             return
-        if self._store is None or isinstance(self._store, MemoryFailureStore):
-            self.flush(timeout, store=False)  # the memory list dies with us: wait, it is
-            return  # their only chance
+        if isinstance(self._store, MemoryFailureStore):
+            self.flush(timeout, store=False)  # (as above)
+            return
         # Events waiting for a retry (the backend is failing now) are not waited for once
         # the store has taken them: waiting out their backoff would hold up the exit (a
         # worker restarting during an outage, whose replacement the server starts only
@@ -484,6 +537,19 @@ class Sender:
             if not self._store_retries_now():
                 self.flush(left(), store=False)
                 return
+
+    def _last_resend(self, deadline: float | None) -> None:
+        """close() without a store: a last resend of the in-memory list (or the one under
+        way), batch after batch while they succeed, waited for until ``deadline`` (None:
+        until it ends); none while the backend's Retry-After runs."""
+        now = time.monotonic()
+        if not self._resend_pending or now < self._resend_not_before:
+            return
+        if deadline is not None and deadline <= now:
+            return
+        thread = self._start_resend(until=deadline)
+        if thread is not None:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _store_retries_now(self) -> bool:
         """Hand the events waiting for a retry to the store at once (close() is waiting);
@@ -538,6 +604,8 @@ class Sender:
         wait = self._config.flush_interval
         if self._retries:
             wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
+        if self._resend_pending and not self._closing:
+            wait = min(wait, max(0.0, self._resend_at - time.monotonic()))
         return wait
 
     def _cycle(self) -> None:
@@ -558,6 +626,8 @@ class Sender:
             self._deliver(items)
             more = len(items) >= limit or len(self._queue) >= limit or self._flush_waiters > 0
             items = self._take_in_flight() if more else []
+        if self._resend_pending and not self._closing and time.monotonic() >= self._resend_at:
+            self._start_resend()
 
     def _start_offer(self) -> None:
         """Offer the events kept in memory to the store on a thread of its own: a store
@@ -669,18 +739,26 @@ class Sender:
             self._spilled = False
         return [_Item(s.event, s.attempts, from_store=True) for s in claimed]
 
-    def _deliver(self, items: list[_Item]) -> None:
+    def _attempt(self, items: list[_Item], until: float | None = None) -> Outcome[_Item]:
+        """One delivery attempt at ``items``, starting no request after the attempt's
+        time (``attempt_seconds``) nor after ``until`` (a monotonic time)."""
         attempt = self._config.attempt_seconds
+        deadline = None if attempt is None else time.monotonic() + attempt
+        if until is not None:
+            deadline = until if deadline is None else min(deadline, until)
+        return deliver_once(
+            items,
+            _event_of,
+            transport=self._transport,
+            customers=self._customers,
+            max_batch_bytes=self._config.max_batch_bytes,
+            max_records=self._config.batch_size,
+            deadline=deadline,
+        )
+
+    def _deliver(self, items: list[_Item]) -> None:
         try:
-            outcome = deliver_once(
-                items,
-                _event_of,
-                transport=self._transport,
-                customers=self._customers,
-                max_batch_bytes=self._config.max_batch_bytes,
-                max_records=self._config.batch_size,
-                deadline=None if attempt is None else time.monotonic() + attempt,
-            )
+            outcome = self._attempt(items)
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
             if self._took_over(items):  # close() stored the batch while it was sent
@@ -713,6 +791,10 @@ class Sender:
         if not items:
             return
         self._stats.add(sent=len(items))
+        if self._resend_hasten:  # the backend takes events again: resend soon (once: a
+            self._resend_hasten = False  # resend failing now fails for its own reason)
+            soon = max(self._resend_not_before, time.monotonic() + FALLBACK_RETRY_SECONDS)
+            self._resend_at = min(self._resend_at, soon)
         if self._store is None:  # (then no item came from a store)
             return
         stored_ids = [i.event.event_id for i in items if i.from_store]
@@ -731,11 +813,16 @@ class Sender:
         # Closed while they were sent: not retried here, nor failed for good (no failed
         # count, no on_error); stored below as events undelivered at close.
         closed = self._closed
+        if retry_after:  # (resends of the in-memory list honour it too)
+            self._resend_not_before = max(self._resend_not_before, time.monotonic() + retry_after)
+        self._resend_hasten = self._resend_pending
         for item in items:
             item.attempts += tried
             (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
         if give_up:
             self._fail(give_up, error, attempts_done=True)
+            if self._store is None and not closed:  # resent from the in-memory list
+                self._schedule_resend(retry_after)
         if not retry_now:
             return
         attempt = max(i.attempts for i in retry_now)
@@ -779,12 +866,18 @@ class Sender:
         if not attempts_done:
             for item in items:
                 item.attempts += 1
-        kept = "kept for the retry command" if self._store is not None else _ONLY_IN_MEMORY
+        # Without a store, the sender goes on resending what failed for a retriable
+        # reason (an outage longer than the retries), slowly; not what was refused.
+        resend = self._store is None and error.retriable
+        if self._store is not None:
+            kept = "kept for the retry command"
+        else:
+            kept = _RESENT_FROM_MEMORY if resend else _ONLY_IN_MEMORY
         self._failure_log.log(
             logging.ERROR, "%d usage events not delivered, %s: %s", len(items), kept, error
         )
         self._stats.error(str(error))
-        self._store_final(items, str(error), count_failed=True)
+        self._store_final(items, str(error), count_failed=True, resend=resend)
         if self._on_error is not None:
             try:
                 self._on_error([i.event for i in items], error)
@@ -835,11 +928,19 @@ class Sender:
         return True
 
     def _store_final(
-        self, items: list[_Item], reason: str, *, count_failed: bool, skip_store: bool = False
+        self,
+        items: list[_Item],
+        reason: str,
+        *,
+        count_failed: bool,
+        skip_store: bool = False,
+        resend: bool = False,
     ) -> None:
         """Hand events to the failure store (or the in-memory fallback) for the retry
         command. Sender-side attempts are marked as used up. ``skip_store``: the store
-        refused events a moment ago; they go to the in-memory list without asking it."""
+        refused events a moment ago; they go to the in-memory list without asking it.
+        ``resend`` (no store): the sender resends them from the in-memory list; the
+        others are kept there never due (``next_attempt_at`` infinite)."""
         if count_failed:
             self._stats.add(failed=len(items))
         attempts = max([self._policy.max_retries + 1, *(i.attempts for i in items)])
@@ -866,5 +967,135 @@ class Sender:
             return
         # No store: kept in the in-memory list (failed_in_memory), not "stored"
         before = self._fallback.dropped
-        self._fallback.store(events, error=reason, attempts=attempts)
+        self._fallback.store(
+            events, error=reason, attempts=attempts, next_attempt_at=None if resend else math.inf
+        )
         self._stats.add(dropped=self._fallback.dropped - before)
+        if resend:
+            self._resend_pending = True
+
+    # -- resending the in-memory list (no failure store) -------------------------------
+
+    def _schedule_resend(self, retry_after: float | None) -> None:
+        """Events just joined the in-memory list for want of a store: resend them once
+        the backend has had time to come back (not sooner than its Retry-After)."""
+        now = time.monotonic()
+        if retry_after:
+            self._resend_not_before = max(self._resend_not_before, now + retry_after)
+        self._resend_at = max(self._resend_at, now + self._resend_wait, self._resend_not_before)
+        self._resend_hasten = True
+
+    def _start_resend(self, until: float | None = None) -> threading.Thread | None:
+        """Start a resend of the in-memory list on a thread of its own (fresh events never
+        wait for it), unless one is under way: that one is returned. ``until``: close()'s
+        deadline (None: none, or the periodic resend); None when no thread could start."""
+        with self._resend_start_lock:
+            running = self._resend_thread
+            if running is not None and running.is_alive():
+                return running
+            # (provisional, so that the sender does not start another meanwhile: the
+            # resend sets the real time when it ends)
+            self._resend_at = time.monotonic() + FALLBACK_RETRY_MAX_SECONDS
+            thread = threading.Thread(
+                target=self._resend_kept, args=(until,), name="meter-resend", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError:  # no new thread at interpreter exit
+                self._resend_at = time.monotonic() + FALLBACK_RETRY_SECONDS
+                return None
+            self._resend_thread = thread
+            return thread
+
+    def _resend_kept(self, until: float | None) -> None:
+        """Resend events of the in-memory list whose retries ran out on a retriable
+        failure (no store: nothing else ever would), batch after batch while they
+        succeed, in requests of their own. One resend at a time for the whole client:
+        the first 5 s after events join the list, then twice as long after each failed
+        one up to 60 s, never sooner than a Retry-After, and within 5 s once fresh
+        events go through again (once per failure: a resend that fails while the
+        backend takes fresh events fails for a reason of its own). Delivered: counted in
+        ``sent`` and ``resent`` (they stay in ``failed``); failed again: in ``retried``;
+        refused for good now: kept, never due again. ``until``: close()'s deadline, no
+        request starts after it."""
+        try:
+            while True:
+                # (cleared before the claim: an event kept meanwhile sets it again)
+                self._resend_pending = False
+                claimed = self._fallback.claim(
+                    self._batch_size, lease_seconds=RESEND_LEASE_SECONDS, due_by=_ANY_TIME
+                )
+                if not claimed:  # all sent, evicted, or refused for good
+                    break
+                self._resend_pending = True
+                if not self._resend_batch(claimed, until):
+                    break
+                now = time.monotonic()
+                if (until is not None and now >= until) or now < self._resend_not_before:
+                    break
+        except Exception:  # (a bug of ours: the events stay in the list, leased a while)
+            logger.exception("resending events kept in memory failed unexpectedly")
+            self._resend_pending = True
+            self._resend_at = time.monotonic() + FALLBACK_RETRY_MAX_SECONDS
+        finally:
+            self._wake.set()  # (the sender thread reads the next resend time anew)
+
+    def _resend_batch(self, claimed: list[StoredEvent], until: float | None) -> bool:
+        """One attempt at ``claimed`` (leased from the in-memory list); True when all of
+        them were delivered. Sets the time of the next resend."""
+        items = [_Item(s.event, s.attempts) for s in claimed]
+        self._resending = len(items)
+        try:
+            outcome = self._attempt(items, until)
+        except BaseException:  # (a bug of ours, or of a custom transport: they stay kept)
+            self._fallback.release([s.event.event_id for s in claimed])
+            raise
+        finally:
+            self._resending = 0
+        self._stats.add(batches=outcome.batches)
+        if outcome.delivered:
+            removed = self._fallback.discard([i.event.event_id for i in outcome.delivered])
+            self._stats.add(sent=len(outcome.delivered), resent=removed)
+            logger.info("resent %d usage events kept in memory", len(outcome.delivered))
+        retry_after: float | None = None
+        for error, group in outcome.retriable:
+            self._stats.error(str(error))
+            self._stats.add(retried=len(group))
+            if isinstance(error, RateLimited) and error.retry_after is not None:
+                retry_after = max(retry_after or 0.0, error.retry_after)
+            self._fallback.mark_failed(
+                [i.event.event_id for i in group], error=str(error), next_attempt_at=time.time()
+            )
+        for error, group in outcome.final:
+            self._stats.error(str(error))
+            self._fallback.mark_failed(
+                [i.event.event_id for i in group], error=str(error), next_attempt_at=math.inf
+            )
+            self._failure_log.log(
+                logging.ERROR,
+                "%d usage events kept in memory refused when resent, kept there (not resent "
+                "again): %s",
+                len(group),
+                error,
+            )
+        now = time.monotonic()
+        if not outcome.retriable:
+            self._resend_wait = FALLBACK_RETRY_SECONDS
+            self._resend_at = now
+            return True
+        if outcome.delivered:
+            self._resend_wait = FALLBACK_RETRY_SECONDS
+        else:
+            self._resend_wait = min(self._resend_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
+        wait = max(self._resend_wait, retry_after or 0.0)
+        self._resend_at = now + wait
+        if retry_after:
+            self._resend_not_before = max(self._resend_not_before, now + retry_after)
+        self._resend_log.log(
+            logging.WARNING,
+            "resending %d usage events kept in memory failed (%s); next try in %.0fs",
+            sum(len(group) for _, group in outcome.retriable),
+            outcome.retriable[0][0],
+            wait,
+        )
+        return False

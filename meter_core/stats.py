@@ -29,9 +29,13 @@ class DeliveryStats:
       in-memory list when there is no store or it fails (``failed_in_memory``);
     - ``dropped``: events lost: a full queue with no store (or a failing one) and
       ``before_send`` returning None (both also in ``recorded``), or a full in-memory
-      failure list (those also in ``failed``); each also logged. With nothing dropped,
-      ``recorded`` = ``sent`` + ``failed`` + the events still owed (queued, in flight,
-      waiting for a retry, or spilled to the store);
+      failure list (those also in ``failed``); each also logged. With nothing dropped
+      (and none ``resent``), ``recorded`` = ``sent`` + ``failed`` + the events still
+      owed (queued, in flight, waiting for a retry, or spilled to the store);
+    - ``resent``: events of the in-memory failure list (no store: their retries ran
+      out on a retriable failure) that the sender resent later, with success; they count
+      in ``failed`` and in ``sent`` too, so with nothing dropped ``recorded`` =
+      ``sent`` - ``resent`` + ``failed`` + the events still owed;
     - ``batches``: produce requests made;
     - ``last_error``: the text of the latest delivery error, or None.
     """
@@ -42,6 +46,7 @@ class DeliveryStats:
     failed: int = 0
     stored: int = 0
     dropped: int = 0
+    resent: int = 0
     batches: int = 0
     last_error: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)

@@ -178,14 +178,19 @@ class MemoryFailureStore:
         max_attempts: int | None = None,
         tenant_id: str | None = None,
         meter_id: str | None = None,
+        due_by: float | None = None,
     ) -> list[StoredEvent]:
+        """See :meth:`FailureStore.claim`; ``due_by`` (epoch seconds, default now): the
+        events due by then count as due (an event never due, ``next_attempt_at``
+        infinite, is never claimed)."""
         now = time.time()
+        due = now if due_by is None else due_by
         claimed: list[StoredEvent] = []
         with self._lock:
             for event_id, stored in self._events.items():
                 if len(claimed) >= limit:
                     break
-                if stored.next_attempt_at > now or self._leases.get(event_id, 0) > now:
+                if stored.next_attempt_at > due or self._leases.get(event_id, 0) > now:
                     continue
                 if max_attempts is not None and stored.attempts >= max_attempts:
                     continue

@@ -961,3 +961,23 @@ def test_a_send_failing_after_close_began_is_stored_as_undelivered_not_failed(
     assert stats["failed"] == 0 and stats["stored"] == 1 and errors == []
     (row,) = spool.claim(10)
     assert (row.event.event_id, row.last_error) == (event_id, "undelivered at close")
+
+
+def test_a_flush_waiting_for_a_retry_leaves_the_cpu_alone(backend: DevServer) -> None:
+    # The event waits out a 429's Retry-After: flush(1.5) waits with it, idle (it once
+    # woke the sender at each of its cycles' ends, a core busy for the whole wait, the
+    # GIL taken from the app: at every shutdown during an outage).
+    client = MeterClient(backend.url, internal_url=backend.url, device_id="d",
+                         flush_interval=0.02)  # fmt: skip
+    client.send(**RECORD)
+    backend.set_fault("rate_limit", retry_after=5)
+    client.record(**RECORD)
+    deadline = time.monotonic() + 5
+    while client.stats()["retried"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    cpu = time.process_time()
+    assert not client.flush(1.5)
+    assert time.process_time() - cpu < 0.5
+    backend.clear_fault()
+    assert client.flush(10)  # (the retry, 5 s after the refusal, goes through)
+    client.close(0)

@@ -1,0 +1,248 @@
+"""Without a failure store, events whose retries ran out in an outage are kept in memory
+and resent by the sender once the backend is back: slowly while it is down (one request
+at a time, spaced out, honouring Retry-After), never mixed with fresh events, and once
+more by close(). Against the real local backend."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meter_core import MeterClient
+from meter_core import sender as sender_module
+from meter_core.devserver import DevServer
+
+RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def fast_resends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resends 0.3 s after a failure, doubling up to 1.2 s (5 and 60 s in production)."""
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_MAX_SECONDS", 1.2)
+
+
+def _failed_in_an_outage(
+    backend: DevServer, make_client: Any, events: int, mode: str = "down", **params: Any
+) -> tuple[MeterClient, set[str]]:
+    """A client without a store whose ``events`` failed for good (max_retries=1) while
+    the backend answers produce requests with the fault ``mode``."""
+    client: MeterClient = make_client(max_retries=1)
+    client.send(**RECORD)  # (the customer is looked up and cached: the fault hits produce)
+    backend.reset()
+    backend.set_fault(mode, **params)
+    ids = {client.record(**RECORD) for _ in range(events)}
+    _wait_until(lambda: client.stats()["failed_in_memory"] == events)
+    return client, ids
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_events_whose_retries_ran_out_are_resent_once_the_backend_is_back(
+    backend: DevServer, make_client: Any
+) -> None:
+    client, ids = _failed_in_an_outage(backend, make_client, 30)
+    assert client.stats()["failed"] == 30 and backend.event_ids() == []
+    backend.clear_fault()
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    assert sorted(backend.event_ids()) == sorted(ids)  # each once
+    stats = client.stats()
+    assert stats["resent"] == 30 and stats["failed"] == 30 and stats["sent"] == 30
+    assert stats["recorded"] == stats["sent"] - stats["resent"] + stats["failed"]
+    assert stats["dropped"] == stats["stored"] == 0
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_resends_during_an_outage_are_one_request_at_a_time_and_spaced_out(
+    backend: DevServer, make_client: Any
+) -> None:
+    # 40 events of 4 tenants, in the list as one batch: each resend is one request, the
+    # next one 0.3, 0.6, 1.2, 1.2... s later; retried in a loop it would be hundreds.
+    client: MeterClient = make_client(max_retries=0)
+    for tenant in ("a", "b", "c", "d"):
+        client.send(**{**RECORD, "tenant_id": tenant})
+    backend.reset()
+    backend.set_fault("down")
+    for _ in range(10):
+        for tenant in ("a", "b", "c", "d"):
+            client.record(**{**RECORD, "tenant_id": tenant})
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 40)
+    before = backend.produce_requests
+    time.sleep(2.5)
+    resends = backend.produce_requests - before
+    assert 1 <= resends <= 5, resends
+    backend.clear_fault()
+    _wait_until(lambda: len(backend.event_ids()) == 40)
+    assert client.stats()["failed_in_memory"] == 0
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_retry_after_holds_resends_back(backend: DevServer, make_client: Any) -> None:
+    client, _ = _failed_in_an_outage(backend, make_client, 3, "rate_limit", retry_after=2)
+    failed_at = time.monotonic()
+    before = backend.produce_requests
+    backend.clear_fault()
+    time.sleep(1.4)  # past the 0.3 s first wait, within the backend's Retry-After
+    assert backend.produce_requests == before
+    _wait_until(lambda: len(backend.event_ids()) == 3)
+    assert time.monotonic() - failed_at >= 1.9
+    assert client.stats()["resent"] == 3
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_events_refused_for_good_are_kept_but_not_resent(
+    backend: DevServer, make_client: Any
+) -> None:
+    client: MeterClient = make_client()
+    backend.remove_customer("ghost")  # no customer account: refused, not retried
+    event_id = client.record(**{**RECORD, "tenant_id": "ghost"})
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+    backend.add_customer("ghost", "cust-ghost")
+    client.customer_cache.invalidate("ghost")
+    time.sleep(1.5)
+    assert backend.event_ids() == []
+    [kept] = client.failed_events()
+    assert kept.event.event_id == event_id and kept.next_attempt_at == math.inf
+    assert client.stats()["resent"] == 0
+
+
+def test_close_makes_a_last_resend_of_the_in_memory_list(
+    backend: DevServer, make_client: Any
+) -> None:
+    # (production timings: the next resend would be 5 s away; close() does not wait)
+    client, ids = _failed_in_an_outage(backend, make_client, 5)
+    backend.clear_fault()
+    started = time.monotonic()
+    client.close(timeout=3)
+    assert time.monotonic() - started < 2.5
+    assert sorted(backend.event_ids()) == sorted(ids)
+    assert client.stats()["failed_in_memory"] == 0 and client.stats()["resent"] == 5
+
+
+def test_close_still_down_returns_within_its_timeout_and_says_what_is_lost(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client, _ = _failed_in_an_outage(backend, make_client, 4)
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="meter"):
+        client.close(timeout=1)
+    assert time.monotonic() - started < 2.0
+    assert client.stats()["failed_in_memory"] == 4
+    assert "4 usage events at close" in caplog.text
+
+
+def test_close_with_no_time_left_makes_no_resend(backend: DevServer, make_client: Any) -> None:
+    client, _ = _failed_in_an_outage(backend, make_client, 2)
+    backend.clear_fault()
+    before = backend.produce_requests
+    client.close(timeout=0)
+    time.sleep(0.3)
+    assert backend.produce_requests == before
+    assert client.stats()["failed_in_memory"] == 2
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_flush_does_not_wait_for_the_in_memory_list(backend: DevServer, make_client: Any) -> None:
+    # The backend stays down: flush(None) answers for the queue and the retries, not for
+    # events that failed for good (resent in the background).
+    client, _ = _failed_in_an_outage(backend, make_client, 3)
+    answers: list[bool] = []
+    waiter = threading.Thread(target=lambda: answers.append(client.flush(None)), daemon=True)
+    waiter.start()
+    waiter.join(3)
+    assert answers == [True]
+    assert client.stats()["failed_in_memory"] == 3
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_fresh_events_are_not_held_back_by_resends(backend: DevServer, make_client: Any) -> None:
+    # Fresh events go out at once, in requests of their own, whatever the list holds.
+    client, _ = _failed_in_an_outage(backend, make_client, 3)
+    backend.clear_fault()
+    fresh = client.record(**{**RECORD, "total_usage": 7})
+    assert client.flush(5)
+    assert fresh in backend.event_ids()
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    assert len(backend.event_ids()) == 4
+
+
+def test_fresh_events_going_through_bring_the_next_resend_forward(
+    backend: DevServer, make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After four failed resends the next is 4.8 s away; once fresh events go through
+    # again, the list is resent 0.3 s later.
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_MAX_SECONDS", 30.0)
+    client, ids = _failed_in_an_outage(backend, make_client, 3)
+    before = backend.produce_requests
+    _wait_until(lambda: backend.produce_requests - before >= 4)
+    time.sleep(0.1)
+    backend.clear_fault()
+    fresh = client.record(**RECORD)
+    assert client.flush(5)
+    started = time.monotonic()
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    assert time.monotonic() - started < 2.5
+    assert sorted(backend.event_ids()) == sorted(ids | {fresh})
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_an_event_failing_alone_when_resent_is_resent_again_later(
+    backend: DevServer, make_client: Any
+) -> None:
+    # A resend where one record fails (retriably) while the others go through: that one
+    # stays due, and goes out once the backend takes it.
+    client, ids = _failed_in_an_outage(backend, make_client, 4)
+    stuck = sorted(ids)[0]
+    backend.set_fault("record_errors", event_ids=[stuck])
+    _wait_until(lambda: client.stats()["resent"] == 3)
+    assert stuck not in backend.event_ids()
+    backend.clear_fault()
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0, timeout=6)
+    assert sorted(backend.event_ids()) == sorted(ids)
+    assert client.stats()["retried"] >= 1 + 4  # (4 of the first outage, then the resends)
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_resend_failing_while_fresh_events_go_through_keeps_slowing_down(
+    backend: DevServer, make_client: Any
+) -> None:
+    # The backend takes fresh events but keeps refusing one record (retriably): fresh
+    # deliveries bring the resend forward once, not at every batch.
+    client, ids = _failed_in_an_outage(backend, make_client, 1)
+    backend.set_fault("record_errors", event_ids=sorted(ids))
+    retried = client.stats()["retried"]
+    ends = time.monotonic() + 4
+    while time.monotonic() < ends:
+        client.record(**{**RECORD, "tenant_id": "fresh"})
+        time.sleep(0.05)
+    resends = client.stats()["retried"] - retried
+    # 0.3, 0.6, 1.2, 1.2 s apart: 4 or 5 in 4 s; brought forward at each batch, 13 or more
+    assert 2 <= resends <= 7, resends
+    assert client.stats()["failed_in_memory"] == 1
+
+
+def test_close_does_not_spin_while_the_list_waits(backend: DevServer, make_client: Any) -> None:
+    # close() waits for a fresh event's retry while the list's resend time has passed:
+    # the sender thread sleeps meanwhile (it once looped, a core busy for close's timeout).
+    client, _ = _failed_in_an_outage(backend, make_client, 2)
+    client._sender._resend_at = 0.0  # type: ignore[union-attr]  # (due, as after 5 s)
+    backend.set_fault("rate_limit", retry_after=5)
+    client.record(**RECORD)  # refused: its retry waits out the Retry-After
+    _wait_until(lambda: client.stats()["retried"] > 2)
+    cpu = time.process_time()
+    client.close(timeout=1.5)
+    assert time.process_time() - cpu < 0.6
