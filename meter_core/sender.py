@@ -550,6 +550,8 @@ class Sender:
         thread = self._start_resend(until=deadline)
         if thread is not None:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        else:  # no new thread (at interpreter exit, on Python 3.12): here, then; a request
+            self._resend_kept(deadline)  # under way at the deadline may outlast it
 
     def _store_retries_now(self) -> bool:
         """Hand the events waiting for a retry to the store at once (close() is waiting);

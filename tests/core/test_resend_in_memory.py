@@ -246,3 +246,53 @@ def test_close_does_not_spin_while_the_list_waits(backend: DevServer, make_clien
     cpu = time.process_time()
     client.close(timeout=1.5)
     assert time.process_time() - cpu < 0.6
+
+
+def test_close_resends_here_when_no_thread_can_start(
+    backend: DevServer, make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At interpreter exit (Python 3.12) no new thread starts: close() resends in its own.
+    client, ids = _failed_in_an_outage(backend, make_client, 3)
+    backend.clear_fault()
+    sender = client._sender
+    assert sender is not None
+    monkeypatch.setattr(sender, "_start_resend", lambda until=None: None)
+    client.close(timeout=3)
+    assert sorted(backend.event_ids()) == sorted(ids)
+
+
+_EXITING_CHILD = """
+import sys, time
+from meter_core import MeterClient
+url = sys.argv[1]
+client = MeterClient(url, internal_url=url, device_id="d", max_retries=0, flush_interval=0.02)
+for _ in range(3):
+    client.record(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+while client.stats()["failed_in_memory"] < 3:
+    time.sleep(0.01)
+print("kept", flush=True)
+sys.stdin.readline()  # the backend is back: exit without close(), at once
+"""
+
+
+def test_process_exit_makes_a_last_resend(backend: DevServer) -> None:
+    import subprocess
+    import sys
+
+    backend.set_fault("down")
+    with subprocess.Popen(
+        [sys.executable, "-c", _EXITING_CHILD, backend.url],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as child:
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip() == "kept"
+            backend.clear_fault()
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.wait(20) == 0
+        finally:
+            child.kill()
+    assert len(set(backend.event_ids())) == 3
