@@ -173,7 +173,7 @@ class Sender:
         self._resend_pending = False  # the list may hold events to resend
         self._resend_at = 0.0  # monotonic time of the next resend
         self._resend_wait = FALLBACK_RETRY_SECONDS  # ...after a failed one
-        self._resend_not_before = 0.0  # monotonic end of the backend's last Retry-After
+        self._backend_not_before = 0.0  # monotonic end of the backend's latest Retry-After
         self._resend_hasten = False  # fresh events going through may bring it forward
         self._resend_thread: threading.Thread | None = None
         self._resend_start_lock = threading.Lock()
@@ -512,10 +512,14 @@ class Sender:
         # other processes keep writing to it.
         self._closing = True  # and no new batch is claimed from the store meanwhile
         if self._store is None:
+            # What is in memory dies with us: this is its last chance. Retries are made
+            # due now (their backoff could outlast the timeout, the backend back), and the
+            # in-memory list is resent alongside the flush, then waited for.
             deadline = None if timeout is None else time.monotonic() + timeout
-            # the memory list dies with us: wait, it is their only chance
-            if self.flush(timeout, store=False):
-                self._last_resend(deadline)
+            self._retry_now()
+            self._last_resend(deadline, wait=False)
+            self.flush(timeout, store=False)
+            self._last_resend(deadline)
             return
         if self._settled(store=False):
             return
@@ -538,16 +542,30 @@ class Sender:
                 self.flush(left(), store=False)
                 return
 
-    def _last_resend(self, deadline: float | None) -> None:
-        """close() without a store: a last resend of the in-memory list (or the one under
-        way), batch after batch while they succeed, waited for until ``deadline`` (None:
-        until it ends); none while the backend's Retry-After runs."""
+    def _retry_now(self) -> None:
+        """close() without a store: make the events waiting in memory for a retry due now
+        (not while the backend's Retry-After runs)."""
         now = time.monotonic()
-        if not self._resend_pending or now < self._resend_not_before:
+        if now < self._backend_not_before:
+            return
+        with self._handoff:
+            if self._retries:
+                self._retries = [(now, seq, batch) for _, seq, batch in self._retries]
+                heapq.heapify(self._retries)
+        self._wake.set()
+
+    def _last_resend(self, deadline: float | None, *, wait: bool = True) -> None:
+        """close() without a store: a last resend of the in-memory list (or the one under
+        way), batch after batch while they succeed; ``wait``: waited for until
+        ``deadline`` (None: until it ends). None while the backend's Retry-After runs."""
+        now = time.monotonic()
+        if not self._resend_pending or now < self._backend_not_before:
             return
         if deadline is not None and deadline <= now:
             return
         thread = self._start_resend(until=deadline)
+        if not wait:
+            return
         if thread is not None:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         else:  # no new thread (at interpreter exit, on Python 3.12): here, then; a request
@@ -795,7 +813,7 @@ class Sender:
         self._stats.add(sent=len(items))
         if self._resend_hasten:  # the backend takes events again: resend soon (once: a
             self._resend_hasten = False  # resend failing now fails for its own reason)
-            soon = max(self._resend_not_before, time.monotonic() + FALLBACK_RETRY_SECONDS)
+            soon = max(self._backend_not_before, time.monotonic() + FALLBACK_RETRY_SECONDS)
             self._resend_at = min(self._resend_at, soon)
         if self._store is None:  # (then no item came from a store)
             return
@@ -816,7 +834,7 @@ class Sender:
         # count, no on_error); stored below as events undelivered at close.
         closed = self._closed
         if retry_after:  # (resends of the in-memory list honour it too)
-            self._resend_not_before = max(self._resend_not_before, time.monotonic() + retry_after)
+            self._backend_not_before = max(self._backend_not_before, time.monotonic() + retry_after)
         self._resend_hasten = self._resend_pending
         for item in items:
             item.attempts += tried
@@ -983,8 +1001,8 @@ class Sender:
         the backend has had time to come back (not sooner than its Retry-After)."""
         now = time.monotonic()
         if retry_after:
-            self._resend_not_before = max(self._resend_not_before, now + retry_after)
-        self._resend_at = max(self._resend_at, now + self._resend_wait, self._resend_not_before)
+            self._backend_not_before = max(self._backend_not_before, now + retry_after)
+        self._resend_at = max(self._resend_at, now + self._resend_wait, self._backend_not_before)
         self._resend_hasten = True
 
     def _start_resend(self, until: float | None = None) -> threading.Thread | None:
@@ -1033,7 +1051,7 @@ class Sender:
                 if not self._resend_batch(claimed, until):
                     break
                 now = time.monotonic()
-                if (until is not None and now >= until) or now < self._resend_not_before:
+                if (until is not None and now >= until) or now < self._backend_not_before:
                     break
         except Exception:  # (a bug of ours: the events stay in the list, leased a while)
             logger.exception("resending events kept in memory failed unexpectedly")
@@ -1092,7 +1110,7 @@ class Sender:
         wait = max(self._resend_wait, retry_after or 0.0)
         self._resend_at = now + wait
         if retry_after:
-            self._resend_not_before = max(self._resend_not_before, now + retry_after)
+            self._backend_not_before = max(self._backend_not_before, now + retry_after)
         self._resend_log.log(
             logging.WARNING,
             "resending %d usage events kept in memory failed (%s); next try in %.0fs",

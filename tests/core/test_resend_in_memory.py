@@ -296,3 +296,25 @@ def test_process_exit_makes_a_last_resend(backend: DevServer) -> None:
         finally:
             child.kill()
     assert len(set(backend.event_ids())) == 3
+
+
+def test_close_right_after_an_outage_sends_what_waits_for_a_retry_and_the_list(
+    backend: DevServer, make_client: Any
+) -> None:
+    # Stopped a second after the backend came back: events wait out a 10 s backoff and
+    # others are in the in-memory list. close(2) sends both (it once waited for the
+    # backoff, ran out of time, and made no resend: the list was lost).
+    from meter_core.retry import RetryPolicy
+
+    client, listed = _failed_in_an_outage(backend, make_client, 3)
+    sender = client._sender
+    assert sender is not None
+    sender._policy = RetryPolicy(max_retries=3, backoff_base=10.0, backoff_cap=10.0)
+    waiting = {client.record(**RECORD) for _ in range(2)}
+    _wait_until(lambda: client.stats()["retried"] >= 3 + 2)  # (3: the first outage's)
+    backend.clear_fault()
+    started = time.monotonic()
+    client.close(timeout=2)
+    assert time.monotonic() - started < 2.5
+    assert sorted(backend.event_ids()) == sorted(listed | waiting)
+    assert client.stats()["failed_in_memory"] == 0
