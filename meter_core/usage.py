@@ -121,18 +121,28 @@ class LogThrottle:
             if now - slot[0] < self._interval:
                 return False
             since = int(slot[1])
-            slot[0], slot[1] = now, 0
+            elapsed = now - slot[0]  # (since the last line: longer than the interval
+            slot[0], slot[1] = now, 0  # after a quiet spell, which the count spans too)
         if since == 1:
             self._logger.log(level, message, *args, exc_info=exc_info)
         else:
             self._logger.log(
                 level,
                 # (the slot shared by kinds past the bound counts them all: say so)
-                "%s (%d times in the last %gs%s)",
+                "%s (%d times in the last %s%s)",
                 message % args,
                 since,
-                self._interval,
+                f"{self._interval:g}s" if elapsed < 2 * self._interval else _span(elapsed),
                 ", this and other kinds" if key is _OTHER_KINDS else "",
                 exc_info=exc_info,
             )
         return True
+
+
+def _span(seconds: float) -> str:
+    """A duration for a log line: ``36s``, ``12 min``, ``3.5 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

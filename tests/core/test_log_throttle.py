@@ -109,3 +109,19 @@ def test_the_line_of_kinds_past_the_bound_says_it_counts_other_kinds_too(
     assert caplog.records[-1].getMessage() == (
         "failure of kind 999 (4 times in the last 0.2s, this and other kinds)"
     )
+
+
+def test_the_count_after_a_quiet_spell_says_how_long_it_spans(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Occurrences held back, then none for a while: the next line's count spans the
+    # time since the last line, not the interval (an outage's failures counted in the
+    # next outage's first line once read as "28 times in the last 10s").
+    logger = logging.getLogger("meter.test.throttle.quiet")
+    throttle = LogThrottle(logger, interval=1)
+    with caplog.at_level(logging.WARNING, logger="meter.test.throttle.quiet"):
+        throttle.log(logging.WARNING, "failed")
+        throttle.log(logging.WARNING, "failed")
+        time.sleep(2.6)
+        throttle.log(logging.WARNING, "failed")
+    assert caplog.records[-1].getMessage() == "failed (2 times in the last 3s)"
