@@ -178,6 +178,7 @@ class Sender:
         self._resend_thread: threading.Thread | None = None
         self._resend_start_lock = threading.Lock()
         self._resending = 0  # events of the list in the resend under way
+        self._close_deadline: float | None = None  # close()'s: no resend request after it
         self._resend_log = LogThrottle(logger, interval=10.0)
 
     # -- caller side -------------------------------------------------------------------
@@ -445,6 +446,8 @@ class Sender:
             self._store_closed_queue()
             return
         on_sender_thread = threading.current_thread() is self._thread
+        if self._close_deadline is None:  # (a resend under way sends nothing after it)
+            self._close_deadline = math.inf if timeout is None else time.monotonic() + timeout
         if not on_sender_thread:  # (a hook of the sender thread's could never see it settle)
             self.flush_for_close(timeout)
         self._closing = True  # (no periodic resend of the in-memory list from here on)
@@ -495,7 +498,9 @@ class Sender:
                 held,
                 held - earlier,
                 earlier,
-                f"; {resending} of them in a resend still under way" if resending else "",
+                f"; {resending} of them in a resend still under way, which may deliver them"
+                if resending
+                else "",
                 _ONLY_IN_MEMORY,
             )
         elif held:  # (the store failed: say what that costs)
@@ -516,6 +521,7 @@ class Sender:
             # due now (their backoff could outlast the timeout, the backend back), and the
             # in-memory list is resent alongside the flush, then waited for.
             deadline = None if timeout is None else time.monotonic() + timeout
+            self._close_deadline = math.inf if deadline is None else deadline
             self._retry_now()
             self._last_resend(deadline, wait=False)
             self.flush(timeout, store=False)
@@ -624,9 +630,15 @@ class Sender:
         wait = self._config.flush_interval
         if self._retries:
             wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
-        if self._resend_pending and not self._closing:
+        if self._resend_pending and not self._closing and not self._resend_running():
             wait = min(wait, max(0.0, self._resend_at - time.monotonic()))
         return wait
+
+    def _resend_running(self) -> bool:
+        """A resend of the in-memory list is under way (its thread wakes the sender when
+        it ends: the sender does not look at the resend time meanwhile)."""
+        thread = self._resend_thread
+        return thread is not None and thread.is_alive()
 
     def _cycle(self) -> None:
         """Send what is due. The first batch goes whatever its size (the flush interval
@@ -646,7 +658,12 @@ class Sender:
             self._deliver(items)
             more = len(items) >= limit or len(self._queue) >= limit or self._flush_waiters > 0
             items = self._take_in_flight() if more else []
-        if self._resend_pending and not self._closing and time.monotonic() >= self._resend_at:
+        if (
+            self._resend_pending
+            and not self._closing
+            and time.monotonic() >= max(self._resend_at, self._backend_not_before)
+            and not self._resend_running()
+        ):
             self._start_resend()
 
     def _start_offer(self) -> None:
@@ -840,9 +857,10 @@ class Sender:
             item.attempts += tried
             (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
         if give_up:
+            waiting = self._resend_pending  # (a resend is scheduled already)
             self._fail(give_up, error, attempts_done=True)
             if self._store is None and not closed:  # resent from the in-memory list
-                self._schedule_resend(retry_after)
+                self._schedule_resend(retry_after, scheduled=waiting)
         if not retry_now:
             return
         attempt = max(i.attempts for i in retry_now)
@@ -996,13 +1014,16 @@ class Sender:
 
     # -- resending the in-memory list (no failure store) -------------------------------
 
-    def _schedule_resend(self, retry_after: float | None) -> None:
+    def _schedule_resend(self, retry_after: float | None, *, scheduled: bool) -> None:
         """Events just joined the in-memory list for want of a store: resend them once
-        the backend has had time to come back (not sooner than its Retry-After)."""
+        the backend has had time to come back (not sooner than its Retry-After). When a
+        resend is ``scheduled`` already, they go with it (pushed back at each event
+        joining, it would never come while events keep joining)."""
         now = time.monotonic()
         if retry_after:
             self._backend_not_before = max(self._backend_not_before, now + retry_after)
-        self._resend_at = max(self._resend_at, now + self._resend_wait, self._backend_not_before)
+        if not scheduled:
+            self._resend_at = now + self._resend_wait
         self._resend_hasten = True
 
     def _start_resend(self, until: float | None = None) -> threading.Thread | None:
@@ -1038,8 +1059,14 @@ class Sender:
         ``sent`` and ``resent`` (they stay in ``failed``); failed again: in ``retried``;
         refused for good now: kept, never due again. ``until``: close()'s deadline, no
         request starts after it."""
+        claimed: list[StoredEvent] = []
         try:
             while True:
+                # close() began since: no request after its deadline (None: this resend
+                # is close()'s own, with ``until``)
+                stop = until if until is not None else self._close_deadline
+                if stop is not None and time.monotonic() >= stop:
+                    break
                 # (cleared before the claim: an event kept meanwhile sets it again)
                 self._resend_pending = False
                 claimed = self._fallback.claim(
@@ -1048,13 +1075,14 @@ class Sender:
                 if not claimed:  # all sent, evicted, or refused for good
                     break
                 self._resend_pending = True
-                if not self._resend_batch(claimed, until):
+                if not self._resend_batch(claimed, None if stop == math.inf else stop):
                     break
-                now = time.monotonic()
-                if (until is not None and now >= until) or now < self._backend_not_before:
+                if time.monotonic() < self._backend_not_before:  # (a fresh event's 429)
+                    self._resend_at = max(self._resend_at, self._backend_not_before)
                     break
-        except Exception:  # (a bug of ours: the events stay in the list, leased a while)
+        except Exception:  # (a bug of ours: the events stay in the list)
             logger.exception("resending events kept in memory failed unexpectedly")
+            self._fallback.release([s.event.event_id for s in claimed])
             self._resend_pending = True
             self._resend_at = time.monotonic() + FALLBACK_RETRY_MAX_SECONDS
         finally:
@@ -1079,6 +1107,9 @@ class Sender:
             logger.info("resent %d usage events kept in memory", len(outcome.delivered))
         retry_after: float | None = None
         for error, group in outcome.retriable:
+            if error is OUT_OF_TIME:  # not tried (close()'s deadline): as they were
+                self._fallback.release([i.event.event_id for i in group])
+                continue
             self._stats.error(str(error))
             self._stats.add(retried=len(group))
             if isinstance(error, RateLimited) and error.retry_after is not None:
@@ -1101,7 +1132,7 @@ class Sender:
         now = time.monotonic()
         if not outcome.retriable:
             self._resend_wait = FALLBACK_RETRY_SECONDS
-            self._resend_at = now
+            self._resend_at = max(now, self._backend_not_before)
             return True
         if outcome.delivered:
             self._resend_wait = FALLBACK_RETRY_SECONDS

@@ -37,11 +37,17 @@ def fast_resends(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _failed_in_an_outage(
-    backend: DevServer, make_client: Any, events: int, mode: str = "down", **params: Any
+    backend: DevServer,
+    make_client: Any,
+    events: int,
+    mode: str = "down",
+    options: dict[str, Any] | None = None,
+    **params: Any,
 ) -> tuple[MeterClient, set[str]]:
-    """A client without a store whose ``events`` failed for good (max_retries=1) while
-    the backend answers produce requests with the fault ``mode``."""
-    client: MeterClient = make_client(max_retries=1)
+    """A client without a store (built with ``options``) whose ``events`` failed for
+    good (max_retries=1) while the backend answers produce requests with the fault
+    ``mode``."""
+    client: MeterClient = make_client(max_retries=1, **(options or {}))
     client.send(**RECORD)  # (the customer is looked up and cached: the fault hits produce)
     backend.reset()
     backend.set_fault(mode, **params)
@@ -318,3 +324,67 @@ def test_close_right_after_an_outage_sends_what_waits_for_a_retry_and_the_list(
     assert time.monotonic() - started < 2.5
     assert sorted(backend.event_ids()) == sorted(listed | waiting)
     assert client.stats()["failed_in_memory"] == 0
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_the_sender_sleeps_while_a_resend_is_under_way(
+    backend: DevServer, make_client: Any
+) -> None:
+    # Four batches resent from a slow backend: the sender thread (and a flush) wait
+    # for the resend thread; they once looped for as long as its requests took.
+    client, ids = _failed_in_an_outage(backend, make_client, 20, options={"batch_size": 5})
+    backend.set_fault("slow", delay=0.7)
+    _wait_until(lambda: client.stats()["resent"] >= 5)
+    cpu = time.process_time()
+    time.sleep(1.5)
+    assert time.process_time() - cpu < 0.5
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    assert sorted(backend.event_ids()) == sorted(ids)
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_resend_comes_while_fresh_events_keep_joining_the_list(
+    backend: DevServer, make_client: Any
+) -> None:
+    # Each fresh event is refused (retriably) and joins the list at once: the resend
+    # 0.3 s after the first is not put off by each one that joins after it.
+    client: MeterClient = make_client(max_retries=0)
+    client.send(**RECORD)
+    ends = time.monotonic() + 2
+    while time.monotonic() < ends:
+        event = client.event(**RECORD)
+        backend.set_fault("record_errors", event_ids=[event.event_id])
+        client.enqueue(event)
+        time.sleep(0.1)
+    assert client.stats()["resent"] >= 1
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_fresh_events_retry_after_holds_the_resend_back(
+    backend: DevServer, make_client: Any
+) -> None:
+    client, ids = _failed_in_an_outage(backend, make_client, 3)
+    backend.set_fault("rate_limit", retry_after=3)
+    fresh = client.record(**RECORD)
+    _wait_until(lambda: client.stats()["retried"] >= 3 + 1)  # (3: the outage's)
+    refused_at = time.monotonic()
+    backend.clear_fault()
+    time.sleep(2.2)
+    assert backend.event_ids() == []  # neither the list nor the fresh event
+    _wait_until(lambda: len(backend.event_ids()) == 4)
+    assert time.monotonic() - refused_at >= 2.8
+    assert sorted(backend.event_ids()) == sorted(ids | {fresh})
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_resend_under_way_sends_no_request_after_close_returned(
+    backend: DevServer, make_client: Any
+) -> None:
+    client, _ = _failed_in_an_outage(backend, make_client, 20, options={"batch_size": 5})
+    backend.set_fault("slow", delay=1.0)
+    _wait_until(lambda: client.stats()["batches"] > 0 and client.stats()["resent"] == 0)
+    time.sleep(0.5)  # (the resend's first request is on the wire)
+    client.close(timeout=0.8)
+    requests = backend.produce_requests
+    time.sleep(2.5)
+    assert backend.produce_requests - requests <= 1  # the one on the wire at the deadline
