@@ -60,8 +60,11 @@ class Outcome(Generic[T]):
     final: list[tuple[DeliveryError, list[T]]] = field(default_factory=list)
     batches: int = 0
     deadline: float | None = None
+    stop: Callable[[], bool] | None = None
 
     def out_of_time(self) -> bool:
+        if self.stop is not None and self.stop():
+            return True
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def add_failure(self, error: DeliveryError, items: list[T]) -> None:
@@ -84,6 +87,7 @@ def deliver_once(
     max_batch_bytes: int,
     max_records: int = 500,
     deadline: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Outcome[T]:
     """Try each item's event once. Customer ids come through ``customers``; records go
     in produce requests of at most ``max_records`` records and ``max_batch_bytes`` bytes.
@@ -94,8 +98,9 @@ def deliver_once(
     ``deadline`` (a ``time.monotonic()`` value): no request starts after it; the items
     not sent by then fail as retriable. With a request's longest duration added, it bounds
     the attempt, so that it ends within the lease of events claimed from a store (after
-    which another worker may claim and send them)."""
-    outcome: Outcome[T] = Outcome(deadline=deadline)
+    which another worker may claim and send them). ``stop``: asked before each request
+    too; True ends the attempt as the deadline does (the sender's resend at close())."""
+    outcome: Outcome[T] = Outcome(deadline=deadline, stop=stop)
     batch: list[T] = []
     records: list[Any] = []  # (in step with batch)
     size = _BODY_OVERHEAD

@@ -177,6 +177,9 @@ class Sender:
         self._resend_hasten = False  # fresh events going through may bring it forward
         self._resend_thread: threading.Thread | None = None
         self._resend_start_lock = threading.Lock()
+        # Held while events join the list (and _resend_pending is set) and while a resend
+        # claims from it (and sets it from what it found): no event joins unseen.
+        self._resend_claim_lock = threading.Lock()
         self._resending = 0  # events of the list in the resend under way
         self._close_deadline: float | None = None  # close()'s: no resend request after it
         self._resend_log = LogThrottle(logger, interval=10.0)
@@ -631,7 +634,8 @@ class Sender:
         if self._retries:
             wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
         if self._resend_pending and not self._closing and not self._resend_running():
-            wait = min(wait, max(0.0, self._resend_at - time.monotonic()))
+            due = max(self._resend_at, self._backend_not_before)
+            wait = min(wait, max(0.0, due - time.monotonic()))
         return wait
 
     def _resend_running(self) -> bool:
@@ -776,13 +780,12 @@ class Sender:
             self._spilled = False
         return [_Item(s.event, s.attempts, from_store=True) for s in claimed]
 
-    def _attempt(self, items: list[_Item], until: float | None = None) -> Outcome[_Item]:
+    def _attempt(
+        self, items: list[_Item], stop: Callable[[], bool] | None = None
+    ) -> Outcome[_Item]:
         """One delivery attempt at ``items``, starting no request after the attempt's
-        time (``attempt_seconds``) nor after ``until`` (a monotonic time)."""
+        time (``attempt_seconds``), nor once ``stop()`` says so."""
         attempt = self._config.attempt_seconds
-        deadline = None if attempt is None else time.monotonic() + attempt
-        if until is not None:
-            deadline = until if deadline is None else min(deadline, until)
         return deliver_once(
             items,
             _event_of,
@@ -790,7 +793,8 @@ class Sender:
             customers=self._customers,
             max_batch_bytes=self._config.max_batch_bytes,
             max_records=self._config.batch_size,
-            deadline=deadline,
+            deadline=None if attempt is None else time.monotonic() + attempt,
+            stop=stop,
         )
 
     def _deliver(self, items: list[_Item]) -> None:
@@ -798,6 +802,9 @@ class Sender:
             outcome = self._attempt(items)
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
+            if outcome.retriable and not outcome.delivered and self._resend_pending:
+                # the backend fails fresh events too: its next success means it is back
+                self._resend_hasten = True
             if self._took_over(items):  # close() stored the batch while it was sent
                 return
             for error, group in outcome.retriable:
@@ -852,7 +859,6 @@ class Sender:
         closed = self._closed
         if retry_after:  # (resends of the in-memory list honour it too)
             self._backend_not_before = max(self._backend_not_before, time.monotonic() + retry_after)
-        self._resend_hasten = self._resend_pending
         for item in items:
             item.attempts += tried
             (retry_now if self._policy.can_retry(item.attempts) else give_up).append(item)
@@ -1004,13 +1010,17 @@ class Sender:
             self._drain_fallback()  # the store works again: what it missed goes there
             return
         # No store: kept in the in-memory list (failed_in_memory), not "stored"
-        before = self._fallback.dropped
-        self._fallback.store(
-            events, error=reason, attempts=attempts, next_attempt_at=None if resend else math.inf
-        )
+        with self._resend_claim_lock:
+            before = self._fallback.dropped
+            self._fallback.store(
+                events,
+                error=reason,
+                attempts=attempts,
+                next_attempt_at=None if resend else math.inf,
+            )
+            if resend:
+                self._resend_pending = True
         self._stats.add(dropped=self._fallback.dropped - before)
-        if resend:
-            self._resend_pending = True
 
     # -- resending the in-memory list (no failure store) -------------------------------
 
@@ -1022,9 +1032,9 @@ class Sender:
         now = time.monotonic()
         if retry_after:
             self._backend_not_before = max(self._backend_not_before, now + retry_after)
-        if not scheduled:
-            self._resend_at = now + self._resend_wait
-        self._resend_hasten = True
+        if not scheduled:  # (the first to join: the next fresh success means the
+            self._resend_at = now + self._resend_wait  # backend is back)
+            self._resend_hasten = True
 
     def _start_resend(self, until: float | None = None) -> threading.Thread | None:
         """Start a resend of the in-memory list on a thread of its own (fresh events never
@@ -1050,16 +1060,20 @@ class Sender:
 
     def _resend_kept(self, until: float | None) -> None:
         """Resend events of the in-memory list whose retries ran out on a retriable
-        failure (no store: nothing else ever would), batch after batch while they
-        succeed, in requests of their own. One resend at a time for the whole client:
-        the first 5 s after events join the list, then twice as long after each failed
-        one up to 60 s, never sooner than a Retry-After, and within 5 s once fresh
-        events go through again (once per failure: a resend that fails while the
-        backend takes fresh events fails for a reason of its own). Delivered: counted in
-        ``sent`` and ``resent`` (they stay in ``failed``); failed again: in ``retried``;
-        refused for good now: kept, never due again. ``until``: close()'s deadline, no
-        request starts after it."""
+        failure (no store: nothing else ever would), in requests of their own, batch
+        after batch while each delivers some (a batch that delivers none ends the pass:
+        the backend is failing). One resend at a time for the whole client: the first
+        5 s after events join the list, then twice as long after each pass that
+        delivered none, up to 60 s, never sooner than a Retry-After, and within 5 s once
+        fresh events go through again after a failure of theirs. Delivered: counted in
+        ``sent`` and ``resent`` (they stay in ``failed``); failed again: in ``retried``,
+        and put behind the others (one that keeps failing does not hold them back);
+        refused for good now: kept, never due again. No request starts after ``until``
+        (close()'s own resend) or after close()'s deadline."""
         claimed: list[StoredEvent] = []
+        delivered = failed = 0
+        errors: list[BaseException] = []
+        retry_after: float | None = None
         try:
             while True:
                 # close() began since: no request after its deadline (None: this resend
@@ -1067,34 +1081,69 @@ class Sender:
                 stop = until if until is not None else self._close_deadline
                 if stop is not None and time.monotonic() >= stop:
                     break
-                # (cleared before the claim: an event kept meanwhile sets it again)
-                self._resend_pending = False
-                claimed = self._fallback.claim(
-                    self._batch_size, lease_seconds=RESEND_LEASE_SECONDS, due_by=_ANY_TIME
-                )
+                with self._resend_claim_lock:
+                    claimed = self._fallback.claim(
+                        self._batch_size, lease_seconds=RESEND_LEASE_SECONDS, due_by=_ANY_TIME
+                    )
+                    self._resend_pending = bool(claimed)
                 if not claimed:  # all sent, evicted, or refused for good
                     break
-                self._resend_pending = True
-                if not self._resend_batch(claimed, None if stop == math.inf else stop):
-                    break
-                if time.monotonic() < self._backend_not_before:  # (a fresh event's 429)
-                    self._resend_at = max(self._resend_at, self._backend_not_before)
+                outcome = self._resend_batch(claimed)
+                claimed = []
+                delivered += len(outcome.delivered)
+                for error, group in outcome.retriable:
+                    if error is not OUT_OF_TIME:
+                        failed += len(group)
+                        errors.append(error)
+                        if isinstance(error, RateLimited) and error.retry_after is not None:
+                            retry_after = max(retry_after or 0.0, error.retry_after)
+                if not outcome.delivered or time.monotonic() < self._backend_not_before:
                     break
         except Exception:  # (a bug of ours: the events stay in the list)
             logger.exception("resending events kept in memory failed unexpectedly")
             self._fallback.release([s.event.event_id for s in claimed])
             self._resend_pending = True
-            self._resend_at = time.monotonic() + FALLBACK_RETRY_MAX_SECONDS
+            failed += 1  # (slows the next pass down)
         finally:
+            self._schedule_next_resend(delivered, failed, errors, retry_after)
             self._wake.set()  # (the sender thread reads the next resend time anew)
 
-    def _resend_batch(self, claimed: list[StoredEvent], until: float | None) -> bool:
-        """One attempt at ``claimed`` (leased from the in-memory list); True when all of
-        them were delivered. Sets the time of the next resend."""
+    def _schedule_next_resend(
+        self,
+        delivered: int,
+        failed: int,
+        errors: list[BaseException],
+        retry_after: float | None,
+    ) -> None:
+        """After a resend pass: when the next one may start."""
+        now = time.monotonic()
+        if retry_after:
+            self._backend_not_before = max(self._backend_not_before, now + retry_after)
+        if not failed:
+            self._resend_wait = FALLBACK_RETRY_SECONDS
+            self._resend_at = max(now, self._backend_not_before)
+            return
+        if delivered:
+            self._resend_wait = FALLBACK_RETRY_SECONDS
+        else:
+            self._resend_wait = min(self._resend_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
+        self._resend_at = max(now + self._resend_wait, self._backend_not_before)
+        self._resend_log.log(
+            logging.WARNING,
+            "resending %d usage events kept in memory failed (%s); next try in %.0fs",
+            failed,
+            errors[0] if errors else "internal error",
+            self._resend_at - now,
+        )
+
+    def _resend_batch(self, claimed: list[StoredEvent]) -> Outcome[_Item]:
+        """One attempt at ``claimed`` (leased from the in-memory list), settled in the
+        list: delivered ones removed, failed ones put behind the others (due), refused
+        ones kept never due, the others (not tried: out of time) given back."""
         items = [_Item(s.event, s.attempts) for s in claimed]
         self._resending = len(items)
         try:
-            outcome = self._attempt(items, until)
+            outcome = self._attempt(items, stop=self._resend_stopped)
         except BaseException:  # (a bug of ours, or of a custom transport: they stay kept)
             self._fallback.release([s.event.event_id for s in claimed])
             raise
@@ -1105,17 +1154,15 @@ class Sender:
             removed = self._fallback.discard([i.event.event_id for i in outcome.delivered])
             self._stats.add(sent=len(outcome.delivered), resent=removed)
             logger.info("resent %d usage events kept in memory", len(outcome.delivered))
-        retry_after: float | None = None
         for error, group in outcome.retriable:
+            ids = [i.event.event_id for i in group]
             if error is OUT_OF_TIME:  # not tried (close()'s deadline): as they were
-                self._fallback.release([i.event.event_id for i in group])
+                self._fallback.release(ids)
                 continue
             self._stats.error(str(error))
             self._stats.add(retried=len(group))
-            if isinstance(error, RateLimited) and error.retry_after is not None:
-                retry_after = max(retry_after or 0.0, error.retry_after)
             self._fallback.mark_failed(
-                [i.event.event_id for i in group], error=str(error), next_attempt_at=time.time()
+                ids, error=str(error), next_attempt_at=time.time(), to_back=True
             )
         for error, group in outcome.final:
             self._stats.error(str(error))
@@ -1129,24 +1176,10 @@ class Sender:
                 len(group),
                 error,
             )
-        now = time.monotonic()
-        if not outcome.retriable:
-            self._resend_wait = FALLBACK_RETRY_SECONDS
-            self._resend_at = max(now, self._backend_not_before)
-            return True
-        if outcome.delivered:
-            self._resend_wait = FALLBACK_RETRY_SECONDS
-        else:
-            self._resend_wait = min(self._resend_wait * 2, FALLBACK_RETRY_MAX_SECONDS)
-        wait = max(self._resend_wait, retry_after or 0.0)
-        self._resend_at = now + wait
-        if retry_after:
-            self._backend_not_before = max(self._backend_not_before, now + retry_after)
-        self._resend_log.log(
-            logging.WARNING,
-            "resending %d usage events kept in memory failed (%s); next try in %.0fs",
-            sum(len(group) for _, group in outcome.retriable),
-            outcome.retriable[0][0],
-            wait,
-        )
-        return False
+        return outcome
+
+    def _resend_stopped(self) -> bool:
+        """close()'s deadline has passed: a resend starts no more requests (lookups
+        included), even one that began before close()."""
+        deadline = self._close_deadline
+        return deadline is not None and time.monotonic() >= deadline

@@ -209,7 +209,17 @@ class MemoryFailureStore:
                     self._delivered += 1
                 self._leases.pop(event_id, None)
 
-    def mark_failed(self, event_ids: Sequence[str], *, error: str, next_attempt_at: float) -> None:
+    def mark_failed(
+        self,
+        event_ids: Sequence[str],
+        *,
+        error: str,
+        next_attempt_at: float,
+        to_back: bool = False,
+    ) -> None:
+        """See :meth:`FailureStore.mark_failed`. ``to_back``: the events also go behind
+        the others, so that claims, which take the oldest first, come to the others
+        before them again (and a full store drops them after the others)."""
         with self._lock:
             for event_id in event_ids:
                 stored = self._events.get(event_id)
@@ -217,6 +227,8 @@ class MemoryFailureStore:
                     self._events[event_id] = StoredEvent(
                         stored.event, FAILED, stored.attempts + 1, error, next_attempt_at
                     )
+                    if to_back:
+                        self._events.move_to_end(event_id)
                 self._leases.pop(event_id, None)
 
     def release(self, event_ids: Sequence[str]) -> None:

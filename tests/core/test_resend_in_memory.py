@@ -388,3 +388,74 @@ def test_a_resend_under_way_sends_no_request_after_close_returned(
     requests = backend.produce_requests
     time.sleep(2.5)
     assert backend.produce_requests - requests <= 1  # the one on the wire at the deadline
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_the_sender_sleeps_while_a_retry_after_holds_the_resend_back(
+    backend: DevServer, make_client: Any
+) -> None:
+    client, _ = _failed_in_an_outage(backend, make_client, 2, "rate_limit", retry_after=4)
+    cpu = time.process_time()
+    time.sleep(2)
+    assert time.process_time() - cpu < 0.5  # (it once looped until the Retry-After ended)
+    assert client.stats()["failed_in_memory"] == 2
+
+
+def test_close_resends_past_an_event_that_keeps_failing(
+    backend: DevServer, make_client: Any
+) -> None:
+    # The oldest event of the list is refused (retriably) at every resend: close() goes
+    # on with the others, batch after batch, and the refused one waits behind them.
+    client: MeterClient = make_client(max_retries=0, batch_size=5)
+    client.send(**RECORD)
+    backend.reset()
+    backend.set_fault("down")
+    bad = client.event(**RECORD)
+    client.enqueue(bad)
+    good = {client.record(**RECORD) for _ in range(12)}
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 13)
+    backend.set_fault("record_errors", event_ids=[bad.event_id])
+    client.close(timeout=3)
+    assert sorted(backend.event_ids()) == sorted(good)
+    assert [s.event.event_id for s in client.failed_events()] == [bad.event_id]
+
+
+def test_a_resend_under_way_makes_no_lookup_after_close_returned(
+    backend: DevServer, make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A resend looks up 20 tenants one after another (their answers were never cached):
+    # close()'s deadline stops it between two lookups, not after the whole batch.
+    monkeypatch.setattr(sender_module, "FALLBACK_RETRY_SECONDS", 0.2)
+    client: MeterClient = make_client(max_retries=0)
+    backend.set_fault("down")
+    for n in range(20):
+        client.record(**{**RECORD, "tenant_id": f"t{n}"})
+    _wait_until(lambda: client.stats()["failed_in_memory"] == 20)
+    backend.set_fault("slow", delay=0.3)
+    lookups = len(backend.lookups)
+    _wait_until(lambda: len(backend.lookups) > lookups)  # the resend has begun
+    client.close(timeout=0.5)
+    after_close = len(backend.lookups)
+    time.sleep(1.5)
+    assert len(backend.lookups) - after_close <= 1  # (one on the wire at the deadline)
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_fresh_events_failing_beside_others_going_through_do_not_hasten_resends(
+    backend: DevServer, make_client: Any
+) -> None:
+    # One fresh event of every two is refused: the backend is up, the refused ones fail
+    # for a reason of their own. Resends of the list (refused too) keep slowing down.
+    client: MeterClient = make_client(max_retries=0)
+    client.send(**RECORD)
+    refused: list[str] = []
+    ends = time.monotonic() + 3
+    while time.monotonic() < ends:
+        good, bad = client.event(**RECORD), client.event(**RECORD)
+        refused.append(bad.event_id)
+        backend.set_fault("record_errors", event_ids=refused)
+        client.enqueue_many([good, bad])
+        time.sleep(0.05)
+    sender = client._sender
+    assert sender is not None
+    assert sender._resend_log.count <= 7  # failed passes: 0.3, 0.6, 1.2, 1.2 s apart
