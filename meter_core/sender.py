@@ -179,7 +179,9 @@ class Sender:
         self._resend_start_lock = threading.Lock()
         # Held while events join the list (and _resend_pending is set) and while a resend
         # claims from it (and sets it from what it found): no event joins unseen.
-        self._resend_claim_lock = threading.Lock()
+        # (reentrant: a logging handler of the app may record an event while the list
+        # logs a drop under it)
+        self._resend_claim_lock = threading.RLock()
         self._resending = 0  # events of the list in the resend under way
         self._close_deadline: float | None = None  # close()'s: no resend request after it
         self._resend_log = LogThrottle(logger, interval=10.0)
@@ -802,8 +804,14 @@ class Sender:
             outcome = self._attempt(items)
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
-            if outcome.retriable and not outcome.delivered and self._resend_pending:
-                # the backend fails fresh events too: its next success means it is back
+            if (
+                outcome.batches
+                and outcome.retriable
+                and not outcome.delivered
+                and self._resend_pending
+            ):
+                # the backend fails whole produce requests of fresh events too (not the
+                # lookup of one tenant): its next success means it is back
                 self._resend_hasten = True
             if self._took_over(items):  # close() stored the batch while it was sent
                 return
@@ -1097,7 +1105,11 @@ class Sender:
                         errors.append(error)
                         if isinstance(error, RateLimited) and error.retry_after is not None:
                             retry_after = max(retry_after or 0.0, error.retry_after)
-                if not outcome.delivered or time.monotonic() < self._backend_not_before:
+                if (
+                    not outcome.delivered
+                    or retry_after  # (the backend asked for a pause: not one more batch)
+                    or time.monotonic() < self._backend_not_before
+                ):
                     break
         except Exception:  # (a bug of ours: the events stay in the list)
             logger.exception("resending events kept in memory failed unexpectedly")

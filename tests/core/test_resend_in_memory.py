@@ -460,3 +460,105 @@ def test_fresh_events_failing_beside_others_going_through_do_not_hasten_resends(
     sender = client._sender
     assert sender is not None
     assert sender._resend_log.count <= 7  # failed passes: 0.3, 0.6, 1.2, 1.2 s apart
+
+
+def test_a_log_handler_that_records_an_event_does_not_hang_the_client() -> None:
+    # The app meters its own error lines: the in-memory list, full, logs a drop, and the
+    # handler records an event that goes to the same list (the client is closed).
+    from meter_core import MemoryTransport
+
+    client = MeterClient(transport=MemoryTransport(), device_id="d", max_failed_in_memory=3)
+    client.close(0)
+
+    class Metering(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            client.record(**RECORD)
+
+    handler = Metering(logging.ERROR)
+    logging.getLogger("meter.store").addHandler(handler)
+    try:
+        done = threading.Event()
+
+        def record_five() -> None:
+            for _ in range(5):
+                client.record(**RECORD)
+            done.set()
+
+        threading.Thread(target=record_five, daemon=True).start()
+        assert done.wait(5)
+    finally:
+        logging.getLogger("meter.store").removeHandler(handler)
+    assert client.stats()["failed_in_memory"] == 3
+
+
+def _customers_failing_for(tenant: str, error: Exception) -> Callable[[str], str]:
+    def customer(tenant_id: str) -> str:
+        if tenant_id == tenant:
+            raise error
+        return f"cust-{tenant_id}"
+
+    return customer
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_retry_after_met_by_a_resend_ends_its_pass() -> None:
+    # When the list is resent, one tenant's lookup answers 429 (Retry-After 30 s) while
+    # the others go through: the pass stops after that batch, not sending the next ones.
+    from meter_core import BackendUnavailable, MemoryTransport, RateLimited
+
+    limited, down = threading.Event(), threading.Event()
+
+    def customer(tenant_id: str) -> str:
+        if tenant_id == "rl" and limited.is_set():
+            raise RateLimited("too many lookups", retry_after=30)
+        return f"cust-{tenant_id}"
+
+    transport = MemoryTransport(customer)
+    produce = transport.produce
+
+    def produce_unless_down(records: Any) -> Any:
+        if down.is_set():
+            raise BackendUnavailable("down")
+        return produce(records)
+
+    transport.produce = produce_unless_down  # type: ignore[method-assign]
+    client = MeterClient(transport=transport, device_id="d", max_retries=0, batch_size=5,
+                         flush_interval=0.02)  # fmt: skip
+    try:
+        down.set()
+        for _ in range(4):
+            for tenant in ("acme", "acme", "acme", "acme", "rl"):
+                client.record(**{**RECORD, "tenant_id": tenant})
+        _wait_until(lambda: client.stats()["failed_in_memory"] == 20)
+        client.customer_cache.invalidate("rl")
+        limited.set()
+        lookups = len(transport.lookups)
+        down.clear()
+        _wait_until(lambda: client.stats()["resent"] >= 4)
+        time.sleep(0.5)
+        assert len(transport.records) == 4  # one batch, then the pause
+        assert transport.lookups[lookups:] == ["rl"]
+    finally:
+        client.close(0)
+
+
+@pytest.mark.usefixtures("fast_resends")
+def test_a_tenants_failing_lookups_do_not_bring_resends_forward() -> None:
+    # The lookup of one tenant keeps failing; the others go through. Its events' own
+    # retries fail alone (no produce request): that says nothing about the backend.
+    from meter_core import BackendUnavailable, MemoryTransport
+
+    transport = MemoryTransport(_customers_failing_for("bad", BackendUnavailable("lookup down")))
+    client = MeterClient(transport=transport, device_id="d", max_retries=1, backoff_base=0.05,
+                         backoff_cap=0.05, flush_interval=0.02)  # fmt: skip
+    try:
+        ends = time.monotonic() + 3
+        while time.monotonic() < ends:
+            client.record(**RECORD)
+            client.record(**{**RECORD, "tenant_id": "bad"})
+            time.sleep(0.05)
+        sender = client._sender
+        assert sender is not None
+        assert sender._resend_log.count <= 7  # failed passes: 0.3, 0.6, 1.2, 1.2 s apart
+    finally:
+        client.close(0)
