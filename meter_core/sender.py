@@ -1010,17 +1010,15 @@ class Sender:
                 self._fallback_retry_at = max(
                     self._fallback_retry_at, time.monotonic() + FALLBACK_RETRY_SECONDS
                 )
-                before = self._fallback.dropped
-                self._fallback.store(events, error=reason, attempts=attempts)
-                self._stats.add(dropped=self._fallback.dropped - before)
+                dropped = self._fallback.store_counted(events, error=reason, attempts=attempts)
+                self._stats.add(dropped=dropped)
                 return
             self._stats.add(stored=len(events))
             self._drain_fallback()  # the store works again: what it missed goes there
             return
         # No store: kept in the in-memory list (failed_in_memory), not "stored"
         with self._resend_claim_lock:
-            before = self._fallback.dropped
-            self._fallback.store(
+            dropped = self._fallback.store_counted(
                 events,
                 error=reason,
                 attempts=attempts,
@@ -1028,7 +1026,7 @@ class Sender:
             )
             if resend:
                 self._resend_pending = True
-        self._stats.add(dropped=self._fallback.dropped - before)
+        self._stats.add(dropped=dropped)
 
     # -- resending the in-memory list (no failure store) -------------------------------
 

@@ -146,6 +146,18 @@ class MemoryFailureStore:
         attempts: int = 0,
         next_attempt_at: float | None = None,
     ) -> None:
+        self.store_counted(events, error=error, attempts=attempts, next_attempt_at=next_attempt_at)
+
+    def store_counted(
+        self,
+        events: Sequence[UsageEvent],
+        *,
+        error: str = "",
+        attempts: int = 0,
+        next_attempt_at: float | None = None,
+    ) -> int:
+        """:meth:`store`, returning how many events this call dropped to make room
+        (counted apart from others that a logging handler may cause meanwhile)."""
         due = time.time() if next_attempt_at is None else next_attempt_at
         status = FAILED if error else QUEUED
         dropped: list[str] = []
@@ -169,6 +181,7 @@ class MemoryFailureStore:
                 dropped[0],
                 self.dropped,
             )
+        return len(dropped)
 
     def claim(
         self,
