@@ -526,7 +526,6 @@ class Sender:
             # due now (their backoff could outlast the timeout, the backend back), and the
             # in-memory list is resent alongside the flush, then waited for.
             deadline = None if timeout is None else time.monotonic() + timeout
-            self._close_deadline = math.inf if deadline is None else deadline
             self._retry_now()
             self._last_resend(deadline, wait=False)
             self.flush(timeout, store=False)
