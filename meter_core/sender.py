@@ -573,13 +573,13 @@ class Sender:
             return
         if deadline is not None and deadline <= now:
             return
-        thread = self._start_resend(until=deadline)
+        thread = self._start_resend()
         if not wait:
             return
         if thread is not None:
             thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         else:  # no new thread (at interpreter exit, on Python 3.12): here, then; a request
-            self._resend_kept(deadline)  # under way at the deadline may outlast it
+            self._resend_kept()  # under way at the deadline may outlast it
 
     def _store_retries_now(self) -> bool:
         """Hand the events waiting for a retry to the store at once (close() is waiting);
@@ -1041,10 +1041,10 @@ class Sender:
             self._resend_at = now + self._resend_wait  # backend is back)
             self._resend_hasten = True
 
-    def _start_resend(self, until: float | None = None) -> threading.Thread | None:
+    def _start_resend(self) -> threading.Thread | None:
         """Start a resend of the in-memory list on a thread of its own (fresh events never
-        wait for it), unless one is under way: that one is returned. ``until``: close()'s
-        deadline (None: none, or the periodic resend); None when no thread could start."""
+        wait for it), unless one is under way: that one is returned; None when no thread
+        could start."""
         with self._resend_start_lock:
             running = self._resend_thread
             if running is not None and running.is_alive():
@@ -1052,9 +1052,7 @@ class Sender:
             # (provisional, so that the sender does not start another meanwhile: the
             # resend sets the real time when it ends)
             self._resend_at = time.monotonic() + FALLBACK_RETRY_MAX_SECONDS
-            thread = threading.Thread(
-                target=self._resend_kept, args=(until,), name="meter-resend", daemon=True
-            )
+            thread = threading.Thread(target=self._resend_kept, name="meter-resend", daemon=True)
             try:
                 thread.start()
             except RuntimeError:  # no new thread at interpreter exit
@@ -1063,7 +1061,7 @@ class Sender:
             self._resend_thread = thread
             return thread
 
-    def _resend_kept(self, until: float | None) -> None:
+    def _resend_kept(self) -> None:
         """Resend events of the in-memory list whose retries ran out on a retriable
         failure (no store: nothing else ever would), in requests of their own, batch
         after batch while each delivers some (a batch that delivers none ends the pass:
@@ -1073,18 +1071,15 @@ class Sender:
         fresh events go through again after a failure of theirs. Delivered: counted in
         ``sent`` and ``resent`` (they stay in ``failed``); failed again: in ``retried``,
         and put behind the others (one that keeps failing does not hold them back);
-        refused for good now: kept, never due again. No request starts after ``until``
-        (close()'s own resend) or after close()'s deadline."""
+        refused for good now: kept, never due again. No request starts after close()'s
+        deadline, once close() began."""
         claimed: list[StoredEvent] = []
         delivered = failed = 0
         errors: list[BaseException] = []
         retry_after: float | None = None
         try:
             while True:
-                # close() began since: no request after its deadline (None: this resend
-                # is close()'s own, with ``until``)
-                stop = until if until is not None else self._close_deadline
-                if stop is not None and time.monotonic() >= stop:
+                if self._resend_stopped():
                     break
                 with self._resend_claim_lock:
                     claimed = self._fallback.claim(
