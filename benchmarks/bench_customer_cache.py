@@ -3,8 +3,8 @@
 The sender looks up each tenant it has no answer for, and a full cache drops its oldest
 answer to make room. Measured in-process with an instant lookup (no network): the cost
 of the cache itself per new tenant, by how full it is. A full cache must cost no more
-than an empty one: the sender does these lookups one at a time, so a cost that grows
-with the cache caps how many new tenants per second it can bill.
+than an empty one: every new tenant goes through it, so a cost that grows with the
+cache caps how many new tenants per second the client can bill.
 
     .venv/bin/python benchmarks/bench_customer_cache.py [--max-entries 100000]
 """

@@ -80,6 +80,7 @@ class CustomerCache:
             leader = flight is None
             if flight is None:
                 flight = self._inflight[tenant_id] = _Flight()
+                self.lookups += 1  # (under the lock: several threads look up at once)
         if leader:
             return self._lead(tenant_id, flight)
         if not flight.done.wait(self._wait_timeout):
@@ -90,12 +91,17 @@ class CustomerCache:
             raise BackendUnavailable(f"customer lookup of {tenant_id!r} was interrupted")
         return flight.customer
 
+    def holds(self, tenant_id: str) -> bool:
+        """True when :meth:`get` would answer ``tenant_id`` from the cache (an account
+        or "no account" not expired), without a lookup."""
+        entry = self._entries.get(tenant_id)
+        return entry is not None and entry[0] > self._clock()
+
     def _lead(self, tenant_id: str, flight: _Flight) -> Any:
         # The flight's outcome is set before anything else can be interrupted (a signal
         # handler may raise anywhere); waiters of a flight left without one get a
         # retriable error.
         try:
-            self.lookups += 1
             customer = _usable(tenant_id, self._lookup(tenant_id))
         except CustomerNotFound as exc:
             flight.error = exc

@@ -15,6 +15,7 @@ from typing import Any, Generic, TypeVar
 from meter_core.customers import CustomerCache
 from meter_core.errors import BackendUnavailable, DeliveryError
 from meter_core.events import MAX_USAGE, UsageEvent
+from meter_core.lookups import look_up_together, lookup_concurrency
 from meter_core.transport import Transport
 from meter_core.wire import RecordEncoder
 
@@ -111,6 +112,8 @@ def deliver_once(
     # cache, and asking again for each of a tenant's events would only multiply the wait.
     answers: dict[str, Any] = {}
     refused: dict[str, DeliveryError] = {}
+    concurrency = lookup_concurrency(transport)
+    look_ahead = concurrency > 1  # (once per attempt, at its first tenant not cached)
     for index, item in enumerate(items):
         if not index & _YIELD_MASK:
             # Let the app's threads take the GIL: one that asks for it while this thread
@@ -119,6 +122,18 @@ def deliver_once(
             _release_gil()
         event = event_of(item)
         customer = answers.get(event.tenant_id, _UNASKED)
+        if (
+            customer is _UNASKED
+            and look_ahead
+            and event.tenant_id not in refused
+            and not customers.holds(event.tenant_id)
+        ):
+            # The first tenant the cache does not hold: look up every such tenant of the
+            # rest of the attempt now, several at a time.
+            look_ahead = False
+            _look_up_rest(items[index:], event_of, customers, concurrency, outcome,
+                          answers, refused)  # fmt: skip
+            customer = answers.get(event.tenant_id, _UNASKED)
         if customer is _UNASKED:
             tenant = event.tenant_id
             error = refused.get(tenant)
@@ -154,6 +169,33 @@ def deliver_once(
 
 _UNASKED: Any = object()
 _ENCODER = RecordEncoder()
+
+
+def _look_up_rest(
+    items: Sequence[T],
+    event_of: Callable[[T], UsageEvent],
+    customers: CustomerCache,
+    concurrency: int,
+    outcome: Outcome[T],
+    answers: dict[str, Any],
+    refused: dict[str, DeliveryError],
+) -> None:
+    """Look up, ``concurrency`` at a time, the tenants of ``items`` that the cache does
+    not hold, into ``answers`` and ``refused``. With fewer than two, nothing is done
+    here: the attempt asks as it goes."""
+    tenants: dict[str, None] = {}  # (in order of first appearance)
+    for item in items:
+        tenant = event_of(item).tenant_id
+        if tenant not in tenants and tenant not in answers and tenant not in refused:
+            tenants[tenant] = None
+    new = [tenant for tenant in tenants if not customers.holds(tenant)]
+    if len(new) < 2:
+        return
+    found, failed = look_up_together(
+        new, customers, concurrency=concurrency, out_of_time=outcome.out_of_time
+    )
+    answers.update(found)
+    refused.update(failed)
 
 
 def _skeleton_size() -> int:

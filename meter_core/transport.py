@@ -65,6 +65,10 @@ class Transport(Protocol):
     ProduceResult``, taking records already encoded as JSON text (by
     :class:`~meter_core.wire.RecordEncoder`); the sender then uses it instead of
     :meth:`produce`, which saves building a dict per record. :class:`HTTPTransport` does.
+
+    It may also have ``lookup_concurrency``, an int: how many :meth:`lookup_customer`
+    calls a delivery attempt may make at once (from as many threads) when several
+    tenants are not in the customer cache. Without it, one at a time.
     """
 
     def lookup_customer(self, tenant_id: str) -> CustomerId:
@@ -268,6 +272,14 @@ class HTTPTransport:
             self._pid = os.getpid()
             self._session = self._new_session()
         return self._session
+
+    @property
+    def lookup_concurrency(self) -> int:
+        """Customer lookups a delivery attempt makes at once: half the connection pool
+        (``pool_maxsize``), at most 8, so that the sender and a resend of failed events,
+        each looking up at once, stay within the pool (urllib3 warns for each connection
+        it has to discard)."""
+        return max(1, min(8, self._pool_maxsize // 2))
 
     @property
     def external_lookup(self) -> bool:

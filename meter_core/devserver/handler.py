@@ -152,6 +152,13 @@ def make_handler(
             self._json(200, {"ok": True})
 
         def _lookup(self, tenant: str, *, external: bool) -> None:
+            state.lookup_started()
+            try:
+                self._answer_lookup(tenant, external=external)
+            finally:
+                state.lookup_ended()
+
+        def _answer_lookup(self, tenant: str, *, external: bool) -> None:
             if external:
                 auth = self.headers.get("Authorization", "")
                 token = auth[7:] if auth.startswith("Bearer ") else ""

@@ -140,6 +140,11 @@ class DevServer:
             return list(self.state.lookups)
 
     @property
+    def max_concurrent_lookups(self) -> int:
+        """The most customer lookups it answered at once (since the last reset)."""
+        return self.state.max_concurrent_lookups
+
+    @property
     def produce_requests(self) -> int:
         return self.state.produce_requests
 

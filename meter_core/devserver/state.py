@@ -53,6 +53,8 @@ class BackendState:
         self.lookups: list[str] = []
         self.raw_bodies: list[bytes] = []
         self.produce_requests = 0
+        self.lookups_in_flight = 0
+        self.max_concurrent_lookups = 0  # the most lookups answered at once
         self.last_headers: dict[str, str] = {}
         self.fault: Fault | None = None
         self._next_offset = 0
@@ -78,6 +80,15 @@ class BackendState:
                 if fault.times <= 0:
                     self.fault = None
             return fault
+
+    def lookup_started(self) -> None:
+        with self.lock:
+            self.lookups_in_flight += 1
+            self.max_concurrent_lookups = max(self.max_concurrent_lookups, self.lookups_in_flight)
+
+    def lookup_ended(self) -> None:
+        with self.lock:
+            self.lookups_in_flight -= 1
 
     def customer_for(self, tenant_id: str) -> str | None:
         with self.lock:
@@ -109,6 +120,7 @@ class BackendState:
             self.lookups.clear()
             self.raw_bodies.clear()
             self.produce_requests = 0
+            self.max_concurrent_lookups = self.lookups_in_flight
             self.fault = None
 
     def stats(self) -> dict[str, Any]:
@@ -121,6 +133,7 @@ class BackendState:
                 "unique_event_ids": unique,
                 "duplicates": len(ids) - unique,
                 "lookups": len(self.lookups),
+                "max_concurrent_lookups": self.max_concurrent_lookups,
                 "produce_requests": self.produce_requests,
                 "fault": self.fault.as_dict() if self.fault else None,
             }
