@@ -109,19 +109,26 @@ def from_user(attr: str = "tenant_id") -> Resolver:
     is read with ``user[attr]``). ``None`` when there is no user, when the user's
     ``is_authenticated`` is false, or when it has no such attribute.
 
+    A dotted ``attr`` follows attributes (or mapping keys) from the user, as meter_django's
+    ``{"user_attr": ...}`` and :func:`from_state` do: ``from_user("org.tenant_id")`` reads
+    ``scope["user"].org.tenant_id``. A user holding ``attr`` itself (a mapping of claims
+    with a key ``"org.tenant_id"``) is read that way first, so such a name keeps working.
+
     ``scope["user"]`` is what Starlette's ``AuthenticationMiddleware`` (or any other
     middleware of the app) sets: an id the app has authenticated, which a client cannot
     choose. This is the default tenant source (``from_user("tenant_id")``).
     """
-    attr, _ = _attr_path("from_user(attr)", attr)
+    attr, steps = _attr_path("from_user(attr)", attr)
+    dotted = len(steps) > 1
 
     def resolve(scope: Scope) -> Any:
         user = scope.get("user")
         if user is None or not getattr(user, "is_authenticated", True):
             return None
-        if isinstance(user, Mapping):
-            return user.get(attr)
-        return getattr(user, attr, None)
+        value = user.get(attr) if isinstance(user, Mapping) else getattr(user, attr, None)
+        if value is None and dotted:
+            value = _follow(user, steps)
+        return value
 
     def why(scope: Scope) -> str:
         user = scope.get("user")
@@ -133,6 +140,16 @@ def from_user(attr: str = "tenant_id") -> Resolver:
         kind = type(user).__name__
         if not getattr(user, "is_authenticated", True):
             return f"the user ({kind}) is not authenticated"
+        if dotted:
+            holder: Any = user
+            for depth, step in enumerate(steps[:-1], 1):
+                holder = _step(holder, step)
+                if holder is None:
+                    return f"the user ({kind}) has no {'.'.join(steps[:depth])!r}"
+            kind = f"{kind}, at {'.'.join(steps[:-1])!r}"
+            name = steps[-1]
+            has = name in holder if isinstance(holder, Mapping) else hasattr(holder, name)
+            return f"the user ({kind}) has {'an empty' if has else 'no'} {name!r}"
         has = attr in user if isinstance(user, Mapping) else hasattr(user, attr)
         return f"the user ({kind}) has {'an empty' if has else 'no'} {attr!r}"
 
@@ -153,14 +170,23 @@ def from_state(attr: str) -> Resolver:
     attr, steps = _attr_path("from_state(attr)", attr)
 
     def resolve(scope: Scope) -> Any:
-        value: Any = scope.get("state")
-        for step in steps:
-            if value is None:
-                return None
-            value = value.get(step) if isinstance(value, Mapping) else getattr(value, step, None)
-        return value
+        return _follow(scope.get("state"), steps)
 
     return Resolver(resolve, f"from_state({attr!r})")
+
+
+def _step(value: Any, step: str) -> Any:
+    """``value``'s attribute (or mapping key) ``step``; None when it has none."""
+    return value.get(step) if isinstance(value, Mapping) else getattr(value, step, None)
+
+
+def _follow(value: Any, steps: list[str]) -> Any:
+    """The value at the end of ``steps`` from ``value``; None when a step is missing."""
+    for step in steps:
+        if value is None:
+            return None
+        value = _step(value, step)
+    return value
 
 
 def from_path_param(name: str) -> Resolver:

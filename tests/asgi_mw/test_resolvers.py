@@ -69,6 +69,32 @@ def test_from_user_reads_the_authenticated_user_only() -> None:
     assert resolve({"user": Anonymous()}) is None
 
 
+def test_from_user_follows_a_dotted_path_as_django_user_attr_does() -> None:
+    class Org:
+        tenant_id = "acme"
+
+    class User:
+        is_authenticated = True
+        org = Org()
+
+    resolve = from_user("org.tenant_id")
+    assert resolve({"user": User()}) == "acme"
+    assert resolve({"user": {"org": {"tenant_id": "globex"}}}) == "globex"
+    # a user holding the dotted name itself (a claim named so) is read that way first
+    assert resolve({"user": {"org.tenant_id": "initech", "org": {"tenant_id": "x"}}}) == "initech"
+    assert resolve({"user": {"org": None}}) is None
+    assert resolve({"user": {}}) is None
+    assert resolve.explain({"user": {"org": None}}).endswith("the user (dict) has no 'org'")
+    assert resolve.explain({"user": {"org": {"tenant_id": ""}}}).endswith(
+        "the user (dict, at 'org') has an empty 'tenant_id'"
+    )
+    User.org = object()  # type: ignore[assignment]
+    assert resolve({"user": User()}) is None
+    assert resolve.explain({"user": User()}) == (
+        "from_user('org.tenant_id'): the user (User, at 'org') has no 'tenant_id'"
+    )
+
+
 def test_resolvers_turn_ints_and_uuids_into_ids_and_refuse_other_types() -> None:
     ident = uuid.uuid4()
     assert from_path_param("t")({"path_params": {"t": 7}}) == "7"
