@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -90,6 +92,12 @@ class LogThrottle:
         self._lock = threading.Lock()
         self._slots: dict[Hashable, list[float]] = {}  # key -> [last line at, held back]
         self.count = 0
+        _THROTTLES.add(self)
+
+    def _after_fork(self) -> None:
+        # A new lock, not the inherited one: a thread of the parent may have held it
+        # (the child would then hang at its first line), as logging does for handlers.
+        self._lock = threading.Lock()
 
     def log(
         self,
@@ -137,6 +145,18 @@ class LogThrottle:
                 exc_info=exc_info,
             )
         return True
+
+
+_THROTTLES: weakref.WeakSet[LogThrottle] = weakref.WeakSet()
+
+
+def _renew_throttle_locks() -> None:
+    for throttle in list(_THROTTLES):
+        throttle._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_renew_throttle_locks)
 
 
 def _span(seconds: float) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from typing import Any
 
@@ -125,3 +127,33 @@ def test_the_count_after_a_quiet_spell_says_how_long_it_spans(
         time.sleep(2.6)
         throttle.log(logging.WARNING, "failed")
     assert caplog.records[-1].getMessage() == "failed (2 times in the last 3s)"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_a_child_forked_while_a_throttle_was_taken_still_logs() -> None:
+    # A thread of the parent was inside log() at the fork: the child inherits the lock
+    # taken, and without a new one it would hang at its first line.
+    throttle = LogThrottle(logging.getLogger("meter.test.fork"), interval=0)
+    throttle._lock.acquire()
+    try:
+        pid = os.fork()
+        if pid == 0:  # child
+            code = 1
+            try:
+                code = 0 if throttle.log(logging.DEBUG, "from the child") else 2
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 10
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child hung on the throttle's lock")
+            time.sleep(0.02)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        throttle._lock.release()
