@@ -43,8 +43,12 @@ def look_up_together(
     """Look ``tenants`` up through ``customers``, up to ``concurrency`` at a time (the
     calling thread is one of them). Returns the answers and the refusals (the lookup's
     DeliveryError: CustomerNotFound, or a failure) by tenant. A tenant whose lookup did
-    not start because ``out_of_time()`` said so is in neither. Never raises a
-    DeliveryError; returns once every lookup it started has ended.
+    not start because ``out_of_time()`` said so is in neither. Returns once every lookup
+    it started has ended.
+
+    Anything else raised in a lookup (KeyboardInterrupt in the calling thread, a
+    BaseException from a custom transport in any of them) stops it: no lookup starts
+    after it, and it is raised in the calling thread once those under way have ended.
 
     When no thread can be started (at interpreter exit on Python 3.12 and later), the
     calling thread looks every tenant up by itself."""
@@ -52,11 +56,12 @@ def look_up_together(
     refused: dict[str, DeliveryError] = {}
     pending = iter(tenants)
     take_lock = threading.Lock()
+    halted: list[BaseException] = []  # what stopped the lookups, first first
 
     def work() -> None:
         while True:
-            with take_lock:  # (out_of_time first: no lookup starts after the deadline)
-                tenant = None if out_of_time() else next(pending, None)
+            with take_lock:  # (asked first: no lookup starts after the deadline)
+                tenant = None if halted or out_of_time() else next(pending, None)
             if tenant is None:
                 return
             try:
@@ -64,9 +69,15 @@ def look_up_together(
             except DeliveryError as exc:
                 refused[tenant] = exc
 
+    def help_out() -> None:
+        try:
+            work()
+        except BaseException as exc:  # raised in the calling thread (below), not lost
+            halted.append(exc)
+
     helpers: list[threading.Thread] = []
     for _ in range(min(concurrency, len(tenants)) - 1):
-        helper = threading.Thread(target=work, name="meter-lookup", daemon=True)
+        helper = threading.Thread(target=help_out, name="meter-lookup", daemon=True)
         try:
             helper.start()
         except RuntimeError:  # no new thread at interpreter exit: this one does the rest
@@ -74,8 +85,13 @@ def look_up_together(
         helpers.append(helper)
     try:
         work()
+    except BaseException as exc:
+        halted.append(exc)  # (the helpers take no more tenants)
+        raise
     finally:
         # Waited for even if this thread was interrupted: the answers are read after.
         for helper in helpers:
             helper.join()
+    if halted:
+        raise halted[0]
     return answers, refused

@@ -267,10 +267,15 @@ class HTTPTransport:
     @property
     def session(self) -> requests.Session:
         """This process's pooled session (a forked child gets its own: sockets inherited
-        from the parent are never used)."""
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._session = self._new_session()
+        from the parent are never used, by any thread)."""
+        pid = os.getpid()
+        if self._pid != pid:
+            # The new session is in place before the pid says so: another thread of the
+            # child (lookups run several at a time) must not take the parent's meanwhile.
+            # Two threads here at once each make one; either is the child's own.
+            session = self._session = self._new_session()
+            self._pid = pid
+            return session
         return self._session
 
     @property

@@ -4,6 +4,8 @@ backend: a restart with many tenants is not held back by one lookup after anothe
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -141,3 +143,41 @@ def test_lookup_concurrency_reads_what_the_transport_allows(value: object, expec
     assert lookup_concurrency(Transport()) == expected
     assert lookup_concurrency(object()) == 1  # a transport written before: one at a time
     assert MAX_LOOKUP_CONCURRENCY == 16
+
+
+class _Stop(BaseException):
+    """What a custom transport, or a Ctrl-C, may raise in a lookup."""
+
+
+def _slow_lookups(stop_when: Callable[[str], bool]) -> tuple[CustomerCache, list[str]]:
+    made: list[str] = []
+
+    def lookup(tenant: str) -> str:
+        made.append(tenant)
+        time.sleep(0.05)
+        if stop_when(tenant):
+            raise _Stop(tenant)
+        return f"cust-{tenant}"
+
+    return CustomerCache(lookup), made
+
+
+def test_an_interrupted_caller_stops_the_lookups_and_raises() -> None:
+    # Ctrl-C in the retry command: no lookup starts after it, and it is raised at once
+    # the lookups under way have ended (not after every tenant of the attempt).
+    caller = threading.current_thread()
+    cache, made = _slow_lookups(lambda _: threading.current_thread() is caller)
+    with pytest.raises(_Stop):
+        look_up_together(
+            [f"tenant-{n}" for n in range(40)], cache, concurrency=4, out_of_time=lambda: False
+        )
+    assert len(made) <= 8  # the caller's and those under way in the 3 helpers, at most twice
+
+
+def test_a_base_exception_in_a_helper_reaches_the_caller() -> None:
+    cache, made = _slow_lookups(lambda tenant: tenant == "tenant-2")
+    with pytest.raises(_Stop, match="tenant-2"):
+        look_up_together(
+            [f"tenant-{n}" for n in range(40)], cache, concurrency=4, out_of_time=lambda: False
+        )
+    assert len(made) <= 8

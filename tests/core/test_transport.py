@@ -6,7 +6,9 @@ import contextlib
 import http.server
 import json
 import logging
+import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -472,3 +474,48 @@ def test_urllib3_retry_lines_of_the_client_are_throttled_and_the_apps_left_alone
         r.name == "urllib3.connectionpool" and "Retrying" in r.getMessage() for r in caplog.records
     )
     client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_no_thread_of_a_forked_child_gets_the_parents_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Lookups run several at a time: in a child, each thread's first call asks for the
+    # session at once, and none may get the parent's (its sockets are the parent's).
+    transport = HTTPTransport("http://127.0.0.1:9", internal_url="http://127.0.0.1:9")
+    parent_session = transport.session  # (kept alive: no new session takes its address)
+    parents = id(parent_session)
+    build = HTTPTransport._new_session
+
+    def slow_build(self: HTTPTransport) -> Any:
+        time.sleep(0.05)  # (widens the window between two threads' first calls)
+        return build(self)
+
+    monkeypatch.setattr(HTTPTransport, "_new_session", slow_build)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            os.close(read_end)
+            seen: list[int] = []
+            threads = [
+                threading.Thread(target=lambda: seen.append(id(transport.session)))
+                for _ in range(5)
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            os.write(write_end, " ".join(map(str, seen)).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        seen = [int(n) for n in pipe.read().split()]
+    transport.close()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(seen) == 5 and parents not in seen
