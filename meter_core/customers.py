@@ -58,10 +58,13 @@ class CustomerCache:
         self._max_entries = max_entries
         self._clock = clock
         self._wait_timeout = wait_timeout
-        # tenant -> (expires_at, customer id or _MISSING for "no account"), oldest first:
-        # an OrderedDict, whose oldest entry is dropped in constant time (taken from the
-        # front of a plain dict, each is found past the slots of those dropped before it)
+        # tenant -> (expires_at, customer id), oldest first: an OrderedDict, whose oldest
+        # entry is dropped in constant time (taken from the front of a plain dict, each is
+        # found past the slots of those dropped before it). "No account" answers
+        # (_MISSING) are kept apart, in an order of their own: with one TTL each, both
+        # orders are also orders of expiry, so every expired answer is found at a front.
         self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._missing: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._inflight: dict[str, _Flight] = {}
         self._lock = threading.Lock()
         self.lookups = 0
@@ -72,7 +75,7 @@ class CustomerCache:
         Raises CustomerNotFound (also from the negative cache) or the lookup's
         DeliveryError. Never holds the cache lock during the lookup.
         """
-        entry = self._entries.get(tenant_id)
+        entry = self._entries.get(tenant_id) or self._missing.get(tenant_id)
         if entry is not None and entry[0] > self._clock():
             return self._answer(tenant_id, entry[1])
         with self._lock:
@@ -94,7 +97,7 @@ class CustomerCache:
     def holds(self, tenant_id: str) -> bool:
         """True when :meth:`get` would answer ``tenant_id`` from the cache (an account
         or "no account" not expired), without a lookup."""
-        entry = self._entries.get(tenant_id)
+        entry = self._entries.get(tenant_id) or self._missing.get(tenant_id)
         return entry is not None and entry[0] > self._clock()
 
     def _lead(self, tenant_id: str, flight: _Flight) -> Any:
@@ -130,20 +133,24 @@ class CustomerCache:
         with self._lock:
             if flight.stale:  # invalidate() came while the lookup ran: it may be outdated
                 return
-            entries = self._entries
+            live, missing = self._entries, self._missing
             now = self._clock()
-            # Expired answers are dropped from the front (the oldest first: constant time
+            # Expired answers are dropped from the fronts (the oldest first: constant time
             # for each, where a scan of the whole cache at each new tenant of a full one
-            # made the sender a hundred times slower), then the oldest while it is full.
-            while entries:
-                oldest = next(iter(entries.values()))
-                if oldest[0] > now:
-                    break
-                entries.popitem(last=False)
-            entries.pop(tenant_id, None)  # (a tenant asked again makes no room for itself)
-            while entries and len(entries) >= self._max_entries:
-                entries.popitem(last=False)
-            entries[tenant_id] = (now + ttl, value)
+            # made the sender a hundred times slower), then, while it is full, the oldest
+            # "no account" answers (asked again, they cost a lookup; a live answer dropped
+            # for them would cost one too, for a tenant that is billed), then live ones.
+            for entries in (live, missing):
+                while entries:
+                    oldest = next(iter(entries.values()))
+                    if oldest[0] > now:
+                        break
+                    entries.popitem(last=False)
+            live.pop(tenant_id, None)  # (a tenant asked again makes no room for itself)
+            missing.pop(tenant_id, None)
+            while len(live) + len(missing) >= self._max_entries and (live or missing):
+                (missing or live).popitem(last=False)
+            (missing if value is _MISSING else live)[tenant_id] = (now + ttl, value)
 
     @staticmethod
     def _answer(tenant_id: str, value: Any) -> Any:
@@ -158,10 +165,12 @@ class CustomerCache:
         with self._lock:
             if tenant_id is None:
                 self._entries.clear()
+                self._missing.clear()
                 flights = list(self._inflight.values())
                 self._inflight.clear()
             else:
                 self._entries.pop(tenant_id, None)
+                self._missing.pop(tenant_id, None)
                 flight = self._inflight.pop(tenant_id, None)
                 flights = [flight] if flight is not None else []
             for flight in flights:  # (a later get() starts a lookup of its own)

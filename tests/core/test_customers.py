@@ -161,6 +161,40 @@ def test_a_tenant_asked_again_in_a_full_cache_drops_no_other_answer() -> None:
     assert list(cache._entries) == ["live-1", "live-2", "ghost"]
 
 
+def test_a_full_cache_drops_expired_no_account_answers_before_a_live_one() -> None:
+    # "no account" lives 30 s, an account 300 s: an expired "no account" behind a live
+    # answer made no room, and the live answer was dropped (a lookup more for a tenant
+    # that is billed)
+    calls: list[str] = []
+    clock = Clock()
+
+    def lookup(tenant: str) -> str:
+        calls.append(tenant)
+        if tenant.startswith("ghost"):
+            raise CustomerNotFound("no account")
+        return f"c-{tenant}"
+
+    cache = CustomerCache(lookup, ttl=300, negative_ttl=30, max_entries=3, clock=clock)
+    cache.get("live-1")
+    with pytest.raises(CustomerNotFound):
+        cache.get("ghost")
+    cache.get("live-2")
+    clock.now += 31  # ghost's answer has expired
+    cache.get("live-3")
+    calls.clear()
+    assert [cache.get(t) for t in ("live-1", "live-2", "live-3")] == ["c-live-1", "c-live-2",
+                                                                       "c-live-3"]  # fmt: skip
+    assert calls == []
+    # full of live answers: a new "no account" makes room with the oldest of them...
+    with pytest.raises(CustomerNotFound):
+        cache.get("ghost-2")
+    assert list(cache._entries) == ["live-2", "live-3"]
+    # ...and a new live answer with the "no account" one first
+    cache.get("live-4")
+    assert list(cache._entries) == ["live-2", "live-3", "live-4"]
+    assert cache.holds("live-2") and not cache.holds("ghost-2")
+
+
 def test_a_lookup_that_breaks_or_does_not_finish_is_a_retriable_failure() -> None:
     def broken(tenant: str) -> str:
         raise RuntimeError("bug in a lookup")
