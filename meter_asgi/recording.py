@@ -78,6 +78,30 @@ class ResponseHeaders(Mapping[str, str]):
         return isinstance(key, str) and key.lower() in self._data()
 
 
+def _left_at_shutdown(client: MeterClient, timeout: float) -> None:
+    """Say what a client the app gave still holds in memory once the shutdown flush
+    gave up (the backend down or slow): past this point nothing may close it."""
+    if client.closed or client.options["durable"]:
+        return  # (closed by the app, or each event already in the store)
+    waiting = client.stats()["queue_depth"]
+    if not waiting:
+        return
+    where = (
+        "close() would hand them to its failure store"
+        if client.failure_store is not None
+        else "it has no failure store, so close() could only count them"
+    )
+    logger.error(
+        "at lifespan shutdown, %d usage events were still waiting to be sent after %gs "
+        "(backend down or slow), in a meter client the app gave and has not closed: they "
+        "are lost if the process exits now (uvicorn skips exit hooks on SIGTERM). Close "
+        "the client in the app's lifespan (await client.aclose()): %s",
+        waiting,
+        timeout,
+        where,
+    )
+
+
 class Recorder:
     """Resolves tenant and device, computes amounts, builds and enqueues events.
 
@@ -185,7 +209,8 @@ class Recorder:
             else:
                 # uvicorn ends on SIGTERM without running atexit: send what can be sent
                 # now, or it would be lost with the process
-                await asyncio.to_thread(client.flush, timeout)
+                if not await asyncio.to_thread(client.flush, timeout):
+                    _left_at_shutdown(client, timeout)
         except Exception as exc:
             self.internal_error("closing the meter client", exc)
 

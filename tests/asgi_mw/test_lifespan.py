@@ -4,6 +4,7 @@ shutdown: with lifespan events, and at process exit when the server sends none."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
@@ -21,7 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.background import BackgroundTask
 
 from meter_asgi import MeterMiddleware, meter_usage
-from meter_core import MeterClient
+from meter_core import MeterClient, SQLiteSpool
 from meter_core.devserver import DevServer
 from tests.asgi_mw import apps
 from tests.asgi_mw.conftest import settled
@@ -259,3 +260,65 @@ def test_a_request_cancelled_after_its_response_is_still_billed(
         ("page.processed.basic", 1),
     ]
     client.close()
+
+
+def test_a_given_client_left_open_with_events_waiting_is_reported_at_shutdown(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    # The app forgot to close its client, and the backend is down: the shutdown flush
+    # gives up, and what the process is about to lose is said, with what to do.
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="d",
+                         spool_path=str(tmp_path / "spool.db"), backoff_base=5,
+                         timeout=0.5)  # fmt: skip
+    client.send(tenant_id="acme", meter_id="page.processed.basic", total_usage=1)
+    app = apps.fastapi_app()
+    app.add_middleware(
+        MeterMiddleware, client=client, routes=ROUTES, tenant="acme", close_timeout=0.5
+    )
+    server = serve(app, lifespan="on")
+    meter_backend.set_fault("down")
+    for _ in range(3):
+        assert http.post(f"{server.url}/documents/a/scan").is_success
+    with caplog.at_level("ERROR", logger="meter.asgi"):
+        server.stop()
+    [line] = [r.getMessage() for r in caplog.records if "at lifespan shutdown" in r.getMessage()]
+    assert "3 usage events were still waiting" in line
+    assert "await client.aclose()" in line and "failure store" in line
+    meter_backend.clear_fault()
+    client.close(timeout=0)  # (the app's job, forgotten: the events go to its store)
+    spool = client.failure_store
+    assert isinstance(spool, SQLiteSpool) and spool.pending_count() == 3
+
+
+def test_a_given_client_the_app_closed_is_not_reported_at_shutdown(
+    serve: Callable[..., LiveServer],
+    meter_backend: DevServer,
+    http: httpx.Client,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = MeterClient(meter_backend.url, internal_url=meter_backend.url, device_id="d",
+                         timeout=0.5)  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await client.aclose(timeout=0.5)
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/documents/{doc_id}/scan")
+    async def scan(doc_id: str) -> dict[str, str]:
+        return {"scanned": doc_id}
+
+    app.add_middleware(MeterMiddleware, client=client, routes=ROUTES, tenant="acme")
+    server = serve(app, lifespan="on")
+    meter_backend.set_fault("down")
+    assert http.post(f"{server.url}/documents/a/scan").is_success
+    with caplog.at_level("ERROR", logger="meter.asgi"):
+        server.stop()
+    assert client.closed
+    assert not [r for r in caplog.records if "at lifespan shutdown" in r.getMessage()]
