@@ -161,6 +161,17 @@ class ClientOption:
         """The upper-case key used in framework settings (Django's ``METER`` dict)."""
         return self.name.upper()
 
+    def env_value(self, environ: Mapping[str, str]) -> str | None:
+        """The value of this option's variable in ``environ``; None when the option has
+        none, or it is unset, empty or blank. An empty value counts as unset: that is
+        what a deployment template gives for a value it does not have
+        (``METER_DEVICE_ID: ${DEVICE_ID}`` in a compose file), where a refusal would stop
+        the app at start-up, and ``METER_ENABLED=`` would turn metering off."""
+        if self.env is None:
+            return None
+        value = environ.get(self.env)
+        return value if value is not None and value.strip() else None
+
 
 _OPTIONS: tuple[ClientOption, ...] = (
     ClientOption("kafka_url", "url", None, "METER_KAFKA_URL",
@@ -299,11 +310,13 @@ def coerce_option(
 
 
 def options_from_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Client keyword arguments from the ``METER_*`` variables set in ``environ``."""
+    """Client keyword arguments from the ``METER_*`` variables set in ``environ`` (one
+    set to an empty or blank value counts as unset: see :meth:`ClientOption.env_value`)."""
     options: dict[str, Any] = {}
     for option in _OPTIONS:
-        if option.env and option.env in environ:
+        value = option.env_value(environ)
+        if value is not None:
             options[option.name] = coerce_option(
-                option, environ[option.env], source=option.env, parse_strings=True
+                option, value, source=option.env, parse_strings=True
             )
     return options

@@ -164,20 +164,25 @@ def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[Check
         try:
             if key in meter:
                 options[option.name] = check_option(option, meter[key])
-            elif option.env and option.env in os.environ:
+            elif option.env_value(os.environ) is not None:
                 options[option.name] = option_from_env(option, os.environ)
         except ConfigurationError as exc:
             bad.add(option.name)
             out.append(_error("E003", f"{_source(meter, option.name)}: {exc}"))
     enabled = options.get("enabled", True)
     transport = options.get("transport", "http")
-    kafka_given = meter.get("KAFKA_URL") is not None or "METER_KAFKA_URL" in os.environ
+    kafka_given = (
+        meter.get("KAFKA_URL") is not None
+        or CLIENT_OPTIONS["kafka_url"].env_value(os.environ) is not None
+    )
     if enabled and transport == "http" and not kafka_given:
         out.append(
             _error("E004", "METER['KAFKA_URL'] is required while metering is enabled over HTTP.")
         )
     device_given = (
-        meter["DEVICE_ID"] is not None if "DEVICE_ID" in meter else "METER_DEVICE_ID" in os.environ
+        meter["DEVICE_ID"] is not None
+        if "DEVICE_ID" in meter
+        else CLIENT_OPTIONS["device_id"].env_value(os.environ) is not None
     )
     if enabled and not device_given and meter.get("DEVICE") is None:
         out.append(

@@ -179,7 +179,7 @@ class MeterSettings:
         for key, option in client_option_keys().items():
             if key in meter:
                 options[option.name] = meter[key]
-            elif option.env and option.env in os.environ:
+            elif option.env_value(os.environ) is not None:
                 options[option.name] = option_from_env(option, os.environ)
         return options
 
@@ -194,7 +194,7 @@ class MeterSettings:
         meter = self._mapping()
         if option.setting_name in meter:
             return meter[option.setting_name]
-        if option.env and option.env in os.environ:
+        if option.env_value(os.environ) is not None:
             return option_from_env(option, os.environ)
         return option.default
 

@@ -9,7 +9,7 @@ import traceback
 import pytest
 
 from meter_core import CLIENT_OPTIONS, ConfigurationError, MeterClient, Secret
-from meter_core.config import redact_url
+from meter_core.config import options_from_env, redact_url
 
 KEY = "sk-live-THE-API-KEY-123"
 
@@ -89,6 +89,19 @@ def test_from_env_drops_whitespace_at_the_ends_of_text_values_but_ids() -> None:
     assert client.options["topic"] == "usage-test"
     assert client.options["transport"] == "memory"
     assert client.device_id == " web-1 "  # billed data: as given
+
+
+def test_an_empty_or_blank_variable_counts_as_unset() -> None:
+    # (a compose file's "METER_DEVICE_ID: ${DEVICE_ID}" with DEVICE_ID unset: refused, it
+    # stopped the app at its import; METER_ENABLED= turned metering off)
+    env = {"METER_KAFKA_URL": "http://kafka:8082", "METER_DEVICE_ID": "", "METER_ENABLED": "",
+           "METER_TIMEOUT": " ", "METER_TOPIC": "", "METER_SPOOL_PATH": "", "METER_DURABLE": "",
+           "METER_PORTAL_URL": "", "METER_TRANSPORT": "\t"}  # fmt: skip
+    assert options_from_env(env) == {"kafka_url": "http://kafka:8082"}
+    client = MeterClient.from_env(env)
+    assert client.device_id is None and client.options["enabled"] is True
+    assert client.options["topic"] == "usage-events" and client.failure_store is None
+    client.close(timeout=0)
 
 
 def test_from_env_reports_the_variable_name() -> None:

@@ -14,6 +14,7 @@ from django.urls import resolve
 from meter_core import register_meter
 from meter_django import decorators, meter
 from meter_django.checks import CHECKS, check_settings
+from meter_django.conf import MeterSettings
 
 GOOD = {"KAFKA_URL": "http://127.0.0.1:9", "DEVICE_ID": "web"}
 SESSION_RULE = {"/async/": {"meter": "chat.on.time_hours", "session": True}}
@@ -117,6 +118,21 @@ def test_environment_variables_are_the_fallback(
     [message] = (settings.__setattr__("METER", {"DEVICE_ID": "web"}), check_settings())[1]
     assert message.id == "meter_django.E003"
     assert "METER_TIMEOUT" in message.msg
+
+
+def test_an_empty_environment_variable_counts_as_unset(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (a compose file's "METER_DEVICE_ID: ${DEVICE_ID}" with DEVICE_ID unset)
+    monkeypatch.setenv("METER_KAFKA_URL", "")
+    monkeypatch.setenv("METER_DEVICE_ID", " ")
+    monkeypatch.setenv("METER_TIMEOUT", "")
+    assert _ids(settings, {}) == ["meter_django.E004", "meter_django.E011"]
+    monkeypatch.setenv("METER_KAFKA_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("METER_DEVICE_ID", "web")
+    assert _ids(settings, {}) == []
+    monkeypatch.setenv("METER_ENABLED", "")  # not "off"
+    assert MeterSettings().option("enabled") is True
 
 
 def test_missing_device_id_names_the_three_ways_to_set_it(
