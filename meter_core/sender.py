@@ -161,6 +161,7 @@ class Sender:
         self._busy = False
         self._flush_waiters = 0
         self._retry_log = LogThrottle(logger, interval=10.0)
+        self._failing_since: float | None = None  # (see _note_health)
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -491,6 +492,9 @@ class Sender:
             self._store_final(
                 leftover, "undelivered at close", count_failed=False, skip_store=refused
             )
+        # (the last word on failures whose lines the throttles held back)
+        self._retry_log.report_held("until close")
+        self._failure_log.report_held("until close")
         held = len(self._fallback)
         if held and self._store is None:
             # (those that failed for good earlier included: their one log line may have
@@ -803,6 +807,7 @@ class Sender:
             outcome = self._attempt(items)
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
+            self._note_health(bool(outcome.delivered), bool(outcome.retriable))
             if (
                 outcome.batches
                 and outcome.retriable
@@ -827,6 +832,25 @@ class Sender:
                 self._store_final(
                     [i for i in items if not i.from_store], "internal error", count_failed=True
                 )
+
+    def _note_health(self, delivered: bool, failed: bool) -> None:
+        """Follow failing spells of fresh deliveries: an attempt that delivered nothing
+        and failed for a retriable reason (the backend down, slow, limiting; the lookup
+        API down) starts one; the next attempt that delivers ends it with a line saying
+        so, followed by what the log throttles held back meanwhile (without it, the count
+        of the spell's last seconds would never be told)."""
+        if delivered:
+            began = self._failing_since
+            if began is not None:
+                self._failing_since = None
+                logger.warning(
+                    "meter backend takes events again, after %.0fs of failed deliveries",
+                    time.monotonic() - began,
+                )
+                self._retry_log.report_held("until the backend took events again")
+                self._failure_log.report_held("until the backend took events again")
+        elif failed and self._failing_since is None:
+            self._failing_since = time.monotonic()
 
     def _took_over(self, items: list[_Item]) -> bool:
         """Settle who owns the outcome of the batch just sent, in one step: close() (it
@@ -910,6 +934,8 @@ class Sender:
             error,
             attempt,
             delay,
+            key=_kind(error),
+            events=len(retry_now),
         )
 
     def _fail(self, items: list[_Item], error: DeliveryError, attempts_done: bool = False) -> None:
@@ -925,7 +951,13 @@ class Sender:
         else:
             kept = _RESENT_FROM_MEMORY if resend else _ONLY_IN_MEMORY
         self._failure_log.log(
-            logging.ERROR, "%d usage events not delivered, %s: %s", len(items), kept, error
+            logging.ERROR,
+            "%d usage events not delivered, %s: %s",
+            len(items),
+            kept,
+            error,
+            key=_kind(error),  # (steady refusals of one kind do not hide an outage's line)
+            events=len(items),
         )
         self._stats.error(str(error))
         self._store_final(items, str(error), count_failed=True, resend=resend)
@@ -1179,6 +1211,8 @@ class Sender:
                 "again): %s",
                 len(group),
                 error,
+                key=("resend", _kind(error)),
+                events=len(group),
             )
         return outcome
 
@@ -1187,3 +1221,9 @@ class Sender:
         included), even one that began before close()."""
         deadline = self._close_deadline
         return deadline is not None and time.monotonic() >= deadline
+
+
+def _kind(error: DeliveryError) -> tuple[str, int | None]:
+    """The kind of a delivery failure, for the log throttles: its class and HTTP status
+    (a tenant without an account, a rate limit and an outage are throttled apart)."""
+    return type(error).__name__, error.status

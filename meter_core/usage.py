@@ -90,7 +90,7 @@ class LogThrottle:
         self._logger = logger
         self._interval = interval
         self._lock = threading.Lock()
-        self._slots: dict[Hashable, list[float]] = {}  # key -> [last line at, held back]
+        self._slots: dict[Hashable, _Slot] = {}
         self.count = 0
         _THROTTLES.add(self)
 
@@ -106,11 +106,13 @@ class LogThrottle:
         *args: Any,
         exc_info: BaseException | None = None,
         key: Hashable = None,
+        events: int = 0,
     ) -> bool:
         """Count this occurrence; log it unless a line of the same ``key`` was logged less
         than ``interval`` seconds ago. ``exc_info``: the traceback goes with the line that
-        is logged (an error reporter gets one per interval). True when a line was
-        logged."""
+        is logged (an error reporter gets one per interval). ``events``: how many events
+        this occurrence is about; a line that stands for several occurrences also says
+        how many events they were about in all. True when a line was logged."""
         with self._lock:
             self.count += 1
             try:
@@ -123,28 +125,69 @@ class LogThrottle:
                     # memory, and never a line per occurrence however many kinds come).
                     key, slot = _OTHER_KINDS, self._slots.get(_OTHER_KINDS)
                 if slot is None:
-                    slot = self._slots[key] = [float("-inf"), 0]
-            slot[1] += 1
+                    slot = self._slots[key] = _Slot()
+            slot.held += 1
+            slot.events += events
             now = time.monotonic()
-            if now - slot[0] < self._interval:
+            if now - slot.logged_at < self._interval:
+                slot.last = (level, message, args)  # (said by report_held(), if no line comes)
                 return False
-            since = int(slot[1])
-            elapsed = now - slot[0]  # (since the last line: longer than the interval
-            slot[0], slot[1] = now, 0  # after a quiet spell, which the count spans too)
+            since, total = slot.held, slot.events
+            elapsed = now - slot.logged_at  # (since the last line: longer than the interval
+            slot.logged_at, slot.held, slot.events, slot.last = now, 0, 0, None  # after a
+            # quiet spell, which the count spans too)
         if since == 1:
             self._logger.log(level, message, *args, exc_info=exc_info)
         else:
             self._logger.log(
                 level,
                 # (the slot shared by kinds past the bound counts them all: say so)
-                "%s (%d times in the last %s%s)",
+                "%s (%d times in the last %s%s%s)",
                 message % args,
                 since,
                 f"{self._interval:g}s" if elapsed < 2 * self._interval else _span(elapsed),
+                f", {total:,} events in all" if total > events else "",
                 ", this and other kinds" if key is _OTHER_KINDS else "",
                 exc_info=exc_info,
             )
         return True
+
+    def report_held(self, note: str) -> int:
+        """Log, for each kind, the occurrences held back since its last line (the last of
+        them, with their count), and forget them: what an interval would otherwise keep
+        to itself when the condition has ended (the backend is back, the client closes).
+        The next occurrence of any kind is then logged at once. ``note`` says why, in
+        the line. Returns the number of lines logged."""
+        with self._lock:
+            held = [(key, slot) for key, slot in self._slots.items() if slot.last is not None]
+            for key, _ in held:
+                del self._slots[key]
+        for key, slot in held:
+            assert slot.last is not None
+            level, message, args = slot.last
+            self._logger.log(
+                level,
+                "%s (%d more times since the last line%s%s; %s)",
+                message % args,
+                slot.held,
+                f", {slot.events:,} events in all" if slot.events else "",
+                ", this and other kinds" if key is _OTHER_KINDS else "",
+                note,
+            )
+        return len(held)
+
+
+class _Slot:
+    """What a LogThrottle knows of one kind: when it last logged a line, and the
+    occurrences held back since (their number, their events, the last of them)."""
+
+    __slots__ = ("events", "held", "last", "logged_at")
+
+    def __init__(self) -> None:
+        self.logged_at = float("-inf")
+        self.held = 0
+        self.events = 0
+        self.last: tuple[int, str, tuple[Any, ...]] | None = None
 
 
 _THROTTLES: weakref.WeakSet[LogThrottle] = weakref.WeakSet()

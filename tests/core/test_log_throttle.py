@@ -129,6 +129,50 @@ def test_the_count_after_a_quiet_spell_says_how_long_it_spans(
     assert caplog.records[-1].getMessage() == "failed (2 times in the last 3s)"
 
 
+def test_a_line_for_several_occurrences_counts_their_events_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # "1 usage events not delivered (50 times)" read as one event, not the 1,150 it was
+    logger = logging.getLogger("meter.test.throttle.events")
+    throttle = LogThrottle(logger, interval=0.2)
+    with caplog.at_level(logging.WARNING, logger="meter.test.throttle.events"):
+        for n in (3, 40, 7):
+            throttle.log(logging.WARNING, "%d events failed", n, events=n)
+        time.sleep(0.25)
+        throttle.log(logging.WARNING, "%d events failed", 1, events=1)
+        throttle.log(logging.WARNING, "%d events failed", 1, events=1)
+        time.sleep(0.25)
+        throttle.log(logging.WARNING, "%d events failed", 2, events=2)
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 events failed",
+        "1 events failed (3 times in the last 0.2s, 48 events in all)",
+        "2 events failed (2 times in the last 0.2s, 3 events in all)",
+    ]
+
+
+def test_what_was_held_back_is_told_when_asked_and_the_next_line_comes_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    logger = logging.getLogger("meter.test.throttle.held")
+    throttle = LogThrottle(logger, interval=60)
+    with caplog.at_level(logging.INFO, logger="meter.test.throttle.held"):
+        for n in range(4):
+            throttle.log(logging.ERROR, "outage %d", n, key="outage", events=10)
+        throttle.log(logging.WARNING, "no account", key="refused", events=1)
+        assert throttle.report_held("until it ended") == 1  # (the refusal held nothing)
+        assert throttle.report_held("again") == 0
+        throttle.log(logging.ERROR, "outage %d", 9, key="outage", events=10)
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.ERROR, "outage 0"),
+        (logging.WARNING, "no account"),
+        (
+            logging.ERROR,
+            "outage 3 (3 more times since the last line, 30 events in all; until it ended)",
+        ),
+        (logging.ERROR, "outage 9"),  # at once: the condition is news again
+    ]
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_child_forked_while_a_throttle_was_taken_still_logs() -> None:

@@ -1,0 +1,84 @@
+"""What the sender's log tells an operator through an outage: one line per kind of
+failure and interval, with the events counted, and a line when the backend takes
+events again, with what was held back meanwhile."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from meter_core import MeterClient
+from meter_core.devserver import DevServer
+
+RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "meter.sender"]
+
+
+def test_the_end_of_an_outage_is_told_with_what_was_held_back(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client: MeterClient = make_client(max_retries=50, backoff_cap=0.05)
+    client.send(**RECORD)  # (the customer is cached: only produce requests fail)
+    caplog.set_level(logging.WARNING, logger="meter.sender")
+    backend.set_fault("down")
+    for _ in range(5):
+        client.record(**RECORD)
+        time.sleep(0.1)
+    _wait_until(lambda: client.stats()["retried"] >= 10)
+    assert sum("retry" in line for line in _lines(caplog)) == 1  # (throttled: 10 s)
+    backend.clear_fault()
+    assert client.flush(timeout=10)
+    lines = _lines(caplog)
+    [back] = [n for n, line in enumerate(lines) if "takes events again" in line]
+    assert "s of failed deliveries" in lines[back]
+    held = lines[back + 1]
+    assert "more times since the last line" in held and "events in all" in held
+    assert held.endswith("until the backend took events again)")
+    assert len(backend.event_ids()) == 6
+
+
+def test_steady_refusals_do_not_hide_an_outage(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tenant without an account is refused at each of its events: those lines share
+    # no throttle with the outage that follows.
+    client: MeterClient = make_client(max_retries=0)
+    client.send(**RECORD)
+    backend.remove_customer("ghost")
+    caplog.set_level(logging.WARNING, logger="meter.sender")
+    client.record(**{**RECORD, "tenant_id": "ghost"})
+    _wait_until(lambda: client.stats()["failed"] == 1)
+    backend.set_fault("down")
+    client.record(**RECORD)
+    _wait_until(lambda: client.stats()["failed"] == 2)
+    lines = [line for line in _lines(caplog) if "not delivered" in line]
+    assert len(lines) == 2
+    assert "no customer account" in lines[0] and "HTTP 503" in lines[1]
+
+
+def test_close_tells_what_the_throttles_held_back(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client: MeterClient = make_client(max_retries=50, backoff_cap=0.05)
+    client.send(**RECORD)
+    caplog.set_level(logging.WARNING, logger="meter.sender")
+    backend.set_fault("down")
+    client.record(**RECORD)
+    _wait_until(lambda: client.stats()["retried"] >= 5)
+    client.close(timeout=0)
+    assert any(line.endswith("; until close)") for line in _lines(caplog))
