@@ -29,6 +29,7 @@ from meter_core.errors import (
     StoreError,
 )
 from meter_core.events import MAX_USAGE, UsageEvent, now_ms, validate_identifier
+from meter_core.reasons import group_reasons
 from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.retry import RetryPolicy
 from meter_core.rules import (
@@ -85,6 +86,7 @@ __all__ = [
     "__version__",
     "capture_events",
     "describe_not_due",
+    "group_reasons",
     "is_known_meter",
     "normalize_template",
     "now_ms",

@@ -26,6 +26,7 @@ from typing import Any
 from meter_core.client import MeterClient
 from meter_core.config import CLIENT_OPTIONS, options_from_env
 from meter_core.errors import ConfigurationError, MeterError, StoreError
+from meter_core.reasons import group_reasons
 from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.spool import SQLiteSpool
 
@@ -340,8 +341,8 @@ def _spool(args: argparse.Namespace) -> int:
         print(f"  {status:<10} {n}")
     if counts["by_reason"]:
         print("by reason:")
-        for reason, n in counts["by_reason"].items():
-            print(f"  {n:>8}  {reason}")
+        for reason, (n, tenants) in group_reasons(counts["by_reason"]).items():
+            print(f"  {n:>8}  {reason}{f'  ({tenants} tenants)' if tenants > 1 else ''}")
     if len(counts["owed_by_topic"]) > 1:  # (a spool shared by apps of several topics)
         print("owed, by topic:")
         for topic, n in counts["owed_by_topic"].items():

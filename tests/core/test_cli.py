@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from meter_core import SQLiteSpool, UsageEvent
+from meter_core import SQLiteSpool, UsageEvent, group_reasons
 from meter_core.cli import main
 from meter_core.devserver import DevServer
 
@@ -207,6 +207,43 @@ def test_spool_shows_counts_by_status_and_reason(
     assert "BackendUnavailable: down" in out
     assert main(["spool", "--spool", str(tmp_path / "s.db"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["by_status"] == {"failed": 4}
+
+
+def test_spool_groups_the_reasons_that_name_a_tenant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a line per tenant (and another per "(cached)" answer) made 102 lines in a drill
+    spool = SQLiteSpool(tmp_path / "s.db")
+    for n in range(30):
+        tenant = f"t-{n}"
+        error = f"no customer account for tenant {tenant!r}" + (" (cached)" if n % 2 else "")
+        spool.store([UsageEvent(tenant, "d", "page.processed.basic", 1)], error=error)
+        if n < 20:
+            spool.store([UsageEvent(tenant, "d", "page.processed.basic", 1)],
+                        error=f"customer lookup of {tenant!r} failed: HTTP 503")  # fmt: skip
+    spool.store([UsageEvent("acme", "d", "page.processed.basic", 1)], error="down")
+    spool.close()
+    assert main(["spool", "--spool", str(tmp_path / "s.db")]) == 0
+    lines = capsys.readouterr().out.split("by reason:\n")[1].splitlines()
+    assert [line.split() for line in lines] == [
+        ["30", "failed:", "no", "customer", "account", "for", "tenant", "…", "(30", "tenants)"],
+        ["20", "failed:", "customer", "lookup", "of", "…", "failed:", "HTTP", "503", "(20",
+         "tenants)"],
+        ["1", "failed:", "down"],
+    ]  # fmt: skip
+
+
+def test_group_reasons_counts_tenants_not_texts() -> None:
+    grouped = group_reasons({
+        "failed: no customer account for tenant 'a' (cached)": 5,
+        "failed: no customer account for tenant 'a'": 1,
+        "failed: no customer account for tenant \"o'k\"": 2,
+        "failed: produce failed: HTTP 503": 40,
+    })  # fmt: skip
+    assert grouped == {
+        "failed: produce failed: HTTP 503": (40, 0),
+        "failed: no customer account for tenant …": (8, 2),
+    }
 
 
 def test_spool_commands_refuse_a_database_of_something_else(

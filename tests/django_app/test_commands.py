@@ -40,6 +40,10 @@ def test_meter_status_counts_by_status_meter_and_reason(meter_settings: MeterSet
     assert "Due for retry now: 2" in leased and "Being sent (leased by a worker): 1" in leased
     assert "failure store DatabaseFailureStore" in out
     assert SECRET not in out
+    for tenant in ("gone-1", "gone-2"):  # reasons that name a tenant: one line for all
+        store.store([UsageEvent(tenant, "d", "page.processed.basic", 1)],
+                    error=f"no customer account for tenant {tenant!r}")  # fmt: skip
+    assert "2 x failed: no customer account for tenant …  (2 tenants)" in _call("meter_status")
 
 
 def test_send_test_event_succeeds_against_the_backend(

@@ -12,7 +12,7 @@ from django.db import Error as DBError
 from django.db.models import Min
 from django.utils import timezone
 
-from meter_core import ConfigurationError, StoreError
+from meter_core import ConfigurationError, StoreError, group_reasons
 from meter_django.client import get_client
 from meter_django.conf import conf
 from meter_django.models import PENDING_STATUSES, FailedMeterEvent
@@ -53,8 +53,8 @@ class Command(BaseCommand):
             age = (now - oldest).total_seconds()
             out.write(f"Oldest owed event: {age:.0f}s old (created {oldest:%Y-%m-%d %H:%M:%S} UTC)")
         out.write("Owed events by reason:")
-        for reason, n in counts["by_reason"].items():
-            out.write(f"  {n:>8} x {reason}")
+        for reason, (n, tenants) in group_reasons(counts["by_reason"]).items():
+            out.write(f"  {n:>8} x {reason}{f'  ({tenants} tenants)' if tenants > 1 else ''}")
         if not counts["by_reason"]:
             out.write("  (none)")
         try:
