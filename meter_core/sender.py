@@ -146,6 +146,10 @@ class Sender:
         # Held while the sender thread takes a batch (marking it in flight) or schedules a
         # retry, and while close() collects what is left: no event is between the two.
         self._handoff = threading.Lock()
+        # The sender thread settles the outcome of a batch that close() did not take over
+        # (retries scheduled, failures stored): close() waits for it (see _took_over).
+        self._settling = False
+        self._settle_done = threading.Condition(self._handoff)
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._closing = False
@@ -492,6 +496,8 @@ class Sender:
             self._store_final(
                 leftover, "undelivered at close", count_failed=False, skip_store=refused
             )
+        if not on_sender_thread:
+            self._wait_settled(timeout)
         # (the last word on failures whose lines the throttles held back)
         self._retry_log.report_held("until close")
         self._failure_log.report_held("until close")
@@ -518,6 +524,22 @@ class Sender:
                 "refused them (failed_in_memory in stats()): they are lost when the process "
                 "exits",
                 held,
+            )
+
+    def _wait_settled(self, timeout: float | None) -> None:
+        """Wait until the sender thread has settled a batch it was settling as close()
+        collected the rest (its retries or failures stored from that thread): until
+        close()'s deadline, half a second at least. Logged if it has not by then."""
+        deadline = self._close_deadline
+        wait = None
+        if timeout is not None and deadline is not None:
+            wait = max(0.5, deadline - time.monotonic())
+        with self._settle_done:
+            settled = self._settle_done.wait_for(lambda: not self._settling, wait)
+        if not settled:
+            logger.error(
+                "close(): the sender was still storing the outcome of a batch when close() "
+                "returned (a slow failure store): its events are lost if the process exits now"
             )
 
     def flush_for_close(self, timeout: float | None) -> None:
@@ -804,6 +826,14 @@ class Sender:
 
     def _deliver(self, items: list[_Item]) -> None:
         try:
+            self._deliver_and_settle(items)
+        finally:
+            with self._settle_done:
+                self._settling = False
+                self._settle_done.notify_all()
+
+    def _deliver_and_settle(self, items: list[_Item]) -> None:
+        try:
             outcome = self._attempt(items)
             self._stats.add(batches=outcome.batches)
             self._delivered(outcome.delivered)
@@ -860,6 +890,9 @@ class Sender:
             if self._taken_over is items:
                 return True
             self._inflight = []
+            # From here the batch is in no list close() collects: until it is settled
+            # (a store write, at close), close() waits, or the process could exit first.
+            self._settling = True
             return False
 
     def _delivered(self, items: list[_Item]) -> None:
