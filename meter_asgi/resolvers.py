@@ -140,7 +140,8 @@ def from_user(attr: str = "tenant_id") -> Resolver:
         kind = type(user).__name__
         if not getattr(user, "is_authenticated", True):
             return f"the user ({kind}) is not authenticated"
-        if dotted:
+        holds_name = attr in user if isinstance(user, Mapping) else hasattr(user, attr)
+        if dotted and not holds_name:  # (a user holding the dotted name is read so first)
             holder: Any = user
             for depth, step in enumerate(steps[:-1], 1):
                 holder = _step(holder, step)
@@ -150,8 +151,7 @@ def from_user(attr: str = "tenant_id") -> Resolver:
             name = steps[-1]
             has = name in holder if isinstance(holder, Mapping) else hasattr(holder, name)
             return f"the user ({kind}) has {'an empty' if has else 'no'} {name!r}"
-        has = attr in user if isinstance(user, Mapping) else hasattr(user, attr)
-        return f"the user ({kind}) has {'an empty' if has else 'no'} {attr!r}"
+        return f"the user ({kind}) has {'an empty' if holds_name else 'no'} {attr!r}"
 
     return Resolver(resolve, f"from_user({attr!r})", why)
 

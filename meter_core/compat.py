@@ -42,7 +42,7 @@ _clients_lock = threading.Lock()
 
 
 def _client(kafka_url: str, portal_url: str | None, secret: Secret | None) -> MeterClient:
-    internal_url = os.environ.get("METER_INTERNAL_URL") or None
+    internal_url = CLIENT_OPTIONS["internal_url"].env_value(os.environ)  # (blank: unset)
     key = (kafka_url, portal_url, secret, internal_url)
     client = _clients.get(key)
     if client is None:

@@ -166,7 +166,9 @@ class ClientOption:
         none, or it is unset, empty or blank. An empty value counts as unset: that is
         what a deployment template gives for a value it does not have
         (``METER_DEVICE_ID: ${DEVICE_ID}`` in a compose file), where a refusal would stop
-        the app at start-up, and ``METER_ENABLED=`` would turn metering off."""
+        the app at start-up. ``METER_ENABLED=`` turned metering off before: a billing
+        switch left empty by a template no longer stops billing without a word (to turn
+        it off, ``METER_ENABLED=false``)."""
         if self.env is None:
             return None
         value = environ.get(self.env)
@@ -234,7 +236,7 @@ _OPTIONS: tuple[ClientOption, ...] = (
 CLIENT_OPTIONS: Mapping[str, ClientOption] = {opt.name: opt for opt in _OPTIONS}
 
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 
 
 def coerce_option(

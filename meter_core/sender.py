@@ -56,6 +56,10 @@ _RESENT_FROM_MEMORY = (
 )
 
 
+# A spell of failed deliveries this long (the log throttles' interval) ends with a line.
+_SPELL_WORTH_A_LINE = 10.0
+
+
 @dataclass(frozen=True, slots=True)
 class SenderConfig:
     batch_size: int = 500
@@ -166,6 +170,7 @@ class Sender:
         self._flush_waiters = 0
         self._retry_log = LogThrottle(logger, interval=10.0)
         self._failing_since: float | None = None  # (see _note_health)
+        self._last_failure_at = 0.0
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -866,21 +871,26 @@ class Sender:
     def _note_health(self, delivered: bool, failed: bool) -> None:
         """Follow failing spells of fresh deliveries: an attempt that delivered nothing
         and failed for a retriable reason (the backend down, slow, limiting; the lookup
-        API down) starts one; the next attempt that delivers ends it with a line saying
-        so, followed by what the log throttles held back meanwhile (without it, the count
-        of the spell's last seconds would never be told)."""
+        API down) starts one or makes it last; the next attempt that delivers ends it.
+        A spell of at least the log throttles' interval (10 s) ends with a line saying
+        so, followed by what the throttles held back meanwhile (without it, the count of
+        the spell's last seconds would never be told); a blip (one failed attempt, a
+        flapping replica) only adds to the throttled lines."""
+        now = time.monotonic()
         if delivered:
-            began = self._failing_since
-            if began is not None:
-                self._failing_since = None
+            began, last = self._failing_since, self._last_failure_at
+            self._failing_since = None
+            if began is not None and last - began >= _SPELL_WORTH_A_LINE:
                 logger.warning(
                     "meter backend takes events again, after %.0fs of failed deliveries",
-                    time.monotonic() - began,
+                    last - began,
                 )
                 self._retry_log.report_held("until the backend took events again")
                 self._failure_log.report_held("until the backend took events again")
-        elif failed and self._failing_since is None:
-            self._failing_since = time.monotonic()
+        elif failed:
+            if self._failing_since is None:
+                self._failing_since = now
+            self._last_failure_at = now
 
     def _took_over(self, items: list[_Item]) -> bool:
         """Settle who owns the outcome of the batch just sent, in one step: close() (it
@@ -967,8 +977,7 @@ class Sender:
             error,
             attempt,
             delay,
-            key=_kind(error),
-            events=len(retry_now),
+            key=_kind(error),  # (no events=: the same events come back at each retry)
         )
 
     def _fail(self, items: list[_Item], error: DeliveryError, attempts_done: bool = False) -> None:

@@ -156,21 +156,24 @@ class LogThrottle:
         """Log, for each kind, the occurrences held back since its last line (the last of
         them, with their count), and forget them: what an interval would otherwise keep
         to itself when the condition has ended (the backend is back, the client closes).
-        The next occurrence of any kind is then logged at once. ``note`` says why, in
-        the line. Returns the number of lines logged."""
+        Each interval still runs from its kind's last line. ``note`` says why, in the
+        line. Returns the number of lines logged."""
         with self._lock:
-            held = [(key, slot) for key, slot in self._slots.items() if slot.last is not None]
-            for key, _ in held:
-                del self._slots[key]
-        for key, slot in held:
-            assert slot.last is not None
-            level, message, args = slot.last
+            held = []
+            for key, slot in self._slots.items():
+                if slot.last is not None:
+                    held.append((key, slot.last, slot.held, slot.events))
+                    # (the interval still runs from the last line: a condition that
+                    # comes back at once is not logged at each occurrence)
+                    slot.held, slot.events, slot.last = 0, 0, None
+        for key, (level, message, args), count, events in held:
             self._logger.log(
                 level,
-                "%s (%d more times since the last line%s%s; %s)",
+                "%s (%d more %s since the last line%s%s; %s)",
                 message % args,
-                slot.held,
-                f", {slot.events:,} events in all" if slot.events else "",
+                count,
+                "time" if count == 1 else "times",
+                f", {events:,} events in all" if events else "",
                 ", this and other kinds" if key is _OTHER_KINDS else "",
                 note,
             )

@@ -156,6 +156,15 @@ def _check_keys(meter: Mapping[str, Any]) -> list[CheckMessage]:
     return out
 
 
+def _set_but_blank(variable: str) -> str:
+    """A note for a message about a missing value whose variable is set, but blank
+    (which counts as unset)."""
+    value = os.environ.get(variable)
+    if value is None or value.strip():
+        return ""
+    return f" ({variable} is set, but empty: an empty variable counts as unset.)"
+
+
 def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[CheckMessage]]:
     options: dict[str, Any] = {}
     bad: set[str] = set()
@@ -177,7 +186,11 @@ def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[Check
     )
     if enabled and transport == "http" and not kafka_given:
         out.append(
-            _error("E004", "METER['KAFKA_URL'] is required while metering is enabled over HTTP.")
+            _error(
+                "E004",
+                "METER['KAFKA_URL'] is required while metering is enabled over HTTP."
+                + _set_but_blank("METER_KAFKA_URL"),
+            )
         )
     device_given = (
         meter["DEVICE_ID"] is not None
@@ -189,7 +202,7 @@ def _check_options(meter: Mapping[str, Any]) -> tuple[dict[str, Any], list[Check
             _error(
                 "E011",
                 "No device id is configured while metering is enabled: usage recorded "
-                "without a device_id is not sent.",
+                "without a device_id is not sent." + _set_but_blank("METER_DEVICE_ID"),
             )
         )
     lookup = [name for name in ("portal_url", "api_key") if options.get(name)]

@@ -149,6 +149,11 @@ def test_attribute_paths_with_an_empty_or_blank_step_are_refused(attr: str) -> N
     # a mapping user's key may hold dots and slashes (a namespaced claim)
     claim = "https://acme.example/tenant"
     assert from_user(claim)({"user": {claim: "acme"}}) == "acme"
+    assert (
+        from_user(claim)
+        .explain({"user": {claim: ""}})
+        .endswith(f"the user (dict) has an empty {claim!r}")
+    )
 
 
 @pytest.mark.parametrize("name", ["tenant:str", "{tenant}", "<tenant>", "tenant id", "t\n"])

@@ -10,7 +10,7 @@ import meter_lib
 import pytest
 
 import meter_core
-from meter_core import InvalidEvent, post_ai_meter_usage, post_meter_usage
+from meter_core import CLIENT_OPTIONS, InvalidEvent, compat, post_ai_meter_usage, post_meter_usage
 from meter_core.devserver import DevServer
 
 KEY = "sk-compat-KEY-777"
@@ -228,3 +228,10 @@ def test_a_malformed_cache_variable_is_warned_about_not_fatal(
         monkeypatch.setenv("METER_NEGATIVE_CACHE_TTL", "30s")
         assert post_meter_usage("acme", "d", "page.processed.basic", backend.url, 1)
         assert "METER_NEGATIVE_CACHE_TTL" in caplog.text
+
+
+def test_a_blank_internal_url_variable_counts_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (" " was taken for a URL: every call refused it and dropped its event)
+    monkeypatch.setenv("METER_INTERNAL_URL", " ")
+    client = compat._client("http://127.0.0.1:9", None, None)
+    assert client.options["internal_url"] == CLIENT_OPTIONS["internal_url"].default

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from meter_core import MeterClient
+from meter_core import sender as sender_module
 from meter_core.devserver import DevServer
 
 RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
@@ -29,6 +30,13 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "meter.sender"]
 
 
+@pytest.fixture
+def short_spells(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A spell of failures worth a line once it lasts 0.3 s (10 s in production)."""
+    monkeypatch.setattr(sender_module, "_SPELL_WORTH_A_LINE", 0.3)
+
+
+@pytest.mark.usefixtures("short_spells")
 def test_the_end_of_an_outage_is_told_with_what_was_held_back(
     backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -47,9 +55,28 @@ def test_the_end_of_an_outage_is_told_with_what_was_held_back(
     [back] = [n for n, line in enumerate(lines) if "takes events again" in line]
     assert "s of failed deliveries" in lines[back]
     held = lines[back + 1]
-    assert "more times since the last line" in held and "events in all" in held
+    assert "more times since the last line" in held and "retry" in held
     assert held.endswith("until the backend took events again)")
     assert len(backend.event_ids()) == 6
+
+
+@pytest.mark.usefixtures("short_spells")
+def test_a_blip_is_no_spell_and_the_throttle_keeps_counting(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One produce request refused now and then (a flapping replica): no "again" line
+    # after each, and the retries' lines stay throttled (68 lines in 10 s otherwise).
+    client: MeterClient = make_client(max_retries=50, backoff_base=0.01, backoff_cap=0.01)
+    client.send(**RECORD)
+    caplog.set_level(logging.WARNING, logger="meter.sender")
+    for _ in range(6):
+        backend.set_fault("down", times=1)
+        client.record(**RECORD)
+        assert client.flush(timeout=10)
+    assert len(backend.event_ids()) == 7
+    lines = _lines(caplog)
+    assert not [line for line in lines if "takes events again" in line]
+    assert len(lines) == 1  # the first failure's line; the others are held back
 
 
 def test_steady_refusals_do_not_hide_an_outage(

@@ -150,7 +150,7 @@ def test_a_line_for_several_occurrences_counts_their_events_too(
     ]
 
 
-def test_what_was_held_back_is_told_when_asked_and_the_next_line_comes_at_once(
+def test_what_was_held_back_is_told_when_asked_and_the_interval_still_runs(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     logger = logging.getLogger("meter.test.throttle.held")
@@ -161,7 +161,8 @@ def test_what_was_held_back_is_told_when_asked_and_the_next_line_comes_at_once(
         throttle.log(logging.WARNING, "no account", key="refused", events=1)
         assert throttle.report_held("until it ended") == 1  # (the refusal held nothing)
         assert throttle.report_held("again") == 0
-        throttle.log(logging.ERROR, "outage %d", 9, key="outage", events=10)
+        throttle.log(logging.ERROR, "outage %d", 9, key="outage", events=10)  # held back
+        assert throttle.report_held("once more") == 1
     assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
         (logging.ERROR, "outage 0"),
         (logging.WARNING, "no account"),
@@ -169,7 +170,7 @@ def test_what_was_held_back_is_told_when_asked_and_the_next_line_comes_at_once(
             logging.ERROR,
             "outage 3 (3 more times since the last line, 30 events in all; until it ended)",
         ),
-        (logging.ERROR, "outage 9"),  # at once: the condition is news again
+        (logging.ERROR, "outage 9 (1 more time since the last line, 10 events in all; once more)"),
     ]
 
 

@@ -127,7 +127,10 @@ def test_an_empty_environment_variable_counts_as_unset(
     monkeypatch.setenv("METER_KAFKA_URL", "")
     monkeypatch.setenv("METER_DEVICE_ID", " ")
     monkeypatch.setenv("METER_TIMEOUT", "")
-    assert _ids(settings, {}) == ["meter_django.E004", "meter_django.E011"]
+    messages = (settings.__setattr__("METER", {}), check_settings())[1]
+    assert [m.id for m in messages] == ["meter_django.E004", "meter_django.E011"]
+    assert "METER_KAFKA_URL is set, but empty" in messages[0].msg
+    assert "METER_DEVICE_ID is set, but empty" in messages[1].msg
     monkeypatch.setenv("METER_KAFKA_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("METER_DEVICE_ID", "web")
     assert _ids(settings, {}) == []
