@@ -43,7 +43,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import cast
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.http import HttpRequest, StreamingHttpResponse
 from django.http.response import HttpResponseBase
 from django.urls import ResolverMatch
@@ -296,6 +298,15 @@ class MeterMiddleware:
     async_capable = True
 
     def __init__(self, get_response: GetResponse | AsyncGetResponse) -> None:
+        if not apps.is_installed("meter_django"):
+            # Raised as the server loads its middleware (at start-up), as Django's own
+            # middleware does for what it needs: without the app there are no system
+            # checks to say so, and each request would log a traceback instead.
+            raise ImproperlyConfigured(
+                "meter_django.middleware.MeterMiddleware needs 'meter_django' in "
+                "INSTALLED_APPS (its settings checks, its failure store table and its "
+                "exit hooks come with the app); add it, then run manage.py migrate"
+            )
         self.get_response = get_response
         self.async_mode = iscoroutinefunction(get_response)
         if self.async_mode:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Callable
 from typing import Any
@@ -646,3 +649,33 @@ def test_a_route_rule_under_i18n_patterns_meters_every_language(
     assert [e.meter_id for e in events] == ["report.generated.small"] * 2 + [
         "report.generated.medium"
     ] * 2
+
+
+def test_the_middleware_without_the_app_installed_stops_the_server_at_start() -> None:
+    # Without "meter_django" in INSTALLED_APPS there are no checks to say so: each request
+    # logged a traceback and nothing was metered. Django's handler loads its middleware
+    # as the server starts: the error shows there, naming the fix.
+    script = textwrap.dedent(
+        """
+        import django
+        from django.conf import settings
+        settings.configure(
+            INSTALLED_APPS=["django.contrib.contenttypes"], ROOT_URLCONF=__name__,
+            MIDDLEWARE=["meter_django.middleware.MeterMiddleware"], ALLOWED_HOSTS=["*"],
+            DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+        )
+        urlpatterns = []
+        django.setup()
+        from django.core.exceptions import ImproperlyConfigured
+        from django.core.handlers.wsgi import WSGIHandler
+        try:
+            WSGIHandler()
+        except ImproperlyConfigured as exc:
+            print("refused:", exc)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert "refused: meter_django.middleware.MeterMiddleware needs 'meter_django' in " \
+        "INSTALLED_APPS" in done.stdout, done.stderr  # fmt: skip
