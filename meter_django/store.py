@@ -245,7 +245,9 @@ class DatabaseFailureStore:
                 yield
         except DBError as exc:  # InterfaceError too ("connection already closed")
             failed = True
-            raise StoreError(f"meter event table ({self.using}): {exc}") from exc
+            raise StoreError(
+                f"meter event table ({self.using}): {exc}{_missing_table_hint(exc)}"
+            ) from exc
         except StoreError:
             raise
         except Exception as exc:  # a value the backend refuses, a bug of a backend
@@ -598,3 +600,15 @@ class DatabaseFailureStore:
                 .annotate(n=Count("id"))
                 .order_by("-n")
             }
+
+
+# What SQLite, PostgreSQL and MySQL / MariaDB say of a table that was never created.
+_MISSING_TABLE = ("no such table", "does not exist", "doesn't exist")
+
+
+def _missing_table_hint(exc: BaseException) -> str:
+    """A hint for an error about a missing meter table: its migration was not applied."""
+    text = str(exc).lower()
+    if "meter_django" in text and any(words in text for words in _MISSING_TABLE):
+        return " (the table is not created yet: run manage.py migrate meter_django)"
+    return ""

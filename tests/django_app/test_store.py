@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from django.db import connection
 
-from meter_core import FailureStore, UsageEvent
+from meter_core import FailureStore, StoreError, UsageEvent
 from meter_django.models import FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
 
@@ -174,3 +175,11 @@ def test_a_claim_waits_for_a_writer_instead_of_failing_with_database_is_locked()
     finally:
         writer.join()
     assert waiting.event_id in {s.event.event_id for s in claimed}
+
+
+def test_a_table_never_migrated_is_named_with_the_command_that_creates_it() -> None:
+    # (the test's transaction puts the table back afterwards)
+    with connection.cursor() as cursor:
+        cursor.execute(f"DROP TABLE {FailedMeterEvent._meta.db_table}")
+    with pytest.raises(StoreError, match="run manage.py migrate meter_django"):
+        DatabaseFailureStore().store([_event()])
