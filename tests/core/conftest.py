@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,3 +42,12 @@ def make_client(backend: DevServer) -> Iterator[Any]:
     yield make
     for client in clients:
         client.close(timeout=2)
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait until ``condition()`` is true (the sender works on threads of its own)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)

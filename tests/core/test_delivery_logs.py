@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,16 +13,9 @@ import pytest
 from meter_core import MeterClient
 from meter_core import sender as sender_module
 from meter_core.devserver import DevServer
+from tests.core.conftest import wait_until
 
 RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -47,7 +39,7 @@ def test_the_end_of_an_outage_is_told_with_what_was_held_back(
     for _ in range(5):
         client.record(**RECORD)
         time.sleep(0.1)
-    _wait_until(lambda: client.stats()["retried"] >= 10)
+    wait_until(lambda: client.stats()["retried"] >= 10)
     assert sum("retry" in line for line in _lines(caplog)) == 1  # (throttled: 10 s)
     backend.clear_fault()
     assert client.flush(timeout=10)
@@ -89,10 +81,10 @@ def test_steady_refusals_do_not_hide_an_outage(
     backend.remove_customer("ghost")
     caplog.set_level(logging.WARNING, logger="meter.sender")
     client.record(**{**RECORD, "tenant_id": "ghost"})
-    _wait_until(lambda: client.stats()["failed"] == 1)
+    wait_until(lambda: client.stats()["failed"] == 1)
     backend.set_fault("down")
     client.record(**RECORD)
-    _wait_until(lambda: client.stats()["failed"] == 2)
+    wait_until(lambda: client.stats()["failed"] == 2)
     lines = [line for line in _lines(caplog) if "not delivered" in line]
     assert len(lines) == 2
     assert "no customer account" in lines[0] and "HTTP 503" in lines[1]
@@ -106,6 +98,6 @@ def test_close_tells_what_the_throttles_held_back(
     caplog.set_level(logging.WARNING, logger="meter.sender")
     backend.set_fault("down")
     client.record(**RECORD)
-    _wait_until(lambda: client.stats()["retried"] >= 5)
+    wait_until(lambda: client.stats()["retried"] >= 5)
     client.close(timeout=0)
     assert any(line.endswith("; until close)") for line in _lines(caplog))

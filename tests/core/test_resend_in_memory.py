@@ -17,16 +17,9 @@ import pytest
 from meter_core import MeterClient
 from meter_core import sender as sender_module
 from meter_core.devserver import DevServer
+from tests.core.conftest import wait_until
 
 RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -52,7 +45,7 @@ def _failed_in_an_outage(
     backend.reset()
     backend.set_fault(mode, **params)
     ids = {client.record(**RECORD) for _ in range(events)}
-    _wait_until(lambda: client.stats()["failed_in_memory"] == events)
+    wait_until(lambda: client.stats()["failed_in_memory"] == events)
     return client, ids
 
 
@@ -64,7 +57,7 @@ def test_events_whose_retries_ran_out_are_resent_once_the_backend_is_back(
     assert client.stats()["failed"] == 30 and backend.event_ids() == []
     backend.clear_fault()
     # (the backend has them a moment before the client has read its answer)
-    _wait_until(lambda: client.stats()["resent"] == 30)
+    wait_until(lambda: client.stats()["resent"] == 30)
     assert sorted(backend.event_ids()) == sorted(ids)  # each once
     stats = client.stats()
     assert stats["resent"] == 30 and stats["failed"] == 30 and stats["sent"] == 30
@@ -86,15 +79,15 @@ def test_resends_during_an_outage_are_one_request_at_a_time_and_spaced_out(
     for _ in range(10):
         for tenant in ("a", "b", "c", "d"):
             client.record(**{**RECORD, "tenant_id": tenant})
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 40)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 40)
     before = backend.produce_requests
     time.sleep(2.5)
     resends = backend.produce_requests - before
     assert 1 <= resends <= 5, resends
     backend.clear_fault()
-    _wait_until(lambda: len(backend.event_ids()) == 40)
+    wait_until(lambda: len(backend.event_ids()) == 40)
     # (the backend writes the records before it answers: the client then empties its list)
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0)
 
 
 @pytest.mark.usefixtures("fast_resends")
@@ -105,7 +98,7 @@ def test_a_retry_after_holds_resends_back(backend: DevServer, make_client: Any) 
     backend.clear_fault()
     time.sleep(1.4)  # past the 0.3 s first wait, within the backend's Retry-After
     assert backend.produce_requests == before
-    _wait_until(lambda: client.stats()["resent"] == 3)
+    wait_until(lambda: client.stats()["resent"] == 3)
     assert time.monotonic() - failed_at >= 1.9
     assert len(backend.event_ids()) == 3
 
@@ -117,7 +110,7 @@ def test_events_refused_for_good_are_kept_but_not_resent(
     client: MeterClient = make_client()
     backend.remove_customer("ghost")  # no customer account: refused, not retried
     event_id = client.record(**{**RECORD, "tenant_id": "ghost"})
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 1)
     backend.add_customer("ghost", "cust-ghost")
     client.customer_cache.invalidate("ghost")
     time.sleep(1.5)
@@ -183,7 +176,7 @@ def test_fresh_events_are_not_held_back_by_resends(backend: DevServer, make_clie
     fresh = client.record(**{**RECORD, "total_usage": 7})
     assert client.flush(5)
     assert fresh in backend.event_ids()
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0)
     assert len(backend.event_ids()) == 4
 
 
@@ -196,13 +189,13 @@ def test_fresh_events_going_through_bring_the_next_resend_forward(
     monkeypatch.setattr(sender_module, "FALLBACK_RETRY_MAX_SECONDS", 30.0)
     client, ids = _failed_in_an_outage(backend, make_client, 3)
     before = backend.produce_requests
-    _wait_until(lambda: backend.produce_requests - before >= 4)
+    wait_until(lambda: backend.produce_requests - before >= 4)
     time.sleep(0.1)
     backend.clear_fault()
     fresh = client.record(**RECORD)
     assert client.flush(5)
     started = time.monotonic()
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0)
     assert time.monotonic() - started < 2.5
     assert sorted(backend.event_ids()) == sorted(ids | {fresh})
 
@@ -216,10 +209,10 @@ def test_an_event_failing_alone_when_resent_is_resent_again_later(
     client, ids = _failed_in_an_outage(backend, make_client, 4)
     stuck = sorted(ids)[0]
     backend.set_fault("record_errors", event_ids=[stuck])
-    _wait_until(lambda: client.stats()["resent"] == 3)
+    wait_until(lambda: client.stats()["resent"] == 3)
     assert stuck not in backend.event_ids()
     backend.clear_fault()
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0, timeout=6)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0, timeout=6)
     assert sorted(backend.event_ids()) == sorted(ids)
     assert client.stats()["retried"] >= 1 + 4  # (4 of the first outage, then the resends)
 
@@ -250,7 +243,7 @@ def test_close_does_not_spin_while_the_list_waits(backend: DevServer, make_clien
     client._sender._resend_at = 0.0  # type: ignore[union-attr]  # (due, as after 5 s)
     backend.set_fault("rate_limit", retry_after=5)
     client.record(**RECORD)  # refused: its retry waits out the Retry-After
-    _wait_until(lambda: client.stats()["retried"] > 2)
+    wait_until(lambda: client.stats()["retried"] > 2)
     cpu = time.process_time()
     client.close(timeout=1.5)
     assert time.process_time() - cpu < 0.6
@@ -319,7 +312,7 @@ def test_close_right_after_an_outage_sends_what_waits_for_a_retry_and_the_list(
     assert sender is not None
     sender._policy = RetryPolicy(max_retries=3, backoff_base=10.0, backoff_cap=10.0)
     waiting = {client.record(**RECORD) for _ in range(2)}
-    _wait_until(lambda: client.stats()["retried"] >= 3 + 2)  # (3: the first outage's)
+    wait_until(lambda: client.stats()["retried"] >= 3 + 2)  # (3: the first outage's)
     backend.clear_fault()
     started = time.monotonic()
     client.close(timeout=2)
@@ -336,11 +329,11 @@ def test_the_sender_sleeps_while_a_resend_is_under_way(
     # for the resend thread; they once looped for as long as its requests took.
     client, ids = _failed_in_an_outage(backend, make_client, 20, options={"batch_size": 5})
     backend.set_fault("slow", delay=0.7)
-    _wait_until(lambda: client.stats()["resent"] >= 5)
+    wait_until(lambda: client.stats()["resent"] >= 5)
     cpu = time.process_time()
     time.sleep(1.5)
     assert time.process_time() - cpu < 0.5
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0)
     assert sorted(backend.event_ids()) == sorted(ids)
 
 
@@ -368,12 +361,12 @@ def test_a_fresh_events_retry_after_holds_the_resend_back(
     client, ids = _failed_in_an_outage(backend, make_client, 3)
     backend.set_fault("rate_limit", retry_after=3)
     fresh = client.record(**RECORD)
-    _wait_until(lambda: client.stats()["retried"] >= 3 + 1)  # (3: the outage's)
+    wait_until(lambda: client.stats()["retried"] >= 3 + 1)  # (3: the outage's)
     refused_at = time.monotonic()
     backend.clear_fault()
     time.sleep(2.2)
     assert backend.event_ids() == []  # neither the list nor the fresh event
-    _wait_until(lambda: len(backend.event_ids()) == 4)
+    wait_until(lambda: len(backend.event_ids()) == 4)
     assert time.monotonic() - refused_at >= 2.8
     assert sorted(backend.event_ids()) == sorted(ids | {fresh})
 
@@ -384,7 +377,7 @@ def test_a_resend_under_way_sends_no_request_after_close_returned(
 ) -> None:
     client, _ = _failed_in_an_outage(backend, make_client, 20, options={"batch_size": 5})
     backend.set_fault("slow", delay=1.0)
-    _wait_until(lambda: client.stats()["batches"] > 0 and client.stats()["resent"] == 0)
+    wait_until(lambda: client.stats()["batches"] > 0 and client.stats()["resent"] == 0)
     time.sleep(0.5)  # (the resend's first request is on the wire)
     client.close(timeout=0.8)
     requests = backend.produce_requests
@@ -415,7 +408,7 @@ def test_close_resends_past_an_event_that_keeps_failing(
     bad = client.event(**RECORD)
     client.enqueue(bad)
     good = {client.record(**RECORD) for _ in range(12)}
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 13)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 13)
     backend.set_fault("record_errors", event_ids=[bad.event_id])
     client.close(timeout=3)
     assert sorted(backend.event_ids()) == sorted(good)
@@ -432,10 +425,10 @@ def test_a_resend_under_way_makes_no_lookup_after_close_returned(
     backend.set_fault("down")
     for n in range(20):
         client.record(**{**RECORD, "tenant_id": f"t{n}"})
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 20)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 20)
     backend.set_fault("slow", delay=0.3)
     lookups = len(backend.lookups)
-    _wait_until(lambda: len(backend.lookups) > lookups)  # the resend has begun
+    wait_until(lambda: len(backend.lookups) > lookups)  # the resend has begun
     client.close(timeout=0.5)
     after_close = len(backend.lookups)
     time.sleep(1.5)
@@ -533,12 +526,12 @@ def test_a_retry_after_met_by_a_resend_ends_its_pass() -> None:
         for _ in range(4):
             for tenant in ("acme", "acme", "acme", "acme", "rl"):
                 client.record(**{**RECORD, "tenant_id": tenant})
-        _wait_until(lambda: client.stats()["failed_in_memory"] == 20)
+        wait_until(lambda: client.stats()["failed_in_memory"] == 20)
         client.customer_cache.invalidate("rl")
         limited.set()
         lookups = len(transport.lookups)
         down.clear()
-        _wait_until(lambda: client.stats()["resent"] >= 4)
+        wait_until(lambda: client.stats()["resent"] >= 4)
         time.sleep(0.5)
         assert len(transport.records) == 4  # one batch, then the pause
         assert transport.lookups[lookups:] == ["rl"]

@@ -29,14 +29,8 @@ from meter_core import (
     UsageEvent,
 )
 from meter_core.devserver import DevServer
+from tests.core.conftest import wait_until
 from tests.core.test_sender import RECORD, DownTransport, client_with
-
-
-def _wait_until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_a_store_slow_to_fail_does_not_hold_up_delivery(
@@ -56,12 +50,12 @@ def test_a_store_slow_to_fail_does_not_hold_up_delivery(
     try:
         locker.execute("BEGIN EXCLUSIVE")
         client.record(tenant_id="ghost", meter_id="page.processed.basic", total_usage=1)
-        _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+        wait_until(lambda: client.stats()["failed_in_memory"] == 1)
         recorded_at: dict[str, float] = {}
         for _ in range(30):  # 3 s: the offers (each waits 1.5 s) run meanwhile
             recorded_at[client.record(**RECORD)] = time.monotonic()
             time.sleep(0.1)
-        _wait_until(lambda: set(recorded_at) <= set(backend.event_ids()))
+        wait_until(lambda: set(recorded_at) <= set(backend.event_ids()))
         arrived_at = time.monotonic()
         # Each event was delivered within the flush interval, not a busy timeout later
         # (before: held up to 1.5 s, behind each offer on the sender thread).
@@ -74,7 +68,7 @@ def test_a_store_slow_to_fail_does_not_hold_up_delivery(
         locker.execute("ROLLBACK")
         locker.close()
     # the store works again: the event kept in memory reaches it at the next offer
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 0)
     assert spool.pending_count() == 1
     spool.close()
 
@@ -122,7 +116,7 @@ def test_a_claim_failing_with_any_error_still_delivers_the_batch_taken_from_memo
     try:
         ids = [client.record(**RECORD) for _ in range(30)]  # 20 queued, 10 spilled
         client.wake()
-        _wait_until(lambda: len(transport.records) >= 20)
+        wait_until(lambda: len(transport.records) >= 20)
         delivered = {r["value"]["event_id"] for r in transport.records}
         assert set(ids[:20]) <= delivered
         assert client.stats()["sent"] >= 20
@@ -226,10 +220,10 @@ def test_events_kept_in_memory_count_as_stored_once_they_reach_the_store(
     client: MeterClient = client_with(DownTransport(), failure_store=store, max_retries=0)
     try:
         client.record(**RECORD)
-        _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+        wait_until(lambda: client.stats()["failed_in_memory"] == 1)
         assert client.stats()["stored"] == 0  # in memory, not in the store
         store.broken.clear()
-        _wait_until(lambda: client.stats()["failed_in_memory"] == 0)
+        wait_until(lambda: client.stats()["failed_in_memory"] == 0)
         assert client.stats()["stored"] == 1 and len(store.events()) == 1
     finally:
         client.close(0)
@@ -299,9 +293,9 @@ def test_close_does_not_wait_past_its_timeout_for_an_offer_on_a_slow_store(
 
     client = client_with(DownTransport(), failure_store=SlowToFail(), max_retries=0)
     client.record(**RECORD)  # fails, its store write fails slowly: kept in memory
-    _wait_until(lambda: client.stats()["failed_in_memory"] == 1)
+    wait_until(lambda: client.stats()["failed_in_memory"] == 1)
     trying.clear()
-    _wait_until(trying.is_set)  # an offer is on its way, holding the drain
+    wait_until(trying.is_set)  # an offer is on its way, holding the drain
     started = time.monotonic()
     client.close(timeout=0.3)
     assert time.monotonic() - started < 2.0
@@ -327,11 +321,11 @@ def test_a_base_exception_from_the_transport_does_not_stop_delivery() -> None:
     client = client_with(transport, max_retries=0)
     try:
         first = client.record(**RECORD)
-        _wait_until(lambda: calls)
+        wait_until(lambda: calls)
         later = client.record(**RECORD)  # the sender thread is still there to send it
-        _wait_until(lambda: later in {r["value"]["event_id"] for r in transport.records})
+        wait_until(lambda: later in {r["value"]["event_id"] for r in transport.records})
         # the interrupted batch was not lost: kept for the retry command
-        _wait_until(lambda: first in {s.event.event_id for s in client.failed_events()})
+        wait_until(lambda: first in {s.event.event_id for s in client.failed_events()})
     finally:
         client.close(1)
 
