@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.utils import timezone
 
 from meter_core import UsageEvent
 from meter_core.devserver import DevServer
+from meter_django.models import DISCARDED, FailedMeterEvent
 from meter_django.store import DatabaseFailureStore
 from tests.django_app.conftest import MeterSettings
 
@@ -79,3 +82,34 @@ def test_send_test_event_reports_bad_configuration(settings: Any) -> None:
     settings.METER = {"ENABLED": False, "DEVICE_ID": "x"}
     with pytest.raises(CommandError, match="disabled"):
         _call("send_test_meter_event", "--tenant", "acme")
+
+
+@pytest.mark.django_db
+def test_purge_deletes_rows_delivered_long_ago_and_never_owed_ones(
+    meter_settings: MeterSettings,
+) -> None:
+    meter_settings()
+    store = DatabaseFailureStore()
+    old = [UsageEvent("acme", "d", "page.processed.basic", 1) for _ in range(3)]
+    recent = [UsageEvent("acme", "d", "page.processed.basic", 1) for _ in range(2)]
+    owed = [UsageEvent("acme", "d", "page.processed.basic", 1) for _ in range(2)]
+    discarded = [UsageEvent("acme", "d", "page.processed.basic", 1)]
+    store.store(old + recent + owed + discarded, error="backend down")
+    store.mark_delivered([e.event_id for e in old + recent])
+    FailedMeterEvent.objects.filter(event_id=discarded[0].event_id).update(status=DISCARDED)
+    long_ago = timezone.now() - timedelta(days=10)
+    FailedMeterEvent.objects.exclude(event_id__in=[e.event_id for e in recent]).update(
+        updated_at=long_ago
+    )
+    assert "would delete 3 rows (delivered)" in _call("purge_meter_events", "--dry-run")
+    assert FailedMeterEvent.objects.count() == 8
+    assert "deleted 3 rows (delivered, older than 7 days)" in _call("purge_meter_events")
+    left = {str(i) for i in FailedMeterEvent.objects.values_list("event_id", flat=True)}
+    assert left == {e.event_id for e in recent + owed + discarded}  # owed ones stay, always
+    assert "deleted 1 rows" in _call("purge_meter_events", "--discarded")
+    assert "deleted 2 rows" in _call("purge_meter_events", "--older-than", "0")
+    assert {str(i) for i in FailedMeterEvent.objects.values_list("event_id", flat=True)} == {
+        e.event_id for e in owed
+    }
+    with pytest.raises(CommandError, match="--older-than"):
+        _call("purge_meter_events", "--older-than", "soon")
