@@ -461,6 +461,7 @@ class Sender:
             self._store_closed_queue()
             return
         on_sender_thread = threading.current_thread() is self._thread
+        own_deadline = None if timeout is None else time.monotonic() + timeout
         if self._close_deadline is None:  # (a resend under way sends nothing after it)
             self._close_deadline = math.inf if timeout is None else time.monotonic() + timeout
         if not on_sender_thread:  # (a hook of the sender thread's could never see it settle)
@@ -471,6 +472,7 @@ class Sender:
             self._closed = True
             thread = self._thread
         self._wake.set()
+        grace_end = time.monotonic() + 0.5  # (for the thread: see also _wait_settled)
         if thread is not None and thread is not threading.current_thread():
             thread.join(0.5)
         still_sending = thread is not None and thread.is_alive()
@@ -502,7 +504,8 @@ class Sender:
                 leftover, "undelivered at close", count_failed=False, skip_store=refused
             )
         if not on_sender_thread:
-            self._wait_settled(timeout)
+            # (past the deadline, half a second for that write, as for any store write)
+            self._wait_settled(None if own_deadline is None else max(own_deadline, grace_end + 0.5))
         # (the last word on failures whose lines the throttles held back)
         self._retry_log.report_held("until close")
         self._failure_log.report_held("until close")
@@ -531,14 +534,13 @@ class Sender:
                 held,
             )
 
-    def _wait_settled(self, timeout: float | None) -> None:
+    def _wait_settled(self, until: float | None) -> None:
         """Wait until the sender thread has settled a batch it was settling as close()
         collected the rest (its retries or failures stored from that thread): until
-        close()'s deadline, half a second at least. Logged if it has not by then."""
-        deadline = self._close_deadline
-        wait = None
-        if timeout is not None and deadline is not None:
-            wait = max(0.5, deadline - time.monotonic())
+        ``until`` (a ``time.monotonic()`` value, this close()'s own: never the first
+        close()'s deadline, which may be infinite; None: as long as it takes). Logged
+        if it has not by then."""
+        wait = None if until is None else max(0.0, until - time.monotonic())
         with self._settle_done:
             settled = self._settle_done.wait_for(lambda: not self._settling, wait)
         if not settled:

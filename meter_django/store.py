@@ -246,7 +246,7 @@ class DatabaseFailureStore:
         except DBError as exc:  # InterfaceError too ("connection already closed")
             failed = True
             raise StoreError(
-                f"meter event table ({self.using}): {exc}{_missing_table_hint(exc)}"
+                f"meter event table ({self.using}): {exc}{_missing_table_hint(exc, self.using)}"
             ) from exc
         except StoreError:
             raise
@@ -606,9 +606,11 @@ class DatabaseFailureStore:
 _MISSING_TABLE = ("no such table", "does not exist", "doesn't exist")
 
 
-def _missing_table_hint(exc: BaseException) -> str:
-    """A hint for an error about a missing meter table: its migration was not applied."""
+def _missing_table_hint(exc: BaseException, using: str) -> str:
+    """A hint for an error about a missing meter table: its migration was not applied
+    (on the database the table lives in)."""
     text = str(exc).lower()
     if "meter_django" in text and any(words in text for words in _MISSING_TABLE):
-        return " (the table is not created yet: run manage.py migrate meter_django)"
+        database = "" if using == "default" else f" --database {using}"
+        return f" (the table is not created yet: run manage.py migrate meter_django{database})"
     return ""

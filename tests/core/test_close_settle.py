@@ -44,3 +44,52 @@ def test_close_returns_once_the_batch_the_sender_was_settling_is_stored() -> Non
     closing.join(10)  # write that outlasts close()'s wait for the thread (0.5 s)
     # close() returned: the event is in the store, not in a write still under way
     assert [s.event.event_id for s in store.events()] == [event_id]
+
+
+def test_a_second_close_with_a_timeout_waits_no_more_than_its_own() -> None:
+    # An app's close(None) and the exit hook's close(0.2) at once, while the sender
+    # stores a failed batch (3 s): the second one's wait is its own (it raised
+    # OverflowError, waiting for the first one's infinite deadline).
+    go = threading.Event()
+    transport = MemoryTransport(lambda tenant: f"cust-{tenant}")
+
+    def produce(records: Any) -> Any:
+        go.wait(10)
+        raise BackendUnavailable("produce failed: HTTP 503")
+
+    transport.produce = produce  # type: ignore[method-assign]
+
+    class SlowerStore(MemoryFailureStore):
+        def store(self, events: Sequence[UsageEvent], **kwargs: Any) -> int:
+            time.sleep(3.0)
+            return super().store(events, **kwargs)
+
+    store = SlowerStore()
+    client = MeterClient(transport=transport, device_id="d", failure_store=store,
+                         flush_interval=0.01, max_retries=0)  # fmt: skip
+    event_id = client.record(**RECORD)
+    time.sleep(0.2)
+    outcomes: dict[str, object] = {}
+
+    def close(name: str, timeout: float | None) -> None:
+        started = time.monotonic()
+        try:
+            client.close(timeout=timeout)
+        except BaseException as exc:
+            outcomes[name] = exc
+        else:
+            outcomes[name] = time.monotonic() - started
+
+    first = threading.Thread(target=close, args=("first", None))
+    first.start()
+    time.sleep(0.1)
+    second = threading.Thread(target=close, args=("second", 0.2))
+    second.start()
+    time.sleep(0.1)
+    go.set()  # the send fails for good: the sender stores the batch, for 3 s
+    second.join(10)
+    first.join(10)
+    took = outcomes["second"]
+    assert isinstance(took, float) and took < 2.5, took  # its own deadline, and a write
+    assert isinstance(outcomes["first"], float)
+    assert [s.event.event_id for s in store.events()] == [event_id]

@@ -183,3 +183,13 @@ def test_a_table_never_migrated_is_named_with_the_command_that_creates_it() -> N
         cursor.execute(f"DROP TABLE {FailedMeterEvent._meta.db_table}")
     with pytest.raises(StoreError, match="run manage.py migrate meter_django"):
         DatabaseFailureStore().store([_event()])
+
+
+def test_the_hint_names_the_database_of_the_table() -> None:
+    from meter_django.store import _missing_table_hint
+
+    error = Exception('relation "meter_django_failedmeterevent" does not exist')
+    assert _missing_table_hint(error, "meter").endswith(
+        "run manage.py migrate meter_django --database meter)"
+    )
+    assert _missing_table_hint(Exception("disk I/O error"), "default") == ""
