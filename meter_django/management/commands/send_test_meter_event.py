@@ -48,7 +48,10 @@ class Command(BaseCommand):
         except InvalidEvent as exc:
             raise CommandError(f"invalid event: {exc}") from exc
         except CustomerNotFound as exc:
-            raise CommandError(f"no customer account for this tenant: {exc}") from exc
+            raise CommandError(
+                f"{exc}: the lookup API knows no customer account for this tenant (try a "
+                "tenant that has one, or check the lookup URL and key it asks)"
+            ) from exc
         except DeliveryRejected as exc:
             raise CommandError(f"the backend rejected the event: {exc}") from exc
         except DeliveryError as exc:
