@@ -49,8 +49,8 @@ class Command(BaseCommand):
             raise CommandError(f"invalid event: {exc}") from exc
         except CustomerNotFound as exc:
             raise CommandError(
-                f"{exc}: the lookup API knows no customer account for this tenant (try a "
-                "tenant that has one, or check the lookup URL and key it asks)"
+                f"{exc}: try a tenant that has one, or check which lookup API the client "
+                "asks (PORTAL_URL with API_KEY, else INTERNAL_URL)"
             ) from exc
         except DeliveryRejected as exc:
             raise CommandError(f"the backend rejected the event: {exc}") from exc
