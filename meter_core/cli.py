@@ -295,7 +295,9 @@ def _retry_once(
     )
     if show_progress:
         print(file=sys.stderr)
-    print(report.summary(), flush=True)
+    # (a worker's runs read as a log: each says when it ran)
+    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S')} " if args.loop else ""
+    print(f"{stamp}{report.summary()}", flush=True)
     print(f"{spool.pending_count()} events still in the spool", flush=True)
     others = {t: n for t, n in spool.counts()["owed_by_topic"].items() if t and t != spool.topic}
     for topic, n in others.items():

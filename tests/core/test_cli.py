@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -397,6 +398,8 @@ def test_retry_loop_runs_again_and_waits_for_the_spool_to_exist(
     assert sorted(backend.event_ids()) == sorted(later)  # each sent once
     out = capsys.readouterr().out
     assert "4 delivered, 0 failed" in out and out.count("resent") >= 2
+    runs = [line for line in out.splitlines() if "resent" in line]
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", line) for line in runs), runs
 
 
 def test_retry_loop_reports_a_failed_run_and_goes_on(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from io import StringIO
 from typing import Any
@@ -120,7 +121,10 @@ def test_filters_limit_and_batches(meter_settings: MeterSettings, backend: DevSe
     assert "0 delivered" in _run("--meter", "report.generated.small")
     out = _run("--limit", "3", "--batch-size", "2")
     assert "3 delivered" in out and "(2 requests)" in out
-    assert "2 delivered" in _run("--loop", "--interval", "0", "--runs", "2")
+    looped = _run("--loop", "--interval", "0", "--runs", "2")
+    assert "2 delivered" in looped
+    # each run of a worker says when it ran
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d resent", looped, re.M), looped
     assert len(set(backend.event_ids())) == len(backend.event_ids()) == 6
 
 

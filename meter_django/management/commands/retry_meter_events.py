@@ -138,7 +138,9 @@ class Command(BaseCommand):
         except (StoreError, DBError) as exc:
             raise CommandError(f"database error: {exc}") from exc
         style = self.style.SUCCESS if report.ok else self.style.ERROR
-        self.stdout.write(style(report.summary()))
+        # (a worker's runs read as a log: each says when it ran)
+        stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S')} " if options["loop"] else ""
+        self.stdout.write(style(f"{stamp}{report.summary()}"))
         try:
             pending = sum(store.pending_by_meter().values())
             hint = describe_not_due(*store.not_due())
