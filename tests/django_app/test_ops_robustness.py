@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sqlite3
 import threading
@@ -110,6 +111,11 @@ def side() -> Iterator[_Side]:
 # -- 1. the --loop worker through database trouble --------------------------------------
 
 
+def _is_summary(text: str) -> bool:
+    """A run's summary line of a --loop worker (it begins with the time of the run)."""
+    return re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d resent ", text) is not None
+
+
 def test_loop_survives_a_failed_run_and_resends_later_events(
     meter_settings: MeterSettings, backend: DevServer, side: _Side
 ) -> None:
@@ -121,7 +127,7 @@ def test_loop_survives_a_failed_run_and_resends_later_events(
     summaries: list[str] = []
 
     def on_out(text: str) -> None:
-        if text.startswith("resent ") and not summaries:
+        if _is_summary(text) and not summaries:
             summaries.append(text)
             side.run(f"ALTER TABLE {TABLE} RENAME TO {TABLE}_away")
 
@@ -161,7 +167,7 @@ def test_loop_survives_a_dropped_connection(
     dropped: list[int] = []
 
     def on_out(text: str) -> None:
-        if text.startswith("resent ") and not dropped:
+        if _is_summary(text) and not dropped:
             worker = [row[0] for row in side.run(
                 "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
                 "AND pid <> %s", pid
@@ -225,7 +231,7 @@ def test_ctrl_c_stops_the_loop_quietly(meter_settings: MeterSettings, backend: D
     _stored(1)
 
     def on_out(text: str) -> None:
-        if text.startswith("resent "):  # then the loop sleeps: Ctrl-C comes in meanwhile
+        if _is_summary(text):  # then the loop sleeps: Ctrl-C comes in meanwhile
             threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
 
     out = _Hooked(on_out)
