@@ -6,6 +6,8 @@ Subcommands:
 - ``retry``: resend the events of a SQLite spool, with their original event ids (once, or
   ``--loop``: every ``--interval`` seconds, as a long-running worker).
 - ``spool``: show a spool's events by status and reason.
+- ``discard``: give up on the owed events of a tenant (one that will never have a
+  customer account): they stay in the spool as ``discarded`` and are never sent.
 - ``demo``: a short end-to-end tour of meter_core against an in-process local backend.
 """
 
@@ -16,6 +18,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -60,8 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     called = os.path.basename(sys.argv[0]) if sys.argv else ""
     parser = argparse.ArgumentParser(
         prog=called if called in ("meter", "litewave-meter") else "meter",
-        description="Resend stored usage events, show a spool, or run the local backend "
-        "(also: python -m meter_core).",
+        description="Resend stored usage events, show a spool or give up on a tenant's "
+        "events in it, or run the local backend (also: python -m meter_core).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +108,22 @@ def _parser() -> argparse.ArgumentParser:
     spool.add_argument("--spool", required=True, help="path of the SQLite spool")
     spool.add_argument("--json", action="store_true", help="print JSON")
 
+    discard = sub.add_parser(
+        "discard",
+        help="give up on a tenant's owed events: never sent, kept as discarded",
+        description="Give up on the owed events of a tenant (say, one that will never have "
+        "a customer account): they stay in the spool as discarded, with their last error, "
+        "and are never sent nor billed. Events a worker is sending are left alone. Asks "
+        "for confirmation unless --no-input.",
+    )
+    discard.add_argument("--spool", required=True, help="path of the SQLite spool")
+    discard.add_argument("--tenant", required=True, help="the tenant whose events go")
+    discard.add_argument("--meter", default=None, help="only this meter's events")
+    discard.add_argument("--dry-run", action="store_true", help="count, discard nothing")
+    discard.add_argument(
+        "--no-input", action="store_true", help="do not ask for confirmation (scripts)"
+    )
+
     sub.add_parser("demo", help="a short tour of meter_core against a local backend")
     return parser  # fmt: skip
 
@@ -139,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _retry(args)
         if args.command == "spool":
             return _spool(args)
+        if args.command == "discard":
+            return _discard(args)
         if args.command == "demo":
             from meter_core.demo import run_demo
 
@@ -308,6 +329,9 @@ def _retry_once(
         hint = hint.replace("--now resends them at once", "--now would resend them")
     if hint:
         print(f"  {hint}", flush=True)
+    refused = report.refused_hint(f"meter discard --spool {shlex.quote(args.spool)}")
+    if refused:
+        print(f"  {refused}", flush=True)
     return report
 
 
@@ -349,6 +373,39 @@ def _spool(args: argparse.Namespace) -> int:
         print("owed, by topic:")
         for topic, n in counts["owed_by_topic"].items():
             print(f"  {n:>8}  {topic or '(none: resent to any topic)'}")
+    return 0
+
+
+def _discard(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.spool):
+        print(f"no spool at {args.spool}", file=sys.stderr)
+        return 1
+    which = f"tenant {args.tenant!r}" + (f", meter {args.meter!r}" if args.meter else "")
+    spool = SQLiteSpool(args.spool, check_writable=False)
+    try:
+        owed = spool.discard_owed(tenant_id=args.tenant, meter_id=args.meter, dry_run=True)
+        if not owed:
+            print(f"no owed event of {which} (those a worker is sending are left alone)")
+            return 0
+        if args.dry_run:
+            print(f"would discard {owed} owed events of {which}")
+            return 0
+        if not args.no_input:
+            if not sys.stdin.isatty():
+                print("error: discarding asks for confirmation; pass --no-input to run "
+                      "without a terminal", file=sys.stderr)  # fmt: skip
+                return 2
+            answer = input(
+                f"Discard {owed} owed events of {which}? They will never be sent nor "
+                "billed. Type 'yes' to continue: "
+            )
+            if answer.strip().lower() != "yes":
+                print("nothing discarded")
+                return 0
+        done = spool.discard_owed(tenant_id=args.tenant, meter_id=args.meter)
+    finally:
+        spool.close()
+    print(f"discarded {done} owed events of {which}: they will never be sent")
     return 0
 
 

@@ -47,6 +47,10 @@ class RedeliveryReport:
     claimed: int = 0
     delivered: int = 0
     failed: int = 0
+    #: Of ``failed``: events the backend refused for good (no customer account for the
+    #: tenant, a record rejected). They stay owed, due again after the backoff (an
+    #: account made meanwhile gets them billed), until an operator discards them.
+    refused: int = 0
     batches: int = 0
     dry_run: bool = False
     errors: Counter[str] = field(default_factory=Counter)
@@ -65,6 +69,22 @@ class RedeliveryReport:
         for error, n in self.errors.most_common(5):
             text += f"\n  {n} x {error}"
         return text
+
+    def refused_hint(self, discard_command: str) -> str | None:
+        """The line the retry commands print when events were refused for good: what
+        becomes of them, and ``discard_command`` (the command that gives up on a
+        tenant's owed events, ``--tenant`` last). None when none was."""
+        if not self.refused:
+            return None
+        return (
+            f"{_events(self.refused)} refused for good stay owed and are tried again at "
+            "each run after a backoff (at most 10 min), in case the tenant's customer "
+            f"account is made; to give up on a tenant's: {discard_command} --tenant TENANT"
+        )
+
+
+def _events(count: int) -> str:
+    return f"{count} event" if count == 1 else f"{count} events"
 
 
 def redeliver(
@@ -161,11 +181,15 @@ def _resend(
     if outcome.delivered:
         store.mark_delivered([s.event.event_id for s in outcome.delivered])
         report.delivered += len(outcome.delivered)
-    for error, group in [*outcome.retriable, *outcome.final]:
+    failures = [(error, group, False) for error, group in outcome.retriable]
+    failures += [(error, group, True) for error, group in outcome.final]
+    for error, group, for_good in failures:
         if error is OUT_OF_TIME:  # not tried: due again at once, for the next claim
             store.release([s.event.event_id for s in group])
             continue
         report.failed += len(group)
+        if for_good:
+            report.refused += len(group)
         report.errors[str(error)] += len(group)
         attempts = max(s.attempts for s in group) + 1
         store.mark_failed(

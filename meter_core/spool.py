@@ -417,6 +417,33 @@ class SQLiteSpool:
                 [(i,) for i in event_ids],
             )
 
+    def discard_owed(
+        self, *, tenant_id: str, meter_id: str | None = None, dry_run: bool = False
+    ) -> int:
+        """Give up on the owed events of ``tenant_id`` (and ``meter_id``), of any topic:
+        they stay in the file as ``discarded``, keep their last error, and are never sent
+        (an operator's choice, for a tenant that will never have a customer account).
+        Those a worker holds are left alone (its send settles them). Returns how many;
+        ``dry_run`` only counts them."""
+        where = " AND tenant_id = ?"
+        params: list[object] = [tenant_id]
+        if meter_id is not None:
+            where += " AND meter_id = ?"
+            params.append(meter_id)
+        now = time.time()
+        owed = "status IN ('queued', 'failed') AND claimed_until <= ?" + where
+        with self._transaction(immediate=not dry_run) as conn:
+            if dry_run:
+                row = conn.execute(f"SELECT count(*) FROM meter_events WHERE {owed}",
+                                   [now, *params]).fetchone()  # fmt: skip
+                return int(row[0])
+            cursor = conn.execute(
+                f"UPDATE meter_events SET status = '{DISCARDED}', claim_token = NULL,"
+                f" updated_at = ? WHERE {owed}",
+                [now, now, *params],
+            )
+        return cursor.rowcount
+
     def counts(self) -> dict[str, dict[str, int]]:
         with self._transaction() as conn:
             by_status = dict(

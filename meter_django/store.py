@@ -536,6 +536,31 @@ class DatabaseFailureStore:
             )
         return n
 
+    def discard_owed(
+        self, *, tenant_id: str, meter_id: str | None = None, dry_run: bool = False
+    ) -> int:
+        """Give up on the owed events of ``tenant_id`` (and ``meter_id``): they stay as
+        ``discarded``, keep their last error, and are never sent (an operator's choice,
+        for a tenant that will never have a customer account). Events under a lease are
+        left alone (their send settles them). Returns how many; ``dry_run`` only counts."""
+        now = timezone.now()
+        rows = (
+            self._objects()
+            .filter(tenant_id=tenant_id, status__in=PENDING_STATUSES)
+            .filter(_unleased(now))
+        )
+        if meter_id is not None:
+            rows = rows.filter(meter_id=meter_id)
+        with self._unit():
+            n: int = (
+                rows.count()
+                if dry_run
+                else rows.update(
+                    status=DISCARDED, leased_until=None, claim_token="", updated_at=now
+                )
+            )
+        return n
+
     def counts(self) -> dict[str, dict[str, int]]:
         """Events by status, and owed events by status and last error."""
         with self._unit():

@@ -473,3 +473,82 @@ def test_retry_loop_gives_the_sigterm_handler_back(backend: DevServer, tmp_path:
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_retry_says_what_becomes_of_events_refused_for_good_and_how_to_give_up_on_them(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tenant without a customer account failed every run, with nothing to say why
+    # or what to do: a cron job alerted forever.
+    path = tmp_path / "my spool.db"
+    ids = fill(path, 2, tenant="ghost")
+    fill(path, 3, tenant="acme")
+    backend.remove_customer("ghost")
+    assert main(retry_args(backend.url, path)) == 1
+    out = capsys.readouterr().out
+    assert "3 delivered, 2 failed" in out
+    assert (
+        "2 events refused for good stay owed and are tried again at each run after a "
+        "backoff (at most 10 min), in case the tenant's customer account is made; to give "
+        "up on a tenant's: meter discard --spool '" + str(path) + "' --tenant TENANT"
+    ) in out
+    assert main(["discard", "--spool", str(path), "--tenant", "ghost", "--dry-run"]) == 0
+    assert "would discard 2 owed events of tenant 'ghost'" in capsys.readouterr().out
+    assert SQLiteSpool(path).pending_count() == 2
+    assert main(["discard", "--spool", str(path), "--tenant", "ghost", "--no-input"]) == 0
+    assert "discarded 2 owed events of tenant 'ghost'" in capsys.readouterr().out
+    spool = SQLiteSpool(path)
+    assert spool.pending_count() == 0
+    assert spool.counts()["by_status"] == {"discarded": 2}  # (delivered rows go)
+    assert main(retry_args(backend.url, path, "--now")) == 0  # nothing owed: a quiet cron
+    assert "refused for good" not in capsys.readouterr().out
+    assert not set(ids) & set(backend.event_ids())
+
+
+def test_retry_of_a_backend_failure_alone_says_nothing_of_refusals(
+    tmp_path: Path, closed_port_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 2)
+    assert main(retry_args(closed_port_url, tmp_path / "s.db", "--timeout", "0.5")) == 1
+    assert "refused for good" not in capsys.readouterr().out
+
+
+def test_discard_keeps_other_tenants_meters_and_leased_events(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "s.db"
+    spool = SQLiteSpool(path)
+    ghost_pages = [UsageEvent("ghost", "d", "page.processed.basic", 1) for _ in range(3)]
+    ghost_report = UsageEvent("ghost", "d", "report.generated.small", 1)
+    other = UsageEvent("acme", "d", "page.processed.basic", 1)
+    spool.store([*ghost_pages, ghost_report, other], error="no customer account")
+    leased = spool.claim(1, tenant_id="ghost", meter_id="page.processed.basic")
+    spool.close()
+    args = ["discard", "--spool", str(path), "--tenant", "ghost"]
+    assert main([*args, "--meter", "page.processed.basic", "--no-input"]) == 0
+    assert "discarded 2 owed events of tenant 'ghost', meter 'page.processed.basic'" in (
+        capsys.readouterr().out
+    )
+    left = {s.event.event_id for s in SQLiteSpool(path).claim(10)}
+    assert left == {ghost_report.event_id, other.event_id}  # (the leased one is held)
+    SQLiteSpool(path).release([leased[0].event.event_id, *left])
+    assert main(["discard", "--spool", str(path), "--tenant", "nobody", "--no-input"]) == 0
+    assert "no owed event of tenant 'nobody'" in capsys.readouterr().out
+
+
+def test_discard_asks_first_and_refuses_to_without_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.db"
+    fill(path, 2, tenant="ghost")
+    args = ["discard", "--spool", str(path), "--tenant", "ghost"]
+    assert main(args) == 2  # (pytest's stdin is not a terminal)
+    assert "pass --no-input" in capsys.readouterr().err
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "no")
+    assert main(args) == 0
+    assert "nothing discarded" in capsys.readouterr().out
+    monkeypatch.setattr("builtins.input", lambda prompt: "yes")
+    assert main(args) == 0
+    assert SQLiteSpool(path).pending_count() == 0
+    assert main(["discard", "--spool", str(tmp_path / "none.db"), "--tenant", "x"]) == 1

@@ -150,4 +150,7 @@ class Command(BaseCommand):
             hint = hint.replace("--now resends them at once", "--now would resend them")
         if hint:
             self.stdout.write(f"{pending} events still owed\n  {hint}")
+        refused = report.refused_hint("manage.py discard_meter_events")
+        if refused:
+            self.stdout.write(f"  {refused}")
         return report
