@@ -92,11 +92,12 @@ def _left_at_shutdown(client: MeterClient, timeout: float) -> None:
         else "it has no failure store, so close() could only count them"
     )
     logger.error(
-        "at lifespan shutdown, %d usage events were still waiting to be sent after %gs "
+        "at lifespan shutdown, %d usage %s still waiting to be sent after %gs "
         "(backend down or slow), in a meter client the app gave and has not closed: they "
         "are lost if the process exits now (uvicorn skips exit hooks on SIGTERM). Close "
         "the client in the app's lifespan (await client.aclose()): %s",
         waiting,
+        "event was" if waiting == 1 else "events were",
         timeout,
         where,
     )

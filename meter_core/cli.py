@@ -32,6 +32,7 @@ from meter_core.errors import ConfigurationError, MeterError, StoreError
 from meter_core.reasons import group_reasons
 from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
 from meter_core.spool import SQLiteSpool
+from meter_core.wording import counted
 
 __all__ = ["main"]
 
@@ -291,7 +292,8 @@ def _retry_once(
         args.now = False  # (one-shot: later runs of --loop keep the backoff)
         made_due = spool.make_due(tenant_id=args.tenant, meter_id=args.meter)
         if made_due:
-            print(f"{made_due} events waiting for their next attempt made due now", flush=True)
+            waiting = counted(made_due, "events")
+            print(f"{waiting} waiting for their next attempt made due now", flush=True)
     total = spool.pending_count()
     show_progress = total > args.batch_size and not args.loop
 
@@ -319,7 +321,7 @@ def _retry_once(
     # (a worker's runs read as a log: each says when it ran)
     stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S')} " if args.loop else ""
     print(f"{stamp}{report.summary()}", flush=True)
-    print(f"{spool.pending_count()} events still in the spool", flush=True)
+    print(f"{counted(spool.pending_count(), 'events')} still in the spool", flush=True)
     others = {t: n for t, n in spool.counts()["owed_by_topic"].items() if t and t != spool.topic}
     for topic, n in others.items():
         print(f"  {n} of them for topic {topic!r}, not resent here: run with --topic {topic}",
@@ -388,7 +390,7 @@ def _discard(args: argparse.Namespace) -> int:
             print(f"no owed event of {which} (those a worker is sending are left alone)")
             return 0
         if args.dry_run:
-            print(f"would discard {owed} owed events of {which}")
+            print(f"would discard {counted(owed, 'owed events')} of {which}")
             return 0
         if not args.no_input:
             if not sys.stdin.isatty():
@@ -396,7 +398,7 @@ def _discard(args: argparse.Namespace) -> int:
                       "without a terminal", file=sys.stderr)  # fmt: skip
                 return 2
             answer = input(
-                f"Discard {owed} owed events of {which}? They will never be sent nor "
+                f"Discard {counted(owed, 'owed events')} of {which}? They will never be sent nor "
                 "billed. Type 'yes' to continue: "
             )
             if answer.strip().lower() != "yes":
@@ -405,7 +407,7 @@ def _discard(args: argparse.Namespace) -> int:
         done = spool.discard_owed(tenant_id=args.tenant, meter_id=args.meter)
     finally:
         spool.close()
-    print(f"discarded {done} owed events of {which}: they will never be sent")
+    print(f"discarded {counted(done, 'owed events')} of {which}: never to be sent")
     return 0
 
 

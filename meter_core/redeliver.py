@@ -19,6 +19,7 @@ from meter_core.delivery import OUT_OF_TIME, deliver_once
 from meter_core.errors import ConfigurationError
 from meter_core.retry import RetryPolicy
 from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
+from meter_core.wording import counted
 
 __all__ = ["RedeliveryReport", "describe_not_due", "redeliver"]
 
@@ -63,7 +64,8 @@ class RedeliveryReport:
     def summary(self) -> str:
         verb = "would resend" if self.dry_run else "resent"
         text = (
-            f"{verb} {self.claimed} events: {self.delivered} delivered, {self.failed} failed"
+            f"{verb} {counted(self.claimed, 'events')}: {self.delivered} delivered, "
+            f"{self.failed} failed"
             f" ({self.batches} requests)"
         )
         for error, n in self.errors.most_common(5):
@@ -77,14 +79,10 @@ class RedeliveryReport:
         if not self.refused:
             return None
         return (
-            f"{_events(self.refused)} refused for good stay owed and are tried again at "
+            f"{counted(self.refused, 'events')} refused for good stay owed and are tried again at "
             "each run after a backoff (at most 10 min), in case the tenant's customer "
             f"account is made; to give up on a tenant's: {discard_command} --tenant TENANT"
         )
-
-
-def _events(count: int) -> str:
-    return f"{count} event" if count == 1 else f"{count} events"
 
 
 def redeliver(

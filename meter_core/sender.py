@@ -40,6 +40,7 @@ from meter_core.stats import DeliveryStats
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
 from meter_core.transport import Transport
 from meter_core.usage import LogThrottle
+from meter_core.wording import counted
 
 __all__ = ["Sender", "SenderConfig"]
 
@@ -517,21 +518,22 @@ class Sender:
             resend = self._resend_thread
             resending = self._resending if resend is not None and resend.is_alive() else 0
             logger.error(
-                "%d usage events at close (%d undelivered now, %d failed earlier%s) are %s",
-                held,
+                "%s at close (%d undelivered now, %d failed earlier%s) %s %s",
+                counted(held, "usage events"),
                 held - earlier,
                 earlier,
                 f"; {resending} of them in a resend still under way, which may deliver them"
                 if resending
                 else "",
+                "is" if held == 1 else "are",
                 _ONLY_IN_MEMORY,
             )
         elif held:  # (the store failed: say what that costs)
             logger.error(
-                "%d usage events are held only in memory at close, the failure store having "
+                "%s held only in memory at close, the failure store having "
                 "refused them (failed_in_memory in stats()): they are lost when the process "
                 "exits",
-                held,
+                counted(held, "usage events", "are"),
             )
 
     def _wait_settled(self, until: float | None) -> None:
@@ -864,7 +866,7 @@ class Sender:
         except BaseException:
             # A bug of ours (or a BaseException from a custom transport) must not lose the
             # batch: keep it for the retry command.
-            logger.exception("delivery of %d events failed unexpectedly", len(items))
+            logger.exception("delivery of %s failed unexpectedly", counted(len(items), "events"))
             if not self._took_over(items):
                 self._store_final(
                     [i for i in items if not i.from_store], "internal error", count_failed=True
@@ -974,8 +976,8 @@ class Sender:
             return
         self._retry_log.log(
             logging.WARNING,
-            "delivery of %d events failed (%s); retry %d in %.2fs",
-            len(retry_now),
+            "delivery of %s failed (%s); retry %d in %.2fs",
+            counted(len(retry_now), "events"),
             error,
             attempt,
             delay,
@@ -996,8 +998,8 @@ class Sender:
             kept = _RESENT_FROM_MEMORY if resend else _ONLY_IN_MEMORY
         self._failure_log.log(
             logging.ERROR,
-            "%d usage events not delivered, %s: %s",
-            len(items),
+            "%s not delivered, %s: %s",
+            counted(len(items), "usage events"),
             kept,
             error,
             key=_kind(error),  # (steady refusals of one kind do not hide an outage's line)
@@ -1021,9 +1023,8 @@ class Sender:
         # (close() may drain while the offer thread does)
         if not self._drain_lock.acquire(timeout=-1 if wait is None else max(0.0, wait)):
             logger.error(
-                "%d events kept in memory not moved to the failure store: it is still "
-                "being tried, slowly",
-                len(self._fallback),
+                "%s kept in memory not moved to the failure store: it is still being tried, slowly",
+                counted(len(self._fallback), "events"),
             )
             return False
         try:
@@ -1037,19 +1038,23 @@ class Sender:
                     if quiet:
                         self._store_log.log(
                             logging.WARNING,
-                            "failure store still unavailable (%s): %d events stay in memory",
+                            "failure store still unavailable (%s): %s in memory",
                             exc,
-                            len(self._fallback),
+                            counted(len(self._fallback), "events", "stay"),
                         )
                     else:
-                        logger.exception("failure store unavailable: %d events stay in memory",
-                                         len(self._fallback))  # fmt: skip
+                        logger.exception(
+                            "failure store unavailable: %s in memory",
+                            counted(len(self._fallback), "events", "stay"),
+                        )
                     return False
                 # (one evicted from the full in-memory list meanwhile was counted as
                 # dropped there: not counted twice)
                 moved = self._fallback.discard([e.event_id for e in events])
                 self._stats.add(stored=moved)
-                logger.warning("%d events kept in memory moved to the failure store", len(events))
+                logger.warning(
+                    "%s kept in memory moved to the failure store", counted(len(events), "events")
+                )
         finally:
             self._drain_lock.release()
         return True
@@ -1079,7 +1084,8 @@ class Sender:
                 self._store.store(events, error=reason, attempts=attempts)
             except Exception:  # StoreError, or any failure of a custom store
                 logger.exception(
-                    "failure store unavailable: keeping %d events in memory", len(events)
+                    "failure store unavailable: keeping %s in memory",
+                    counted(len(events), "events"),
                 )
                 # counted as stored once they reach the store; offered again from then on
                 self._fallback_retry_at = max(
@@ -1210,8 +1216,8 @@ class Sender:
         self._resend_at = max(now + self._resend_wait, self._backend_not_before)
         self._resend_log.log(
             logging.WARNING,
-            "resending %d usage events kept in memory failed (%s); next try in %.0fs",
-            failed,
+            "resending %s kept in memory failed (%s); next try in %.0fs",
+            counted(failed, "usage events"),
             errors[0] if errors else "internal error",
             self._resend_at - now,
         )
@@ -1233,7 +1239,7 @@ class Sender:
         if outcome.delivered:
             removed = self._fallback.discard([i.event.event_id for i in outcome.delivered])
             self._stats.add(sent=len(outcome.delivered), resent=removed)
-            logger.info("resent %d usage events kept in memory", len(outcome.delivered))
+            logger.info("resent %s kept in memory", counted(len(outcome.delivered), "usage events"))
         for error, group in outcome.retriable:
             ids = [i.event.event_id for i in group]
             if error is OUT_OF_TIME:  # not tried (close()'s deadline): as they were
@@ -1251,9 +1257,8 @@ class Sender:
             )
             self._failure_log.log(
                 logging.ERROR,
-                "%d usage events kept in memory refused when resent, kept there (not resent "
-                "again): %s",
-                len(group),
+                "%s kept in memory refused when resent, kept there (not resent again): %s",
+                counted(len(group), "usage events"),
                 error,
                 key=("resend", _kind(error)),
                 events=len(group),

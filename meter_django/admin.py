@@ -21,6 +21,7 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
+from django.utils.translation import ngettext
 
 from meter_core import ConfigurationError, StoreError
 from meter_django.conf import conf
@@ -233,10 +234,12 @@ class FailedMeterEventAdmin(_ModelAdmin):
         if n < len(owed):  # leased: a sender has them on the wire right now
             self.message_user(
                 request,
-                f"Discarded {n} events; {len(owed) - n} are being sent right now (or were "
-                "delivered meanwhile) and were left alone: look again once their lease has "
-                "ended.",
+                ngettext("Discarded %(n)d event; ", "Discarded %(n)d events; ", n) % {"n": n}
+                + ngettext("%(left)d is", "%(left)d are", len(owed) - n) % {"left": len(owed) - n}
+                + " being sent right now (or delivered meanwhile) and left alone: look again "
+                "once their lease has ended.",
                 messages.WARNING,
             )
             return
-        self.message_user(request, f"Discarded {n} events.", messages.SUCCESS)
+        done = ngettext("Discarded %(n)d event.", "Discarded %(n)d events.", n) % {"n": n}
+        self.message_user(request, done, messages.SUCCESS)

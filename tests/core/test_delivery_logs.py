@@ -101,3 +101,26 @@ def test_close_tells_what_the_throttles_held_back(
     wait_until(lambda: client.stats()["retried"] >= 5)
     client.close(timeout=0)
     assert any(line.endswith("; until close)") for line in _lines(caplog))
+
+
+def test_one_event_reads_as_one(
+    backend: DevServer, make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    client: MeterClient = make_client(max_retries=1, backoff_cap=0.05)
+    client.send(**RECORD)
+    caplog.set_level(logging.WARNING, logger="meter.sender")
+    backend.set_fault("down")
+    client.record(**RECORD)
+    wait_until(lambda: client.stats()["failed"] == 1)
+    lines = _lines(caplog)
+    assert any(line.startswith("delivery of 1 event failed (") for line in lines), lines
+    assert any(line.startswith("1 usage event not delivered, ") for line in lines), lines
+
+
+def test_counted_agrees_with_one() -> None:
+    from meter_core.wording import counted
+
+    assert counted(1, "usage events") == "1 usage event"
+    assert counted(0, "usage events") == "0 usage events"
+    assert counted(2, "events", "are") == "2 events are"
+    assert counted(1, "events", "stay") == "1 event stays"

@@ -88,7 +88,7 @@ def test_discard_gives_up_on_the_selected_events(
     meter_settings()
     dropped, kept = _stored("acme", "acme")
     response = _action(admin_client, "discard", [dropped])
-    assert "Discarded 1 events." in response.content.decode()
+    assert "Discarded 1 event." in response.content.decode()
     assert FailedMeterEvent.objects.get(event_id=dropped).status == "discarded"
     assert [s.event.event_id for s in DatabaseFailureStore().claim(10)] == [kept]
     again = _action(admin_client, "discard", [dropped]).content.decode()
@@ -124,7 +124,7 @@ def test_discard_leaves_alone_events_a_sender_has_on_the_wire(
     on_the_wire, idle = _stored("acme", "acme")
     assert len(DatabaseFailureStore().only([on_the_wire]).claim(5, lease_seconds=60)) == 1
     response = _action(admin_client, "discard", [on_the_wire, idle]).content.decode()
-    assert "Discarded 1 events; 1 are being sent right now" in response
+    assert "Discarded 1 event; 1 is being sent right now" in response
     statuses = dict(FailedMeterEvent.objects.values_list("event_id", "status"))
     assert {str(k): v for k, v in statuses.items()} == {on_the_wire: "failed", idle: "discarded"}
 

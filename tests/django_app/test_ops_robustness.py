@@ -291,7 +291,7 @@ def test_admin_reads_and_acts_on_the_meter_database_without_a_router(
         return str(admin_client.post(url, data, follow=True).content.decode())
 
     assert "1 delivered, 0 failed" in act("retry_now", retried)
-    assert "Discarded 1 events." in act("discard", discarded)
+    assert "Discarded 1 event." in act("discard", discarded)
     assert backend.event_ids() == [retried]
     statuses = {str(k): v for k, v in rows.values_list("event_id", "status")}
     assert statuses == {retried: "delivered", discarded: "discarded", kept: "failed"}

@@ -19,10 +19,15 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import Error as DBError
+from django.utils.translation import ngettext
 
 from meter_core import ConfigurationError, StoreError
 from meter_django.conf import conf
 from meter_django.store import DatabaseFailureStore
+
+
+def _owed(count: int) -> str:
+    return ngettext("%(count)d owed event", "%(count)d owed events", count) % {"count": count}
 
 
 class Command(BaseCommand):
@@ -50,11 +55,11 @@ class Command(BaseCommand):
                 self.stdout.write(f"no owed event of {which} (those being sent are left alone)")
                 return
             if options["dry_run"]:
-                self.stdout.write(f"would discard {owed} owed events of {which}")
+                self.stdout.write(f"would discard {_owed(owed)} of {which}")
                 return
             if options["interactive"]:
                 answer = input(
-                    f"Discard {owed} owed events of {which}? They will never be sent nor "
+                    f"Discard {_owed(owed)} of {which}? They will never be sent nor "
                     "billed. Type 'yes' to continue: "
                 )
                 if answer.strip().lower() != "yes":
@@ -66,5 +71,5 @@ class Command(BaseCommand):
         except (StoreError, DBError) as exc:
             raise CommandError(f"database error: {exc}") from exc
         self.stdout.write(
-            self.style.SUCCESS(f"discarded {done} owed events of {which}: never to be sent")
+            self.style.SUCCESS(f"discarded {_owed(done)} of {which}: never to be sent")
         )

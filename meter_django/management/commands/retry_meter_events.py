@@ -18,11 +18,22 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import Error as DBError
 from django.db import close_old_connections
+from django.utils.translation import ngettext
 
 from meter_core import ConfigurationError, RedeliveryReport, StoreError, describe_not_due
 from meter_django.conf import conf
 from meter_django.retry import retry_events
 from meter_django.store import DatabaseFailureStore
+
+
+def _events(count: int) -> str:
+    return ngettext("%(count)d event", "%(count)d events", count) % {"count": count}
+
+
+def _still_failed(count: int) -> str:
+    return ngettext(
+        "%(count)d event is still failed", "%(count)d events are still failed", count
+    ) % {"count": count}
 
 
 class Command(BaseCommand):
@@ -66,7 +77,7 @@ class Command(BaseCommand):
         if not options["loop"]:
             once = self._run_once(options)
             if not once.ok:
-                raise CommandError(f"{once.failed} events are still failed")
+                raise CommandError(_still_failed(once.failed))
             return
         runs = 0
         report: RedeliveryReport | None = None
@@ -95,7 +106,7 @@ class Command(BaseCommand):
         if report is None:
             raise CommandError("the last run failed on the database (see above)")
         if not report.ok:
-            raise CommandError(f"{report.failed} events are still failed")
+            raise CommandError(_still_failed(report.failed))
 
     def _report_run_error(self, exc: CommandError, options: dict[str, Any]) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -122,7 +133,7 @@ class Command(BaseCommand):
                 made_due = store.make_due(tenant_id=options["tenant"], meter_id=options["meter"])
                 if made_due:
                     self.stdout.write(
-                        f"{made_due} events waiting for their next attempt made due now"
+                        _events(made_due) + " waiting for their next attempt made due now"
                     )
             report = retry_events(
                 limit=options["limit"],
@@ -149,7 +160,7 @@ class Command(BaseCommand):
         if hint and options["dry_run"] and options["now"]:
             hint = hint.replace("--now resends them at once", "--now would resend them")
         if hint:
-            self.stdout.write(f"{pending} events still owed\n  {hint}")
+            self.stdout.write(f"{_events(pending)} still owed\n  {hint}")
         refused = report.refused_hint("manage.py discard_meter_events")
         if refused:
             self.stdout.write(f"  {refused}")
