@@ -80,7 +80,7 @@ CHECKS: Mapping[str, str] = {
     "E003": "Fix the value; see meter_core.CLIENT_OPTIONS for each option's type.",
     "E004": "Set METER['KAFKA_URL'] (or METER_KAFKA_URL), or METER['ENABLED'] = False, "
     "or METER['TRANSPORT'] = 'log' for development.",
-    "E005": "Fix METER['RULES']: keys like 'POST /documents/<int:pk>/scan' or "
+    "E005": "Fix METER['RULES']: keys like 'POST /documents/<int:pk>/scan/' or "
     "'app:view-name', values a meter id, a dict or a list of them.",
     "E006": "Use {'user_attr': 'tenant_id'}, a callable(request) or its dotted path, or "
     "{'header': 'X-Tenant-Id', 'trusted': True}.",

@@ -5,7 +5,7 @@ may add to), runs the view, then, when the response status is metered
 (``METER["METER_STATUSES"]``, 2xx by default), records:
 
 - the meters of ``METER["RULES"]`` matching the resolved route
-  (``request.resolver_match.route``, e.g. ``"POST /documents/<int:pk>/scan"``) or view
+  (``request.resolver_match.route``, e.g. ``"POST /documents/<int:pk>/scan/"``) or view
   name (``"documents:export"``), with their usage (an int, a callable
   ``(request, response) -> int``, or a response header, removed before the response
   leaves);
