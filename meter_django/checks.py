@@ -34,8 +34,9 @@ meter_django.W003   a ``RULES`` key matches no route template or view name of th
 meter_django.W005   a ``RULES`` key names a method that is not an HTTP method (a typo such
                     as ``POTS``): that rule would meter nothing
 meter_django.W004   ``TENANT`` reads an attribute of ``request.user`` that the user model
-                    has not (no field, property or relation of that name): no request
-                    would be metered, unless each user object gets it at run time
+                    has not (no field, property or relation of that name), or, past a
+                    relation, that the related model has not: no request would be
+                    metered, unless each object gets it at run time
 ==================  ===================================================================
 
 Messages name the key and what was given, never the API key's value.
@@ -302,8 +303,10 @@ def _check_rule_methods(rules: Mapping[str, Any]) -> list[CheckMessage]:
 
 
 def _check_user_attr(key: str, config: Any) -> list[CheckMessage]:
-    """W004: the first step of a ``user_attr`` path is not an attribute of the user model
-    class (a field, a property, a relation's descriptor); later steps are not followed."""
+    """W004: a step of a ``user_attr`` path is not an attribute of the model it is read
+    on: the user model for the first step, then the model each relation field leads to
+    (a foreign key, a one-to-one, either way). A step that is not a relation field (a
+    property, a plain attribute) ends the walk: what it returns is not known here."""
     if not isinstance(config, Mapping) or not isinstance(config.get("user_attr"), str):
         return []
     from django.apps import apps
@@ -313,20 +316,42 @@ def _check_user_attr(key: str, config: Any) -> list[CheckMessage]:
     from django.contrib.auth import get_user_model
 
     try:
-        model = get_user_model()
+        model: Any = get_user_model()
     except Exception:  # (a broken AUTH_USER_MODEL is Django's own check to report)
         return []
-    first = config["user_attr"].split(".")[0]
-    if hasattr(model, first):
-        return []
-    label = model._meta.label
-    return [
-        _warning(
-            "W004",
-            f"METER[{key!r}] reads request.user.{config['user_attr']}, but the user model "
-            f"{label} has no {first!r}: no request would be metered.",
-        )
-    ]
+    path = config["user_attr"]
+    steps = path.split(".")
+    for depth, step in enumerate(steps):
+        if not hasattr(model, step):
+            where = f"the user model {model._meta.label}"
+            if depth:
+                where = f"{model._meta.label} (request.user.{'.'.join(steps[:depth])})"
+            return [
+                _warning(
+                    "W004",
+                    f"METER[{key!r}] reads request.user.{path}, but {where} has no "
+                    f"{step!r}: no request would be metered.",
+                )
+            ]
+        model = _related_model(model, step)
+        if model is None:
+            return []
+    return []
+
+
+def _related_model(model: Any, name: str) -> Any:
+    """The model that the single-valued relation field ``name`` of ``model`` leads to;
+    None when ``name`` is no such field (a property, a plain field, a many-valued one)."""
+    from django.core.exceptions import FieldDoesNotExist
+
+    try:
+        field = model._meta.get_field(name)
+    except (FieldDoesNotExist, AttributeError):
+        return None
+    if not field.is_relation or field.many_to_many or field.one_to_many:
+        return None
+    related = field.related_model
+    return related if isinstance(related, type) else None
 
 
 def _check_table_database(alias: str) -> list[CheckMessage]:

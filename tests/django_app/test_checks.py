@@ -399,9 +399,25 @@ def test_a_user_attribute_the_user_model_has_not_is_a_warning(
     settings.METER = {**GOOD, "TENANT": {"user_attr": "profile.tenant_id"}}
     assert "has no 'profile'" in check_settings()[0].msg
     for fine in ({"user_attr": "username"}, {"user_attr": "username.upper"},
+                 {"user_attr": "auth_token.key"}, {"user_attr": "auth_token.user.username"},
+                 {"user_attr": "get_username.x"},  # (a method: not followed)
                  lambda request: "acme"):  # fmt: skip
         settings.METER = {**GOOD, "TENANT": fine}
         assert check_settings() == []
+
+
+def test_a_user_attr_typo_past_a_relation_is_caught(settings: Any) -> None:
+    # request.user.auth_token is the user's rest_framework Token (a reverse one-to-one)
+    settings.METER = {**GOOD, "TENANT": {"user_attr": "auth_token.tenant_id"}}
+    [warning] = check_settings()
+    assert warning.id == "meter_django.W004"
+    assert warning.msg == (
+        "METER['TENANT'] reads request.user.auth_token.tenant_id, but authtoken.Token "
+        "(request.user.auth_token) has no 'tenant_id': no request would be metered."
+    )
+    settings.METER = {**GOOD, "TENANT": {"user_attr": "auth_token.user.usernme"}}
+    [warning] = check_settings()
+    assert "auth.User (request.user.auth_token.user) has no 'usernme'" in warning.msg
 
 
 def test_a_rule_method_that_is_no_http_method_says_the_closest(settings: Any) -> None:
