@@ -175,12 +175,22 @@ class MeterClient:
             self._transport.lookup_customer,
             ttl=self._options["customer_cache_ttl"],
             negative_ttl=self._options["negative_cache_ttl"],
+            failure_backoff=self._lookup_backoff,
         )
         self._stats = DeliveryStats()
         self._fallback = MemoryFailureStore(self._options["max_failed_in_memory"])
         self._sender: Sender | None = None
         self._writes = StoreWrites()  # store writes handed off by async callers
         self._closed = False
+
+    def _lookup_backoff(self, failures: int) -> float:
+        """Seconds before a tenant whose lookup failed ``failures`` times in a row is
+        looked up again: half the ceiling of the retry delay (its mean, with full
+        jitter), so that the sender's retries of many small groups of events do not
+        each look the tenant up."""
+        base: float = self._options["backoff_base"]
+        cap: float = self._options["backoff_cap"]
+        return min(cap, base * 2.0 ** min(62, failures - 1)) / 2
 
     @staticmethod
     def _make_transport(opts: Mapping[str, Any]) -> Transport:

@@ -3,7 +3,12 @@
 A tenant's customer account changes rarely, so answers are cached for
 ``ttl`` seconds, and "no account" answers for a shorter ``negative_ttl``. When many
 threads ask for the same uncached tenant at once, one lookup is made and the others wait
-for its answer (single flight). Failures other than "no account" are not cached.
+for its answer (single flight). Other failures (the lookup API down, a malformed reply)
+are not answers to cache, but with ``failure_backoff`` a tenant whose lookup failed is
+not looked up again before a delay that grows with its consecutive failures: the same
+error is raised at once meanwhile. Without it, the sender's retries of many small groups
+of events, each for its own tenant, looked the same tenants up several times a second
+for as long as the API failed.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class CustomerCache:
         max_entries: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
         wait_timeout: float = 60.0,
+        failure_backoff: Callable[[int], float] | None = None,
     ) -> None:
         self._lookup = lookup
         self._ttl = ttl
@@ -66,6 +72,9 @@ class CustomerCache:
         self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._missing: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         self._inflight: dict[str, _Flight] = {}
+        # tenant -> (not before, consecutive failures, error) of a failed lookup
+        self._failed: dict[str, tuple[float, int, DeliveryError]] = {}
+        self._failure_backoff = failure_backoff
         self._lock = threading.Lock()
         self.lookups = 0
 
@@ -73,11 +82,15 @@ class CustomerCache:
         """The customer id of ``tenant_id``, from the cache or one lookup.
 
         Raises CustomerNotFound (also from the negative cache) or the lookup's
-        DeliveryError. Never holds the cache lock during the lookup.
+        DeliveryError (also, with ``failure_backoff``, the last one while its tenant's
+        lookups back off). Never holds the cache lock during the lookup.
         """
         entry = self._entries.get(tenant_id) or self._missing.get(tenant_id)
         if entry is not None and entry[0] > self._clock():
             return self._answer(tenant_id, entry[1])
+        failed = self._failed.get(tenant_id)
+        if failed is not None and failed[0] > self._clock():
+            raise _copy_error(failed[2])
         with self._lock:
             flight = self._inflight.get(tenant_id)
             leader = flight is None
@@ -95,10 +108,14 @@ class CustomerCache:
         return flight.customer
 
     def holds(self, tenant_id: str) -> bool:
-        """True when :meth:`get` would answer ``tenant_id`` from the cache (an account
-        or "no account" not expired), without a lookup."""
+        """True when :meth:`get` would answer ``tenant_id`` without a lookup: from the
+        cache (an account or "no account" not expired), or with the error of a failed
+        lookup while the tenant's lookups back off."""
         entry = self._entries.get(tenant_id) or self._missing.get(tenant_id)
-        return entry is not None and entry[0] > self._clock()
+        if entry is not None and entry[0] > self._clock():
+            return True
+        failed = self._failed.get(tenant_id)
+        return failed is not None and failed[0] > self._clock()
 
     def _lead(self, tenant_id: str, flight: _Flight) -> Any:
         # The flight's outcome is set before anything else can be interrupted (a signal
@@ -112,10 +129,12 @@ class CustomerCache:
             raise
         except DeliveryError as exc:
             flight.error = exc
+            self._note_failure(tenant_id, exc, flight)
             raise
         except Exception as exc:  # a broken lookup must not leave waiters hanging
             # retriable, like any failure that is not an answer of the backend
             flight.error = BackendUnavailable(f"customer lookup of {tenant_id!r} failed: {exc!r}")
+            self._note_failure(tenant_id, flight.error, flight)
             raise flight.error from exc
         else:
             flight.customer = customer
@@ -127,11 +146,31 @@ class CustomerCache:
                     del self._inflight[tenant_id]
             flight.done.set()
 
-    def _put(self, tenant_id: str, value: Any, ttl: float, flight: _Flight) -> None:
-        if ttl <= 0:
+    def _note_failure(self, tenant_id: str, error: DeliveryError, flight: _Flight) -> None:
+        """With ``failure_backoff``: no lookup of ``tenant_id`` before the delay of its
+        consecutive failures so far (an answer, "no account" too, ends the count)."""
+        if self._failure_backoff is None:
             return
         with self._lock:
+            if flight.stale:
+                return
+            earlier = self._failed.get(tenant_id)
+            count = 1 if earlier is None else earlier[1] + 1
+            delay = self._failure_backoff(count)
+            if len(self._failed) >= self._max_entries and tenant_id not in self._failed:
+                now = self._clock()  # (bounded: expired spells go first, then any)
+                for tenant in [t for t, f in self._failed.items() if f[0] <= now]:
+                    del self._failed[tenant]
+                if len(self._failed) >= self._max_entries:
+                    del self._failed[next(iter(self._failed))]
+            self._failed[tenant_id] = (self._clock() + delay, count, error)
+
+    def _put(self, tenant_id: str, value: Any, ttl: float, flight: _Flight) -> None:
+        with self._lock:
             if flight.stale:  # invalidate() came while the lookup ran: it may be outdated
+                return
+            self._failed.pop(tenant_id, None)  # (an answer ends a spell of failures)
+            if ttl <= 0:
                 return
             live, missing = self._entries, self._missing
             now = self._clock()
@@ -158,19 +197,28 @@ class CustomerCache:
             raise CustomerNotFound(f"no customer account for tenant {tenant_id!r} (cached)")
         return value
 
+    def forget_failures(self) -> None:
+        """End every tenant's lookup backoff: the next :meth:`get` of each looks it up
+        (a client's last chance to deliver what it holds in memory, at close)."""
+        with self._lock:
+            self._failed.clear()
+
     def invalidate(self, tenant_id: str | None = None) -> None:
-        """Forget one tenant's answer, or every answer. A lookup already under way for
+        """Forget one tenant's answer, or every answer (and the backoff of failed
+        lookups). A lookup already under way for
         it still answers the events already waiting for it, but its answer is not
         cached, and the events that come from now on ask again."""
         with self._lock:
             if tenant_id is None:
                 self._entries.clear()
                 self._missing.clear()
+                self._failed.clear()
                 flights = list(self._inflight.values())
                 self._inflight.clear()
             else:
                 self._entries.pop(tenant_id, None)
                 self._missing.pop(tenant_id, None)
+                self._failed.pop(tenant_id, None)
                 flight = self._inflight.pop(tenant_id, None)
                 flights = [flight] if flight is not None else []
             for flight in flights:  # (a later get() starts a lookup of its own)

@@ -561,6 +561,7 @@ class Sender:
             # due now (their backoff could outlast the timeout, the backend back), and the
             # in-memory list is resent alongside the flush, then waited for.
             deadline = None if timeout is None else time.monotonic() + timeout
+            self._customers.forget_failures()  # (their lookups are asked again, now)
             self._retry_now()
             self._last_resend(deadline, wait=False)
             self.flush(timeout, store=False)

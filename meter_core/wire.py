@@ -312,8 +312,11 @@ def parse_customer_account(
     status: int, headers: Mapping[str, str], body: bytes, tenant: str
 ) -> Any:
     """The customer id of a lookup answer (an account object, or a list whose first item
-    is the account). Raises CustomerNotFound for an empty list, a 404 or an account without
-    an ``id``, and the errors of :func:`error_for_status` for other failures."""
+    is the account). Raises CustomerNotFound for an empty list or a 404 (the only ways the
+    API says "no account"), BackendUnavailable (retriable) for an answer that is not an
+    account or an account without a usable ``id`` (a portal glitch must not refuse a
+    tenant's events for good), and the errors of :func:`error_for_status` for other
+    failures."""
     if status == 404:
         raise CustomerNotFound(f"no customer account for tenant {tenant!r} (HTTP 404)", status=404)
     if not 200 <= status < 300:
@@ -335,7 +338,9 @@ def parse_customer_account(
         or not isinstance(customer_id, (str, int))
         or (isinstance(customer_id, str) and not customer_id.strip())
     ):
-        raise CustomerNotFound(
-            f"the customer account of tenant {tenant!r} has no usable 'id'", status=status
+        raise BackendUnavailable(
+            f"customer lookup of {tenant!r} gave a malformed reply: an account without a "
+            f"usable 'id' ({_describe_body(headers.get('Content-Type', ''), body)})",
+            status=status,
         )
     return customer_id

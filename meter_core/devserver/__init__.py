@@ -9,7 +9,7 @@ every record it writes, serves them at ``GET /_records``, and can be told to mis
 ==================  =====================================================================
 fault mode          effect (``times=N``: only the next N requests it applies to)
 ==================  =====================================================================
-``down``            503 JSON to produce and lookups
+``down``            503 JSON to produce and lookups (``status=500``: another 5xx)
 ``html502``         502 with an HTML page to produce and lookups
 ``rate_limit``      429 with ``Retry-After: retry_after`` (default 1)
 ``slow``            wait ``delay`` seconds, then answer normally (produce and lookups)

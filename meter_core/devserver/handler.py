@@ -80,7 +80,8 @@ def make_handler(
                 time.sleep(float(fault.params.get("delay", 1.0)))
                 return False
             if fault.mode == "down":
-                self._error(503, 50301, "service unavailable (local backend is down)")
+                status = int(fault.params.get("status", 503))
+                self._error(status, status * 100 + 1, "service unavailable (local backend is down)")
                 return True
             if fault.mode == "html502":
                 self._send(502, HTML_502, "text/html")

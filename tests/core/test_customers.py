@@ -359,3 +359,73 @@ def test_a_send_interrupted_in_its_lookup_does_not_bill_the_senders_event_to_no_
     assert [(r["key"], r["value"]["customer_id"]) for r in backend.records] == [
         ("cust-acme", "cust-acme")
     ]
+
+
+def test_a_failed_lookup_backs_off_per_tenant_and_an_answer_ends_it() -> None:
+    calls: list[str] = []
+    clock = Clock()
+    answers: dict[str, object] = {}
+
+    def lookup(tenant: str) -> object:
+        calls.append(tenant)
+        answer = answers.get(tenant, BackendUnavailable(f"lookup of {tenant} failed: HTTP 500"))
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    cache = CustomerCache(lookup, clock=clock, failure_backoff=lambda n: 2.0**n)
+    for _ in range(5):  # the same error at once, without a lookup, for 2 s
+        with pytest.raises(BackendUnavailable, match="lookup of a failed: HTTP 500"):
+            cache.get("a")
+    assert calls == ["a"] and cache.holds("a")
+    with pytest.raises(BackendUnavailable):
+        cache.get("b")  # (another tenant: its own spell)
+    clock.now += 2.1
+    assert not cache.holds("a")
+    with pytest.raises(BackendUnavailable):
+        cache.get("a")
+    clock.now += 2.1  # the second failure backs off 4 s
+    with pytest.raises(BackendUnavailable):
+        cache.get("a")
+    assert calls == ["a", "b", "a"]
+    clock.now += 2
+    answers["a"] = "c-a"
+    assert cache.get("a") == "c-a"
+    cache.invalidate("a")
+    answers["a"] = BackendUnavailable("down again")
+    with pytest.raises(BackendUnavailable, match="down again"):
+        cache.get("a")
+    clock.now += 2.1  # (an answer ended the spell: the next one starts at 2 s again)
+    answers["a"] = "c-a2"
+    assert cache.get("a") == "c-a2"
+    assert calls == ["a", "b", "a", "a", "a", "a"]
+
+
+def test_a_lookup_api_failing_fast_is_not_stampeded_and_events_go_once_it_is_back(
+    backend: DevServer,
+) -> None:
+    # A lookup API answering 500 at once: the sender's retries of small groups of
+    # events (one per tenant) made about 4 lookups per event, 300 a second, with a core
+    # a quarter busy, for as long as it failed (1,250 lookups in 3 s here).
+    client = MeterClient(kafka_url=backend.url, internal_url=backend.url, device_id="d")
+    try:
+        backend.set_fault("down", status=500)
+        tenants = [f"t{n}" for n in range(50)]
+        started = time.monotonic()
+        ids: list[str] = []
+        while time.monotonic() - started < 3.0:
+            for tenant in tenants[:10]:
+                ids.append(
+                    client.record(tenant_id=tenant, meter_id="page.processed.basic", total_usage=1)
+                )
+            tenants = tenants[10:] + tenants[:10]
+            time.sleep(0.05)
+        lookups = client.customer_cache.lookups
+        # each tenant's lookups back off 0.25, 0.5, 1, 2 s (half the retry delays)
+        assert lookups <= 5 * 50, (lookups, len(ids))
+        backend.clear_fault()
+        client.close(timeout=2)  # (events past their retries are resent from memory, their
+        # tenants looked up again at once: the lookups of the outage backed off for seconds)
+        assert sorted(backend.event_ids()) == sorted(ids)
+    finally:
+        client.close()

@@ -100,12 +100,23 @@ def test_customer_account_object_or_first_of_list() -> None:
     assert parse_customer_account(200, JSON, body({"id": 17}), "t") == 17
 
 
-@pytest.mark.parametrize(
-    ("status", "payload"), [(200, []), (404, {"message": "none"}), (200, {"name": "no id"})]
-)
+@pytest.mark.parametrize(("status", "payload"), [(200, []), (404, {"message": "none"})])
 def test_no_account_is_customer_not_found(status: int, payload: object) -> None:
     with pytest.raises(CustomerNotFound):
         parse_customer_account(status, JSON, body(payload), "t")
+
+
+@pytest.mark.parametrize(
+    "payload", [{"name": "no id"}, [{"name": "no id"}], {"id": None}, {"id": " "}, {"id": True}]
+)
+def test_an_account_without_a_usable_id_is_a_malformed_reply_retried(payload: object) -> None:
+    # A portal glitch (a partial object) refused every event of the tenant for good as
+    # "no customer account", which the API never said (only [] or a 404 say it).
+    with pytest.raises(
+        BackendUnavailable, match="malformed reply: an account without a usable 'id'"
+    ) as caught:
+        parse_customer_account(200, JSON, body(payload), "t")
+    assert caught.value.retriable
 
 
 def test_lookup_failure_with_html_is_unavailable() -> None:

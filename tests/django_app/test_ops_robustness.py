@@ -5,7 +5,6 @@ under ATOMIC_REQUESTS. Real databases and the real local backend, no mocks."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import sqlite3
@@ -232,7 +231,11 @@ def test_ctrl_c_stops_the_loop_quietly(meter_settings: MeterSettings, backend: D
 
     def on_out(text: str) -> None:
         if _is_summary(text):  # then the loop sleeps: Ctrl-C comes in meanwhile
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            # (to the main thread itself: a SIGINT the kernel gives another thread of the
+            # process does not cut the loop's sleep short)
+            main = threading.main_thread().ident
+            assert main is not None
+            threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
 
     out = _Hooked(on_out)
     call_command("retry_meter_events", "--loop", "--interval", "30", stdout=out)
