@@ -34,6 +34,7 @@ from meter_asgi.rule_check import unmatched_rules
 from meter_asgi.sessions import OpenSessions, run_session
 from meter_asgi.types import ASGIApp, Message, Receive, Scope, Send
 from meter_core import (
+    METHODS_WITHOUT_RESULT,
     ConfigurationError,
     InvalidEvent,
     MeterClient,
@@ -289,7 +290,13 @@ class MeterMiddleware:
 
         # A response is billed once complete: a stream cut short (the client left, the
         # app stopped) was not a successful call, nor was one whose caller had left.
-        if complete and status in self._success and (specs or usage.entries):
+        # (usage the handler added to a HEAD or OPTIONS request, which gives the caller no
+        # result, is billed only when a rule names that method: an uptime check's HEAD
+        # of a route whose GET handler adds usage bills nothing)
+        billable = bool(specs) or (
+            bool(usage.entries) and scope.get("method") not in METHODS_WITHOUT_RESULT
+        )
+        if complete and status in self._success and billable:
             if gone:  # (usage a background task added after the response included)
                 self._recorder.counters["client_gone"] += 1
             else:

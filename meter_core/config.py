@@ -189,7 +189,9 @@ _OPTIONS: tuple[ClientOption, ...] = (
     ClientOption("device_id", "str", None, "METER_DEVICE_ID",
                  "Default device id for events recorded without one.", nullable=True),
     ClientOption("timeout", "float", 10.0, "METER_TIMEOUT",
-                 "Seconds to wait for each HTTP request.", minimum=0.001, maximum=86_400),
+                 "Seconds to wait to connect and for each read of an answer; a whole "
+                 "try of a request, its answer read, is cut off after twice that.",
+                 minimum=0.001, maximum=86_400),
     ClientOption("customer_cache_ttl", "float", 300.0, "METER_CUSTOMER_CACHE_TTL",
                  "Seconds a customer lookup is cached.", minimum=0, maximum=31_536_000),
     ClientOption("negative_cache_ttl", "float", 30.0, "METER_NEGATIVE_CACHE_TTL",

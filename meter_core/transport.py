@@ -23,7 +23,6 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 
 from meter_core.config import (
@@ -33,6 +32,7 @@ from meter_core.config import (
     coerce_option,
     redact_url,
 )
+from meter_core.deadlines import DeadlineAdapter, deadline_for
 from meter_core.errors import (
     BackendUnavailable,
     ConfigurationError,
@@ -55,6 +55,32 @@ __all__ = ["HTTPTransport", "LogTransport", "MemoryTransport", "Transport"]
 logger = logging.getLogger("meter.transport")
 
 CustomerId = Any  # a str or int, exactly as the lookup API returned it
+
+# The most of an answer read: a lookup answer is an account (some hundred bytes), a
+# produce answer an offsets entry per record (some 80 bytes each). A larger one is a
+# malformed reply, and must not fill the app's memory.
+MAX_LOOKUP_ANSWER = 1 << 20
+MAX_PRODUCE_ANSWER = 16 << 20
+
+
+class _AnswerTooLarge(Exception):
+    pass
+
+
+def _read_capped(response: requests.Response, limit: int) -> bytes:
+    """The body of a streamed ``response``, read up to ``limit`` bytes; a longer one
+    (by its Content-Length, or as read) raises _AnswerTooLarge without reading on."""
+    length = response.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _AnswerTooLarge(f"an answer of {int(length):,} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_content(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise _AnswerTooLarge(f"an answer of more than {limit:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @runtime_checkable
@@ -257,7 +283,9 @@ class HTTPTransport:
             raise_on_status=False,
             respect_retry_after_header=False,
         )
-        adapter = HTTPAdapter(
+        # (each try of a request must end within two timeouts, its answer read: see
+        # meter_core.deadlines)
+        adapter = DeadlineAdapter(
             pool_connections=4, pool_maxsize=self._pool_maxsize, max_retries=retry
         )
         session.mount("http://", adapter)
@@ -323,21 +351,24 @@ class HTTPTransport:
         url = self._lookup_base + quote(tenant_id, safe="")
         headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None
         what = f"customer lookup of {tenant_id!r} at {redact_url(url)}"
-        try:
-            response = self.session.get(
-                url, headers=headers, auth=self._auth, timeout=self._timeout
-            )
-        except requests.Timeout as exc:
-            raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
-        except requests.RequestException as exc:
-            raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
-        with response:
-            body = response.content
-            if self._auth is not None and not 200 <= response.status_code < 300:
-                # (an error answer may quote the key it was sent; a 2xx is read as it is:
-                # scrubbing a short key out of it would change the customer id read)
-                body = _scrub_body(body, self._auth.secret.reveal())
-            return parse_customer_account(response.status_code, response.headers, body, tenant_id)
+        with deadline_for(self._try_seconds) as deadline:
+            try:
+                response = self.session.get(
+                    url, headers=headers, auth=self._auth, timeout=self._timeout, stream=True
+                )
+                with response:
+                    body = _read_capped(response, MAX_LOOKUP_ANSWER)
+            except _AnswerTooLarge as exc:
+                raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
+            except requests.Timeout as exc:
+                raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
+            except requests.RequestException as exc:
+                raise self._failure(what, exc, deadline.cut) from exc
+        if self._auth is not None and not 200 <= response.status_code < 300:
+            # (an error answer may quote the key it was sent; a 2xx is read as it is:
+            # scrubbing a short key out of it would change the customer id read)
+            body = _scrub_body(body, self._auth.secret.reveal())
+        return parse_customer_account(response.status_code, response.headers, body, tenant_id)
 
     def produce(self, records: Sequence[Mapping[str, Any]]) -> ProduceResult:
         return self._post_records(encode_records(records), len(records))
@@ -348,23 +379,47 @@ class HTTPTransport:
 
     def _post_records(self, body: bytes, count: int) -> ProduceResult:
         what = f"produce to {redact_url(self._produce_url)}"
-        try:
-            session = self.session
-            base = self._produce_base
-            if base is None:
-                base = self._produce_base = self._prepare_produce(session)
-            template, settings = base
-            request = template.copy()
-            request.prepare_body(body, None)
-            response = session.send(request, timeout=self._timeout, **settings)
-        except requests.Timeout as exc:
-            raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
-        except requests.RequestException as exc:
-            raise BackendUnavailable(f"{what} failed: {_describe(exc)}") from exc
-        with response:
-            return parse_produce_response(
-                response.status_code, response.headers, response.content, count
+        with deadline_for(self._try_seconds) as deadline:
+            try:
+                session = self.session
+                base = self._produce_base
+                if base is None:
+                    base = self._produce_base = self._prepare_produce(session)
+                template, settings = base
+                request = template.copy()
+                request.prepare_body(body, None)
+                response = session.send(request, timeout=self._timeout, **settings)
+                with response:
+                    answer = _read_capped(response, MAX_PRODUCE_ANSWER)
+            except _AnswerTooLarge as exc:
+                raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
+            except requests.Timeout as exc:
+                raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
+            except requests.RequestException as exc:
+                raise self._failure(what, exc, deadline.cut) from exc
+        if response.history and response.request.method != "POST":
+            # a 301, 302 or 303 on the way turned the POST into a GET: nothing was written
+            moved = response.history[0]
+            raise BackendUnavailable(
+                f"{what} was redirected (HTTP {moved.status_code} to "
+                f"{redact_url(response.url)}), which turns the POST "
+                "into a GET: set the Kafka URL to where it redirects"
             )
+        return parse_produce_response(response.status_code, response.headers, answer, count)
+
+    @property
+    def _try_seconds(self) -> float:
+        """How long one try of a request may take, its answer read: a connect and a
+        read timeout (the sum the lease of stored events counts on)."""
+        return 2 * self._timeout
+
+    def _failure(self, what: str, exc: BaseException, cut: bool) -> BackendUnavailable:
+        if cut:
+            return BackendUnavailable(
+                f"{what} gave no whole answer within {self._try_seconds:g}s "
+                "(it answered too slowly): cut off"
+            )
+        return BackendUnavailable(f"{what} failed: {_describe(exc)}")
 
     def _prepare_produce(
         self, session: requests.Session
@@ -376,7 +431,7 @@ class HTTPTransport:
             requests.Request("POST", self._produce_url, headers=dict(PRODUCE_HEADERS))
         )
         settings = session.merge_environment_settings(self._produce_url, {}, None, None, None)
-        return template, dict(settings)
+        return template, {**settings, "stream": True}  # (the answer is read capped)
 
     def close(self) -> None:
         self._session.close()

@@ -51,7 +51,13 @@ from django.http.response import HttpResponseBase
 from django.urls import ResolverMatch
 from django.urls.resolvers import LocalePrefixPattern
 
-from meter_core import ConfigurationError, LogThrottle, MeterSpec, RequestUsage
+from meter_core import (
+    METHODS_WITHOUT_RESULT,
+    ConfigurationError,
+    LogThrottle,
+    MeterSpec,
+    RequestUsage,
+)
 from meter_django.metering import (
     Entry,
     MeteredRequestUsage,
@@ -184,7 +190,9 @@ def _collect(
     with usage headers removed; request.meter is closed."""
     entries = usage_of(specs, request, response, headers)
     usage = _usage(request)
-    if usage is not None:
+    # (usage the view added to a HEAD or OPTIONS request, which gives the caller no
+    # result, is billed only when a rule names that method: see meter_core.rules)
+    if usage is not None and (specs or request.method not in METHODS_WITHOUT_RESULT):
         entries.extend((m, n, md) for m, n, md in usage.entries if n)
     _close_usage(request)
     return entries

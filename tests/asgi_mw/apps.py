@@ -195,6 +195,7 @@ def starlette_app() -> Starlette:
     return Starlette(
         routes=[
             Route("/usage", add_usage, methods=["POST"]),
+            Route("/usage-get", add_usage, methods=["GET"]),  # (Starlette adds HEAD)
             Route("/marker", marker, methods=["POST"]),
             WebSocketRoute("/ws/chat", chat),
             WebSocketRoute("/ws/refuse", refuse),

@@ -184,6 +184,37 @@ def test_handler_usage_through_request_state_in_starlette(
     assert value["metadata"] == {"q": "x"}
 
 
+@pytest.mark.parametrize("head_rule", [False, True])
+def test_handler_usage_of_a_head_request_is_billed_only_when_a_rule_names_head(
+    serve: Callable[..., LiveServer],
+    meter_client: MeterClient,
+    meter_backend: DevServer,
+    http: httpx.Client,
+    head_rule: bool,
+) -> None:
+    # Starlette answers HEAD on a GET route with the GET handler, which added its usage:
+    # an uptime check's HEAD billed the tenant, while the route's rules skip HEAD.
+    app = apps.starlette_app()
+    routes: dict[str, Any] = {"POST /marker": "page.processed.basic"}
+    if head_rule:
+        routes["HEAD /usage-get"] = "report.generated.small"
+    app.add_middleware(MeterMiddleware, client=meter_client, routes=routes)
+    app.add_middleware(apps.FakeAuth)
+    server = serve(app)
+    assert http.head(f"{server.url}/usage-get", headers=ACME).status_code == 200
+    assert http.request("OPTIONS", f"{server.url}/usage-get", headers=ACME).status_code == 405
+    values = marker_then_values(meter_backend, http, f"{server.url}/marker")
+    if head_rule:  # the rule's meter and the handler's usage
+        assert sorted(v["meter_id"] for v in values) == [
+            "report.generated.dataquery", "report.generated.small"
+        ]  # fmt: skip
+    else:
+        assert values == []
+    assert http.get(f"{server.url}/usage-get", headers=ACME).text == "ok"
+    values = wait_for_records(meter_backend, len(values) + 2)
+    assert values[-1]["meter_id"] == "report.generated.dataquery"  # a GET is billed
+
+
 def test_route_of_a_mounted_app_matches_its_full_template(
     serve: Callable[..., LiveServer],
     meter_client: MeterClient,

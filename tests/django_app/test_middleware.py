@@ -79,6 +79,7 @@ def test_view_name_rule_and_method_restriction(quiet: MeterSettings) -> None:
     [
         ("/documents/7/export", ("report.generated.large", 1)),  # a rule without methods
         ("/decorated/", ("page.processed.advanced", 5)),  # @meter
+        ("/self-metered/", ("report.generated.medium", 4)),  # request.meter.add() in the view
     ],
 )
 def test_head_and_options_are_not_billed_without_a_method_named(
