@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meter_asgi.types import Scope
-from meter_core import ConfigurationError, InvalidEvent, validate_identifier
+from meter_core import ConfigurationError, InvalidEvent, decode_header_value, validate_identifier
 
 __all__ = ["Resolver", "from_header", "from_path_param", "from_state", "from_user"]
 
@@ -238,7 +238,7 @@ def from_header(name: str, *, trusted: bool = False) -> Resolver:
         found: str | None = None
         for header, value in scope.get("headers", ()):
             if header == key:
-                text = value.decode("latin-1").strip()
+                text = decode_header_value(value).strip()
                 if found is not None and text != found:
                     return None  # ambiguous: which copy did the gateway set?
                 found = text

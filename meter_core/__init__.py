@@ -30,12 +30,13 @@ from meter_core.errors import (
 )
 from meter_core.events import MAX_USAGE, UsageEvent, now_ms, validate_identifier
 from meter_core.reasons import group_reasons
-from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
+from meter_core.redeliver import RedeliveryReport, describe_leased, describe_not_due, redeliver
 from meter_core.retry import RetryPolicy
 from meter_core.rules import (
     METHODS_WITHOUT_RESULT,
     MeterSpec,
     RouteRules,
+    decode_header_value,
     normalize_template,
     parse_usage_header,
 )
@@ -85,6 +86,8 @@ __all__ = [
     "UsageEvent",
     "__version__",
     "capture_events",
+    "decode_header_value",
+    "describe_leased",
     "describe_not_due",
     "group_reasons",
     "is_known_meter",

@@ -30,7 +30,7 @@ from meter_core.client import MeterClient
 from meter_core.config import CLIENT_OPTIONS, options_from_env
 from meter_core.errors import ConfigurationError, MeterError, StoreError
 from meter_core.reasons import group_reasons
-from meter_core.redeliver import RedeliveryReport, describe_not_due, redeliver
+from meter_core.redeliver import RedeliveryReport, describe_leased, describe_not_due, redeliver
 from meter_core.spool import SQLiteSpool
 from meter_core.wording import counted
 
@@ -144,6 +144,16 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # (the output piped to a reader that stopped: `| head`)
+        # no traceback, nor a second error when Python flushes stdout at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     # An entry point may choose where the library's log lines go; the library never does.
     meter_logger = logging.getLogger("meter")
@@ -295,7 +305,8 @@ def _retry_once(
             waiting = counted(made_due, "events")
             print(f"{waiting} waiting for their next attempt made due now", flush=True)
     total = spool.pending_count()
-    show_progress = total > args.batch_size and not args.loop
+    # (a progress line rewrites itself with \r: only on a terminal, not in a log file)
+    show_progress = total > args.batch_size and not args.loop and sys.stderr.isatty()
 
     def progress(report: RedeliveryReport) -> None:
         if show_progress and args.dry_run:
@@ -331,6 +342,9 @@ def _retry_once(
         hint = hint.replace("--now resends them at once", "--now would resend them")
     if hint:
         print(f"  {hint}", flush=True)
+    held = describe_leased(*spool.leased())
+    if held:
+        print(f"  {held}", flush=True)
     refused = report.refused_hint(f"meter discard --spool {shlex.quote(args.spool)}")
     if refused:
         print(f"  {refused}", flush=True)

@@ -18,6 +18,8 @@ __all__ = ["group_reasons"]
 _QUOTED = r"(?:'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")"
 _TENANT = re.compile(rf"((?:for tenant|lookup of|lookup of tenant) )({_QUOTED})")
 _CACHED = " (cached)"
+# ... and as the lookup URL quotes it ("customer lookup of 't-1' at http://…/tenant/t-1")
+_URL_TENANT = re.compile(r"(/customer-accounts/tenant/)[^\s/?#]+")
 
 
 def group_reasons(by_reason: Mapping[str, int]) -> dict[str, tuple[int, int]]:
@@ -28,7 +30,7 @@ def group_reasons(by_reason: Mapping[str, int]) -> dict[str, tuple[int, int]]:
     grouped: dict[str, tuple[list[int], set[str]]] = {}
     for reason, count in by_reason.items():
         tenants = [match.group(2) for match in _TENANT.finditer(reason)]
-        key = _TENANT.sub("\\1…", reason).replace(_CACHED, "")
+        key = _URL_TENANT.sub("\\1…", _TENANT.sub("\\1…", reason)).replace(_CACHED, "")
         events, named = grouped.setdefault(key, ([0], set()))
         events[0] += count
         named.update(tenants)

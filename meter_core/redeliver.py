@@ -21,7 +21,30 @@ from meter_core.retry import RetryPolicy
 from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
 from meter_core.wording import counted
 
-__all__ = ["RedeliveryReport", "describe_not_due", "redeliver"]
+__all__ = ["RedeliveryReport", "describe_leased", "describe_not_due", "redeliver"]
+
+
+def describe_leased(count: int, first_lease_end: float | None) -> str | None:
+    """The line the retry commands print about owed events a run left because a worker
+    holds them (``count``, the first lease ending at ``first_lease_end``, epoch
+    seconds): a send under way elsewhere, or a process that stopped during one. None
+    when there are none."""
+    if not count or first_lease_end is None:
+        return None
+    return (
+        f"{counted(count, 'of them', 'are')} held by a worker (a send under way, or a "
+        f"process stopped during one): due again when the lease ends, in "
+        f"{_wait_text(first_lease_end)}"
+    )
+
+
+def _wait_text(at: float) -> str:
+    wait = max(0.0, at - time.time())
+    if wait < 120:
+        return f"{wait:.0f}s"
+    if wait < 7200:
+        return f"{wait / 60:.0f} min"
+    return f"{wait / 3600:.1f} h"
 
 
 def describe_not_due(count: int, next_due_at: float | None) -> str | None:
@@ -31,13 +54,7 @@ def describe_not_due(count: int, next_due_at: float | None) -> str | None:
     them and would otherwise not say why. None when there are none."""
     if not count or next_due_at is None:
         return None
-    wait = max(0.0, next_due_at - time.time())
-    if wait < 120:
-        when = f"{wait:.0f}s"
-    elif wait < 7200:
-        when = f"{wait / 60:.0f} min"
-    else:
-        when = f"{wait / 3600:.1f} h"
+    when = _wait_text(next_due_at)
     return f"{count} of them not due yet (the next in {when}): --now resends them at once"
 
 
@@ -80,7 +97,7 @@ class RedeliveryReport:
             return None
         return (
             f"{counted(self.refused, 'events')} refused for good stay owed and are tried again at "
-            "each run after a backoff (at most 10 min), in case the tenant's customer "
+            "each run after a backoff (at most 2 min), in case the tenant's customer "
             f"account is made; to give up on a tenant's: {discard_command} --tenant TENANT"
         )
 
@@ -120,9 +137,10 @@ def redeliver(
     if client is None and not dry_run:
         raise ValueError("redeliver: a client is required to resend (only a dry run needs none)")
     # Events reach the store after the sender's own retries, so their attempt count is
-    # already high and a resend that fails is due again after the cap: 10 minutes, so that
-    # a retry command run every few minutes delivers them soon after the backend is back.
-    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=600.0)
+    # already high and a resend that fails is due again after the cap: 2 minutes, so that
+    # a worker running every minute delivers them soon after the backend is back (with 10,
+    # one failed run during a 20 s blip held them 10 minutes past it).
+    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=120.0)
     if client is not None:
         # long enough for an attempt: 3 timeouts of its own, then one request of up to 3
         # tries of 2 timeouts each (as the sender's lease); the claim's lease is at least that

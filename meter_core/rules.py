@@ -45,6 +45,7 @@ __all__ = [
     "METHODS_WITHOUT_RESULT",
     "MeterSpec",
     "RouteRules",
+    "decode_header_value",
     "normalize_template",
     "parse_usage_header",
 ]
@@ -52,6 +53,8 @@ __all__ = [
 _PARAM = re.compile(r"\{[^{}]*\}|<[^<>]*>")
 _BRACE_PARAM = re.compile(r"\{([^{}]*)\}")
 _METHOD = re.compile(r"[A-Z]+")
+# An HTTP header name (a token of RFC 9110): "X Meter Usage" could never be sent
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD_LIST_ANY_CASE = re.compile(r"[A-Za-z]+(?:,[A-Za-z]+)*")
 # Method words a rule may name; only used to recognise one written in lower case.
 _METHOD_WORDS = frozenset(
@@ -95,10 +98,10 @@ class MeterSpec:
                 f"or a callable, got {usage!r}"
             )
         if self.header is not None:
-            if not isinstance(self.header, str) or not self.header.strip():
+            if not isinstance(self.header, str) or not _HEADER_NAME.fullmatch(self.header.strip()):
                 raise ConfigurationError(
-                    f"meter rule {self.meter_id!r}: header must be a header name, "
-                    f"got {self.header!r}"
+                    f"meter rule {self.meter_id!r}: header must be an HTTP header name "
+                    f"(letters, digits and !#$%&'*+-.^_`|~, no spaces), got {self.header!r}"
                 )
             object.__setattr__(self, "header", self.header.strip().lower())
         if not isinstance(self.metadata, Mapping) or not all(
@@ -120,6 +123,17 @@ def normalize_template(template: str) -> str:
     if not template.startswith("/"):
         template = "/" + template
     return _PARAM.sub("{}", template)
+
+
+def decode_header_value(raw: bytes) -> str:
+    """The text of a request header's value: UTF-8 when the bytes are valid UTF-8 (what
+    gateways send for a non-ASCII id, and what the client sends in its own lookup
+    header), else Latin-1, as HTTP/1.1 reads any byte. Both adapters read tenant and
+    device headers this way (Django and Starlette give Latin-1 text: re-encode it)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 def parse_usage_header(header: str, value: str) -> int:

@@ -490,6 +490,20 @@ class SQLiteSpool:
             ).fetchone()
         return int(count), first
 
+    def leased(self) -> tuple[int, float | None]:
+        """``(count, first_lease_end)`` of the owed events of this spool's topic that a
+        worker holds (a send under way, or the lease of a process that stopped during
+        one): no claim takes them before their lease ends (epoch seconds)."""
+        where, params = self._topic_filter()
+        with self._transaction() as conn:
+            now = time.time()
+            count, first = conn.execute(
+                "SELECT count(*), min(claimed_until) FROM meter_events"
+                " WHERE status IN ('queued', 'failed') AND claimed_until > ?" + where,
+                [now, *params],
+            ).fetchone()
+        return int(count), first
+
     def make_due(self, *, tenant_id: str | None = None, meter_id: str | None = None) -> int:
         """Make the owed events of this spool's topic that wait for their next attempt
         due now (an operator who knows the backend is back); leased ones are left alone.

@@ -24,7 +24,7 @@ from typing import Any
 from django.http import HttpRequest
 from django.utils.module_loading import import_string
 
-from meter_core import ConfigurationError
+from meter_core import ConfigurationError, decode_header_value
 
 __all__ = ["Resolver", "build_resolver", "device_resolver", "tenant_resolver", "why_no_tenant"]
 
@@ -81,7 +81,11 @@ def why_no_tenant(request: HttpRequest, config: Any) -> str:
 
 def _header(name: str) -> Resolver:
     def resolve(request: HttpRequest) -> str | None:
-        return _text(request.headers.get(name))
+        value = request.headers.get(name)
+        if isinstance(value, str) and not value.isascii():
+            # (Django gives the bytes as Latin-1 text: a gateway's UTF-8 id read as such)
+            value = decode_header_value(value.encode("latin-1", "replace"))
+        return _text(value)
 
     return resolve
 

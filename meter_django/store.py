@@ -597,6 +597,20 @@ class DatabaseFailureStore:
         first = waiting["first"]
         return waiting["n"], None if first is None else _epoch(first)
 
+    def leased(self) -> tuple[int, float | None]:
+        """``(count, first_lease_end)`` of the owed events a worker holds (a send under
+        way, or the lease of a process that stopped during one): no claim takes them
+        before their lease ends (epoch seconds)."""
+        now = timezone.now()
+        with self._unit():
+            held = (
+                self._objects()
+                .filter(status__in=PENDING_STATUSES, leased_until__gt=now)
+                .aggregate(n=Count("id"), first=Min("leased_until"))
+            )
+        first = held["first"]
+        return held["n"], None if first is None else _epoch(first)
+
     def make_due(self, *, tenant_id: str | None = None, meter_id: str | None = None) -> int:
         """Make the owed events waiting for their next attempt due now (an operator who
         knows the backend is back); leased ones are left alone. Returns how many."""

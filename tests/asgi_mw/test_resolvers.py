@@ -56,6 +56,13 @@ def test_from_header_trusted_reads_the_header_case_insensitively() -> None:
     assert resolve({"headers": two}) is None
 
 
+def test_from_header_reads_a_utf8_id_as_utf8_and_other_bytes_as_latin1() -> None:
+    # a gateway's "café" was billed as "cafÃ©", while the lookup header goes out in UTF-8
+    resolve = from_header("X-Tenant-Id", trusted=True)
+    assert resolve({"headers": [(b"x-tenant-id", "café".encode())]}) == "café"
+    assert resolve({"headers": [(b"x-tenant-id", b"caf\xe9")]}) == "café"
+
+
 def test_from_user_reads_the_authenticated_user_only() -> None:
     resolve = from_user("tenant_id")
     assert resolve({"user": apps.User("acme")}) == "acme"

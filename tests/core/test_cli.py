@@ -107,10 +107,14 @@ def test_retry_dry_run_sends_nothing(backend: DevServer, tmp_path: Path) -> None
 
 
 def test_retry_limit_and_progress(
-    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    backend: DevServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fill(tmp_path / "s.db", 120)
     args = retry_args(backend.url, tmp_path / "s.db", "--limit", "100", "--batch-size", "25")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # (progress: on a terminal only)
     assert main(args) == 0
     assert len(backend.records) == 100
     captured = capsys.readouterr()
@@ -244,6 +248,20 @@ def test_group_reasons_counts_tenants_not_texts() -> None:
     assert grouped == {
         "failed: produce failed: HTTP 503": (40, 0),
         "failed: no customer account for tenant …": (8, 2),
+    }
+
+
+def test_group_reasons_groups_lookup_failures_that_quote_the_url_too() -> None:
+    # "customer lookup of 't-1' at http://…/tenant/t-1 failed": a line per tenant (300 in
+    # a drill), the URL naming the tenant again
+    url = "http://portal:8000/v1alpha1/customer-accounts/tenant/"
+    grouped = group_reasons({
+        f"failed: customer lookup of 't-{n}' at {url}t-{n} failed: connection refused": 2
+        for n in range(40)
+    } | {f"failed: customer lookup of 'a b' at {url}a%20b timed out after 10s": 1})  # fmt: skip
+    assert grouped == {
+        f"failed: customer lookup of … at {url}… failed: connection refused": (80, 40),
+        f"failed: customer lookup of … at {url}… timed out after 10s": (1, 1),
     }
 
 
@@ -489,7 +507,7 @@ def test_retry_says_what_becomes_of_events_refused_for_good_and_how_to_give_up_o
     assert "3 delivered, 2 failed" in out
     assert (
         "2 events refused for good stay owed and are tried again at each run after a "
-        "backoff (at most 10 min), in case the tenant's customer account is made; to give "
+        "backoff (at most 2 min), in case the tenant's customer account is made; to give "
         "up on a tenant's: meter discard --spool '" + str(path) + "' --tenant TENANT"
     ) in out
     assert main(["discard", "--spool", str(path), "--tenant", "ghost", "--dry-run"]) == 0
@@ -552,3 +570,44 @@ def test_discard_asks_first_and_refuses_to_without_a_terminal(
     assert main(args) == 0
     assert SQLiteSpool(path).pending_count() == 0
     assert main(["discard", "--spool", str(tmp_path / "none.db"), "--tenant", "x"]) == 1
+
+
+def test_retry_writes_no_progress_line_to_a_log_file(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fill(tmp_path / "s.db", 60)
+    assert main(retry_args(backend.url, tmp_path / "s.db", "--batch-size", "25")) == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err and "60 delivered" in captured.out
+
+
+def test_spool_piped_to_a_reader_that_stops_is_no_traceback(tmp_path: Path) -> None:
+    spool = SQLiteSpool(tmp_path / "s.db")
+    for n in range(300):  # (a line per reason: more than a pipe's buffer)
+        spool.store([UsageEvent(f"t{n}", "d", "page.processed.basic", 1)], error=f"e{n}" * 100)
+    spool.close()
+    shown = subprocess.run(
+        f"{sys.executable} -m meter_core spool --spool {tmp_path / 's.db'} --json | head -1",
+        shell=True, capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert shown.stdout.strip() == "{"
+    assert "Traceback" not in shown.stderr and "BrokenPipe" not in shown.stderr, shown.stderr
+
+
+def test_retry_says_what_a_worker_holds(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A process stopped during a send (an exit in an outage): its events wait out their
+    # lease, and a run said "resent 0 events" with nothing about them.
+    path = tmp_path / "s.db"
+    fill(path, 3)
+    assert len(SQLiteSpool(path).claim(2, lease_seconds=90)) == 2
+    assert main(retry_args(backend.url, path)) == 0
+    out = capsys.readouterr().out
+    assert "resent 1 event: 1 delivered" in out
+    assert "2 events still in the spool" in out
+    assert re.search(
+        r"2 of them are held by a worker \(a send under way, or a process stopped during "
+        r"one\): due again when the lease ends, in (89|90)s",
+        out,
+    ), out

@@ -52,11 +52,12 @@ def test_resending_without_a_client_is_refused(tmp_path: Path) -> None:
     assert len(spool.claim(10)) == 1
 
 
-def test_a_failed_resend_is_due_again_within_ten_minutes(
+def test_a_failed_resend_is_due_again_within_two_minutes(
     tmp_path: Path, closed_port_url: str
 ) -> None:
     # Events reach the store after the sender's retries (6 attempts with the defaults): a
-    # retry command run during the outage must not push them hours away.
+    # retry command run during the outage must not push them hours away, nor 10 minutes
+    # past a 20 s blip (a worker running every minute then waited that long).
     spool = SQLiteSpool(tmp_path / "s.db")
     spool.store([UsageEvent("acme", "d", "page.processed.basic", 1)], error="down", attempts=6)
     client = MeterClient(closed_port_url, internal_url=closed_port_url, timeout=0.5)
@@ -66,7 +67,7 @@ def test_a_failed_resend_is_due_again_within_ten_minutes(
     with contextlib.closing(sqlite3.connect(tmp_path / "s.db")) as db, db:
         [(attempts, due)] = db.execute("SELECT attempts, next_attempt_at FROM meter_events")
     assert attempts == 7
-    assert started + 60 < due <= time.time() + 600
+    assert started + 60 < due <= time.time() + 120
 
 
 def test_the_lease_of_a_resend_outlasts_its_longest_attempt(closed_port_url: str) -> None:

@@ -118,6 +118,10 @@ def test_header_and_session_specs_are_flagged() -> None:
         ({"/x": []}, "no meter"),
         ({"": "page.processed.basic"}, "rule key"),
         ({"/x": 5}, "expected"),
+        # a header no response can carry would bill nothing, silently
+        ({"/x": {"meter": "page.processed.basic", "header": "X Meter Usage"}}, "no spaces"),
+        ({"/x": {"meter": "page.processed.basic", "header": "X-Usage:"}}, "HTTP header name"),
+        ({"/x": {"meter": "page.processed.basic", "header": " "}}, "HTTP header name"),
     ],
 )
 def test_bad_rules_raise_configuration_errors_naming_the_rule(

@@ -7,7 +7,7 @@ from io import StringIO
 from typing import Any
 
 import pytest
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError, call_command, load_command_class
 
 from meter_core import UsageEvent
 from meter_core.devserver import DevServer
@@ -47,7 +47,7 @@ def test_retry_says_what_becomes_of_refused_events_then_discard_gives_up_on_them
     assert "3 delivered, 2 failed" in out.getvalue()
     assert (
         "2 events refused for good stay owed and are tried again at each run after a "
-        "backoff (at most 10 min), in case the tenant's customer account is made; to give "
+        "backoff (at most 2 min), in case the tenant's customer account is made; to give "
         "up on a tenant's: manage.py discard_meter_events --tenant TENANT"
     ) in out.getvalue()
 
@@ -104,3 +104,30 @@ def test_discard_asks_first(meter_settings: MeterSettings, monkeypatch: pytest.M
     assert {_statuses()[i] for i in ids} == {"discarded"}
     with pytest.raises(CommandError, match="--tenant"):
         call_command("discard_meter_events")
+
+
+@pytest.mark.parametrize(
+    ("command", "args"),
+    [("meter_status", ()), ("purge_meter_events", ()),
+     ("discard_meter_events", ("--tenant", "ghost", "--noinput"))],
+)  # fmt: skip
+def test_table_commands_run_without_the_clients_settings(
+    settings: Any, command: str, args: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cron job on a host without METER_KAFKA_URL / METER_DEVICE_ID was stopped by the
+    # system checks (E004, E011) though these only read or write the meter table.
+    for name in ("METER_KAFKA_URL", "METER_DEVICE_ID", "METER_INTERNAL_URL"):
+        monkeypatch.delenv(name, raising=False)
+    settings.METER = {"ENABLED": True}
+    # as manage.py runs it: the system checks first, when the command requires them
+    load_command_class("meter_django", command).run_from_argv(["manage.py", command, *args])
+
+
+def test_retry_says_what_a_worker_holds(meter_settings: MeterSettings, backend: DevServer) -> None:
+    meter_settings()
+    _stored("acme", 2)
+    assert len(DatabaseFailureStore().claim(1, lease_seconds=600)) == 1
+    out = _call("retry_meter_events")
+    assert "resent 1 event: 1 delivered" in out
+    assert "1 event still owed\n  1 of them is held by a worker" in out
+    assert "due again when the lease ends, in 10 min" in out

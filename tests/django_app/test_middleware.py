@@ -290,6 +290,16 @@ def test_device_from_a_trusted_header_and_default_device(quiet: MeterSettings) -
     assert [e.device_id for e in events] == ["scanner-9", "tests"]
 
 
+def test_a_utf8_header_id_is_read_as_utf8(quiet: MeterSettings) -> None:
+    # WSGI gives header bytes as Latin-1 text: a gateway's "café" was billed as "cafÃ©"
+    quiet(DEVICE={"header": "X-Device", "trusted": True})
+    with capture_events() as events:
+        utf8 = "scanner-é".encode().decode("latin-1")
+        assert _get("/documents/7/scan", HTTP_X_DEVICE=utf8).status_code == 200
+        assert _get("/documents/7/scan", HTTP_X_DEVICE="scanner-\xe9").status_code == 200
+    assert [e.device_id for e in events] == ["scanner-é", "scanner-é"]
+
+
 def test_a_usage_header_that_is_not_a_valid_usage_drops_that_meter_only(
     quiet: MeterSettings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -238,7 +238,13 @@ def test_ctrl_c_stops_the_loop_quietly(meter_settings: MeterSettings, backend: D
             threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
 
     out = _Hooked(on_out)
-    call_command("retry_meter_events", "--loop", "--interval", "30", stdout=out)
+    # Ctrl-C raises KeyboardInterrupt, as in a terminal, however pytest was started (a
+    # shell's background job starts with SIGINT ignored, and Python then keeps it so)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        call_command("retry_meter_events", "--loop", "--interval", "30", stdout=out)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert out.getvalue().rstrip().endswith("stopped")
     assert len(backend.event_ids()) == 1
 

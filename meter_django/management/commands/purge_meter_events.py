@@ -41,6 +41,9 @@ def _days(text: str) -> float:
 
 class Command(BaseCommand):
     help = "Delete the rows of usage events delivered (or discarded) more than N days ago."
+    # Only the meter table is read or written: a cron job without the client's
+    # METER_* variables (E004, E011) must not be stopped by the system checks.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(

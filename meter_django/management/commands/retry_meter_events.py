@@ -20,7 +20,13 @@ from django.db import Error as DBError
 from django.db import close_old_connections
 from django.utils.translation import ngettext
 
-from meter_core import ConfigurationError, RedeliveryReport, StoreError, describe_not_due
+from meter_core import (
+    ConfigurationError,
+    RedeliveryReport,
+    StoreError,
+    describe_leased,
+    describe_not_due,
+)
 from meter_django.conf import conf
 from meter_django.retry import retry_events
 from meter_django.store import DatabaseFailureStore
@@ -155,12 +161,16 @@ class Command(BaseCommand):
         try:
             pending = sum(store.pending_by_meter().values())
             hint = describe_not_due(*store.not_due())
+            held = describe_leased(*store.leased())
         except (StoreError, DBError) as exc:  # (a run whose database failed, after all)
             raise CommandError(f"database error: {exc}") from exc
         if hint and options["dry_run"] and options["now"]:
             hint = hint.replace("--now resends them at once", "--now would resend them")
-        if hint:
-            self.stdout.write(f"{_events(pending)} still owed\n  {hint}")
+        if hint or held:
+            self.stdout.write(f"{_events(pending)} still owed")
+        for line in (hint, held):
+            if line:
+                self.stdout.write(f"  {line}")
         refused = report.refused_hint("manage.py discard_meter_events")
         if refused:
             self.stdout.write(f"  {refused}")
