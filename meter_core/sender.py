@@ -502,7 +502,7 @@ class Sender:
             self._drain_fallback(wait=timeout)
         if leftover:
             self._store_final(
-                leftover, "undelivered at close", count_failed=False, skip_store=refused
+                leftover, self._close_reason(leftover), count_failed=False, skip_store=refused
             )
         if not on_sender_thread:
             # (past the deadline, half a second for that write, as for any store write)
@@ -630,7 +630,7 @@ class Sender:
         attempts = max([self._policy.max_retries + 1, *(i.attempts for i in items)])
         try:
             self._store.store(
-                [i.event for i in items], error="undelivered at close", attempts=attempts
+                [i.event for i in items], error=self._close_reason(items), attempts=attempts
             )
         except BaseException as exc:  # (a gevent Timeout too: the events go back first)
             with self._handoff:
@@ -972,7 +972,7 @@ class Sender:
                     heapq.heappush(self._retries, (due, next(self._seq), in_memory))
                     self._retrying += len(in_memory)
             if not scheduled:
-                self._store_final(in_memory, "undelivered at close", count_failed=False)
+                self._store_final(in_memory, self._close_reason(in_memory), count_failed=False)
         if closed:
             return
         self._retry_log.log(
@@ -1059,6 +1059,14 @@ class Sender:
         finally:
             self._drain_lock.release()
         return True
+
+    def _close_reason(self, items: list[_Item]) -> str:
+        """The reason events stored at close are kept with: with the client's last
+        delivery error when some of them were tried (what an operator looks for)."""
+        last = self._stats.last_error
+        if last and any(i.attempts for i in items):
+            return f"undelivered at close (last delivery error: {last})"
+        return "undelivered at close"
 
     def _store_final(
         self,

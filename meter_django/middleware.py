@@ -81,6 +81,7 @@ _attach_failed = LogThrottle(logger, interval=60.0)
 _record_failed = LogThrottle(logger, interval=60.0)
 _internal_error = LogThrottle(logger, interval=60.0)
 _listed_twice = LogThrottle(logger, interval=60.0)
+_billed_by_both = LogThrottle(logger, interval=60.0)
 _METERED_BY = "_meter_middleware"  # the MeterMiddleware metering a request
 
 GetResponse = Callable[[HttpRequest], HttpResponseBase]
@@ -193,7 +194,19 @@ def _collect(
     # (usage the view added to a HEAD or OPTIONS request, which gives the caller no
     # result, is billed only when a rule names that method: see meter_core.rules)
     if usage is not None and (specs or request.method not in METHODS_WITHOUT_RESULT):
-        entries.extend((m, n, md) for m, n, md in usage.entries if n)
+        added = [(m, n, md) for m, n, md in usage.entries if n]
+        both = {m for m, _, _ in entries} & {m for m, _, _ in added}
+        if both:  # (a @meter view under a rule for its meter: billed twice, say so)
+            _billed_by_both.log(
+                logging.WARNING,
+                "%s %s: %s billed by both a METER['RULES'] rule and the view (@meter or "
+                "request.meter.add()), so twice for this request; keep one of them",
+                request.method,
+                request.path,
+                ", ".join(sorted(both)),
+                key=(request.method, tuple(sorted(both))),
+            )
+        entries.extend(added)
     _close_usage(request)
     return entries
 

@@ -690,3 +690,22 @@ def test_the_middleware_without_the_app_installed_stops_the_server_at_start() ->
     )
     assert "refused: meter_django.middleware.MeterMiddleware needs 'meter_django' in " \
         "INSTALLED_APPS" in done.stdout, done.stderr  # fmt: skip
+
+
+def test_a_rule_and_the_view_billing_the_same_meter_is_said(
+    quiet: MeterSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    # @meter on a view plus a rule for its route and meter: billed twice, silently
+    quiet(
+        RULES={"GET /decorated/": "page.processed.advanced", "GET /ok/": "report.generated.small"}
+    )
+    caplog.set_level(logging.WARNING, logger="meter")
+    with capture_events() as events:
+        _get("/decorated/")
+        _get("/ok/")
+    assert sorted((e.meter_id, e.total_usage) for e in events) == [
+        ("page.processed.advanced", 1), ("page.processed.advanced", 5),
+        ("report.generated.small", 1),
+    ]  # fmt: skip
+    [line] = [r.getMessage() for r in caplog.records if "billed by both" in r.getMessage()]
+    assert line.startswith("GET /decorated/: page.processed.advanced billed by both a ")
