@@ -10,15 +10,13 @@ makes them due again later.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from meter_core.client import MeterClient
-from meter_core.delivery import OUT_OF_TIME, deliver_once
 from meter_core.errors import ConfigurationError
+from meter_core.resend import RESEND_POLICY, RedeliveryReport, resend_claimed
 from meter_core.retry import RetryPolicy
-from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore, StoredEvent
+from meter_core.store import DEFAULT_LEASE_SECONDS, FailureStore
 from meter_core.wording import counted
 
 __all__ = ["RedeliveryReport", "describe_leased", "describe_not_due", "redeliver"]
@@ -58,50 +56,6 @@ def describe_not_due(count: int, next_due_at: float | None) -> str | None:
     return f"{count} of them not due yet (the next in {when}): --now resends them at once"
 
 
-@dataclass
-class RedeliveryReport:
-    """What a :func:`redeliver` run did."""
-
-    claimed: int = 0
-    delivered: int = 0
-    failed: int = 0
-    #: Of ``failed``: events the backend refused for good (no customer account for the
-    #: tenant, a record rejected). They stay owed, due again after the backoff (an
-    #: account made meanwhile gets them billed), until an operator discards them.
-    refused: int = 0
-    batches: int = 0
-    dry_run: bool = False
-    errors: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def ok(self) -> bool:
-        """True when no event failed in this run."""
-        return self.failed == 0
-
-    def summary(self) -> str:
-        verb = "would resend" if self.dry_run else "resent"
-        text = (
-            f"{verb} {counted(self.claimed, 'events')}: {self.delivered} delivered, "
-            f"{self.failed} failed"
-            f" ({self.batches} requests)"
-        )
-        for error, n in self.errors.most_common(5):
-            text += f"\n  {n} x {error}"
-        return text
-
-    def refused_hint(self, discard_command: str) -> str | None:
-        """The line the retry commands print when events were refused for good: what
-        becomes of them, and ``discard_command`` (the command that gives up on a
-        tenant's owed events, ``--tenant`` last). None when none was."""
-        if not self.refused:
-            return None
-        return (
-            f"{counted(self.refused, 'events')} refused for good stay owed and are tried again at "
-            "each run after a backoff (at most 2 min), in case the tenant's customer "
-            f"account is made; to give up on a tenant's: {discard_command} --tenant TENANT"
-        )
-
-
 def redeliver(
     store: FailureStore,
     client: MeterClient | None,
@@ -136,11 +90,7 @@ def redeliver(
         )
     if client is None and not dry_run:
         raise ValueError("redeliver: a client is required to resend (only a dry run needs none)")
-    # Events reach the store after the sender's own retries, so their attempt count is
-    # already high and a resend that fails is due again after the cap: 2 minutes, so that
-    # a worker running every minute delivers them soon after the backend is back (with 10,
-    # one failed run during a 20 s blip held them 10 minutes past it).
-    policy = backoff or RetryPolicy(max_retries=1_000_000, backoff_base=30.0, backoff_cap=120.0)
+    policy = backoff or RESEND_POLICY
     if client is not None:
         # long enough for an attempt: 3 timeouts of its own, then one request of up to 3
         # tries of 2 timeouts each (as the sender's lease); the claim's lease is at least that
@@ -163,53 +113,24 @@ def redeliver(
             if client is None or dry_run:
                 held.extend(s.event.event_id for s in claimed)
             else:
-                _resend(claimed, store, client, policy, report, batch_size, lease_seconds)
+                # Start no request once the rest of the lease could not cover one (up to
+                # 3 tries of up to 2 timeouts each): the events must not outlive their
+                # lease while being sent.
+                budget = lease_seconds - 6 * client.options["timeout"] - 5  # >= 3 timeouts
+                resend_claimed(
+                    claimed,
+                    store,
+                    report,
+                    transport=client.transport,
+                    customers=client.customer_cache,
+                    max_batch_bytes=client.options["max_batch_bytes"],
+                    batch_size=batch_size,
+                    deadline=time.monotonic() + budget,
+                    policy=policy,
+                )
             if progress is not None:
                 progress(report)
     finally:
         if held:
             store.release(held)
     return report
-
-
-def _resend(
-    claimed: list[StoredEvent],
-    store: FailureStore,
-    client: MeterClient,
-    policy: RetryPolicy,
-    report: RedeliveryReport,
-    batch_size: int,
-    lease_seconds: float,
-) -> None:
-    # Start no request once the rest of the lease could not cover one (up to 3 tries of
-    # up to 2 timeouts each): the events must not outlive their lease while being sent.
-    budget = lease_seconds - 6 * client.options["timeout"] - 5  # >= 3 timeouts (above)
-    outcome = deliver_once(
-        claimed,
-        lambda s: s.event,
-        transport=client.transport,
-        customers=client.customer_cache,
-        max_batch_bytes=client.options["max_batch_bytes"],
-        max_records=batch_size,
-        deadline=time.monotonic() + budget,
-    )
-    report.batches += outcome.batches
-    if outcome.delivered:
-        store.mark_delivered([s.event.event_id for s in outcome.delivered])
-        report.delivered += len(outcome.delivered)
-    failures = [(error, group, False) for error, group in outcome.retriable]
-    failures += [(error, group, True) for error, group in outcome.final]
-    for error, group, for_good in failures:
-        if error is OUT_OF_TIME:  # not tried: due again at once, for the next claim
-            store.release([s.event.event_id for s in group])
-            continue
-        report.failed += len(group)
-        if for_good:
-            report.refused += len(group)
-        report.errors[str(error)] += len(group)
-        attempts = max(s.attempts for s in group) + 1
-        store.mark_failed(
-            [s.event.event_id for s in group],
-            error=str(error),
-            next_attempt_at=time.time() + policy.backoff(attempts, rng=lambda: 1.0),
-        )

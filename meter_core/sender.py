@@ -35,6 +35,7 @@ from meter_core.customers import CustomerCache
 from meter_core.delivery import OUT_OF_TIME, Outcome, deliver_once
 from meter_core.errors import DeliveryError, RateLimited, StoreError
 from meter_core.events import UsageEvent
+from meter_core.resend import RedeliveryReport, resend_claimed
 from meter_core.retry import RetryPolicy
 from meter_core.stats import DeliveryStats
 from meter_core.store import FailureStore, MemoryFailureStore, StoredEvent
@@ -101,6 +102,11 @@ SPILL_LOCK_WAIT = 1.0
 # Lease of events taken from the in-memory list to resend (one resend at a time takes
 # them: this is for a thread that died mid-request).
 RESEND_LEASE_SECONDS = 600.0
+# With a failure store (not in durable mode): the sender resends the store's due events
+# that it or another process gave up on, once fresh events go through, at most this
+# often and this many at a time (the retry command does the rest: an idle app, a backlog).
+STORE_RESEND_SECONDS = 30.0
+STORE_RESEND_EVENTS = 2_000
 # Every event of the in-memory list to resend is due: the resend's own schedule, on the
 # monotonic clock, says when (a wall clock stepping back would hold them up otherwise).
 _ANY_TIME = sys.float_info.max
@@ -172,6 +178,8 @@ class Sender:
         self._retry_log = LogThrottle(logger, interval=10.0)
         self._failing_since: float | None = None  # (see _note_health)
         self._last_failure_at = 0.0
+        self._fresh_ok = False  # the last attempt at fresh events delivered some
+        self._store_resend_at = 0.0  # monotonic time of the next resend from the store
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -706,6 +714,70 @@ class Sender:
             and not self._resend_running()
         ):
             self._start_resend()
+        if (
+            self._fresh_ok
+            and self._store is not None
+            and not self._config.durable
+            and not self._closing
+            and time.monotonic() >= max(self._store_resend_at, self._backend_not_before)
+        ):
+            self._resend_stored()
+
+    def _resend_stored(self) -> None:
+        """Resend the failure store's due events that were given up on (their retries
+        used, or refused for good), by this process or another sharing the store, now
+        that the backend takes fresh events again: without it they waited for the retry
+        command (a sidecar, a cron job), and a spool configured without one made an
+        outage cost more than no store at all. Up to STORE_RESEND_EVENTS, each batch
+        leased, settled as the retry command settles them (a failure is due again after
+        its backoff); stops at a batch that delivers none, and once close() begins.
+        Spilled events (never tried) are left to the sender's own claims."""
+        assert self._store is not None
+        self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
+        report = RedeliveryReport()
+        attempt = self._config.attempt_seconds
+        given_up_from = self._policy.max_retries + 1
+        while report.claimed < STORE_RESEND_EVENTS and not self._closing:
+            try:
+                claimed = self._store.claim(
+                    self._config.batch_size, lease_seconds=self._config.lease_seconds
+                )
+                spilled = [c.event.event_id for c in claimed if c.attempts < given_up_from]
+                if spilled:
+                    self._store.release(spilled)
+                claimed = [c for c in claimed if c.attempts >= given_up_from]
+                if not claimed:
+                    break
+                report.claimed += len(claimed)
+                delivered = report.delivered
+                resend_claimed(
+                    claimed,
+                    self._store,
+                    report,
+                    transport=self._transport,
+                    customers=self._customers,
+                    max_batch_bytes=self._config.max_batch_bytes,
+                    batch_size=self._config.batch_size,
+                    deadline=math.inf if attempt is None else time.monotonic() + attempt,
+                    stop=lambda: self._closing,
+                )
+            except Exception as exc:  # StoreError, or any failure of a custom store
+                self._claim_log.log(
+                    logging.ERROR,
+                    "could not resend from the failure store: %s: %s",
+                    type(exc).__name__,
+                    exc,
+                )
+                break
+            if report.delivered == delivered:
+                break  # (refused, or failing again: the next pass, or the retry command)
+        if report.delivered:
+            # (counted failed when given up on: sent and resent, as from the in-memory list)
+            self._stats.add(sent=report.delivered, resent=report.delivered)
+            logger.info(
+                "resent %s from the failure store",
+                counted(report.delivered, "usage events"),
+            )
 
     def _start_offer(self) -> None:
         """Offer the events kept in memory to the store on a thread of its own: a store
@@ -882,6 +954,8 @@ class Sender:
         the spell's last seconds would never be told); a blip (one failed attempt, a
         flapping replica) only adds to the throttled lines."""
         now = time.monotonic()
+        if delivered or failed:
+            self._fresh_ok = delivered
         if delivered:
             began, last = self._failing_since, self._last_failure_at
             self._failing_since = None

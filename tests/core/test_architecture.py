@@ -20,6 +20,7 @@ DOCUMENTED_API = {
     "MeterSpec", "ProduceResult", "RateLimited", "RecordResult", "RedeliveryReport",
     "RequestUsage", "RetryPolicy", "RouteRules", "SQLiteSpool", "Secret", "StoreError",
     "StoredEvent", "Transport", "UsageEvent", "__version__", "capture_events", "describe_not_due",
+    "decode_header_value", "describe_leased",
     "group_reasons",
     "is_known_meter", "now_ms", "post_ai_meter_usage", "post_meter_usage", "redeliver",
     "normalize_template", "parse_usage_header", "register_meter",

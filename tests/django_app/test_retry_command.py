@@ -166,3 +166,23 @@ def test_a_transport_object_from_code_is_used_to_resend(settings: Any) -> None:
     assert "2 delivered" in _run()
     assert sorted(v["event_id"] for v in transport.values()) == sorted(ids)
     assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"delivered"}
+
+
+def test_rows_of_an_outage_are_resent_by_the_app_once_its_fresh_events_go_through(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    # Without a retry_meter_events cron, a row waited in the table for ever
+    meter_settings()
+    backend.set_fault("down")
+    ids = _record(3)
+    assert get_client().flush(10)
+    assert FailedMeterEvent.objects.filter(status="failed").count() == 3
+    backend.clear_fault()
+    ids += _record(1)
+    assert get_client().flush(10)
+    deadline = time.monotonic() + 10
+    while FailedMeterEvent.objects.filter(status="failed").exists():
+        assert time.monotonic() < deadline, "the rows were not resent"
+        time.sleep(0.05)
+    assert sorted(backend.event_ids()) == sorted(ids)
+    assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"delivered"}

@@ -1,0 +1,106 @@
+"""The sender resends the failure store's events that were given up on, once fresh
+events go through again: a spool configured without a retry worker made an outage cost
+more than no store at all (the events waited there for a command nobody ran)."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meter_core import MeterClient, SQLiteSpool, UsageEvent
+from meter_core import sender as sender_module
+from meter_core.devserver import DevServer
+from tests.core.conftest import wait_until
+
+RECORD = {"tenant_id": "acme", "meter_id": "page.processed.basic", "total_usage": 1}
+
+
+def _owed(path: Path) -> dict[str, tuple[int, str, float]]:
+    """Owed rows: event id -> (attempts, last error, lease end)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {
+            event_id: (attempts, error, leased)
+            for event_id, attempts, error, leased in db.execute(
+                "SELECT event_id, attempts, last_error, claimed_until FROM meter_events"
+                " WHERE status IN ('queued', 'failed')"
+            )
+        }
+
+
+def _given_up(spool: SQLiteSpool, n: int, tenant: str = "acme", **kwargs: Any) -> list[str]:
+    events = [UsageEvent(tenant, "d", "page.processed.basic", 1) for _ in range(n)]
+    spool.store(events, error="produce failed: connection refused", attempts=6, **kwargs)
+    return [e.event_id for e in events]
+
+
+def test_events_stored_in_an_outage_are_resent_once_fresh_events_go_through(
+    backend: DevServer, make_client: Any, tmp_path: Path
+) -> None:
+    spool = SQLiteSpool(tmp_path / "s.db")
+    client: MeterClient = make_client(failure_store=spool, max_retries=1)
+    backend.set_fault("down")
+    ids = [client.record(**RECORD) for _ in range(5)]
+    wait_until(lambda: spool.pending_count() == 5)  # (retries used: stored)
+    assert client.stats()["failed"] == 5
+    backend.clear_fault()
+    ids.append(client.record(**RECORD))  # the backend takes fresh events again...
+    wait_until(lambda: spool.pending_count() == 0)  # ... and the stored ones follow
+    assert sorted(backend.event_ids()) == sorted(ids)
+    stats = client.stats()
+    assert (stats["sent"], stats["resent"], stats["failed"]) == (6, 5, 5)
+
+
+def test_another_process_events_and_only_due_given_up_ones_are_resent(
+    backend: DevServer, make_client: Any, tmp_path: Path
+) -> None:
+    spool = SQLiteSpool(tmp_path / "s.db")
+    theirs = _given_up(spool, 3)  # (a worker that exited during an outage)
+    later = _given_up(spool, 2, next_attempt_at=time.time() + 3600)  # backing off
+    spilled = UsageEvent("acme", "d", "page.processed.basic", 1)
+    spool.store([spilled])  # never tried (a full queue's spill): not a resend
+    client: MeterClient = make_client(failure_store=spool)
+    mine = client.record(**RECORD)
+    wait_until(lambda: len(backend.event_ids()) >= 4)
+    time.sleep(0.2)
+    assert sorted(backend.event_ids()) == sorted([mine, *theirs])
+    left = _owed(tmp_path / "s.db")
+    assert set(left) == {*later, spilled.event_id}
+    assert all(leased < time.time() for _, _, leased in left.values())  # (given back)
+
+
+def test_events_refused_again_back_off_and_the_pass_stops(
+    backend: DevServer, make_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sender_module, "STORE_RESEND_SECONDS", 0.05)
+    spool = SQLiteSpool(tmp_path / "s.db")
+    ghosts = _given_up(spool, 2, tenant="ghost")
+    backend.remove_customer("ghost")
+    client: MeterClient = make_client(failure_store=spool)
+    for _ in range(5):  # several passes' worth of fresh deliveries
+        client.record(**RECORD)
+        assert client.flush(timeout=10)
+        time.sleep(0.06)
+    rows = _owed(tmp_path / "s.db")
+    assert set(rows) == set(ghosts)
+    # tried once, then due again after the resend backoff (not at every pass)
+    assert {attempts for attempts, _, _ in rows.values()} == {7}
+    assert all("no customer account" in error for _, error, _ in rows.values())
+    assert client.stats()["resent"] == 0
+
+
+def test_durable_mode_leaves_given_up_events_to_the_retry_command(
+    backend: DevServer, make_client: Any, tmp_path: Path
+) -> None:
+    spool = SQLiteSpool(tmp_path / "s.db")
+    theirs = _given_up(spool, 2)
+    client: MeterClient = make_client(failure_store=spool, durable=True)
+    mine = client.record(**RECORD)
+    assert client.flush(timeout=10)
+    time.sleep(0.2)
+    assert backend.event_ids() == [mine]
+    assert spool.pending_count() == len(theirs)
