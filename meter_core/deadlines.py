@@ -32,12 +32,17 @@ __all__ = ["DeadlineAdapter", "deadline_for"]
 
 
 class _Cut:
-    """Whether the watchdog cut the request of a :func:`deadline_for` block."""
+    """Whether the watchdog cut the request of a :func:`deadline_for` block; ``end()``
+    disarms it before the block's end (once the answer is read, before the connection
+    goes back to the pool for another thread to use)."""
 
     __slots__ = ("cut",)
 
     def __init__(self) -> None:
         self.cut = False
+
+    def end(self) -> None:
+        _WATCHDOG.disarm()
 
 
 class _Watchdog:
@@ -84,8 +89,10 @@ class _Watchdog:
                     soonest = min((armed[0] for armed in self._armed.values()), default=None)
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
-            for _, (_, conn, outcome) in due:
-                if _shut(conn):
+            for ident, (_, conn, outcome) in due:
+                # (a connection another thread took since, from the pool, is not ours
+                # to cut: its owner is the thread that sent the last request on it)
+                if getattr(conn, "_meter_owner", None) == ident and _shut(conn):
                     outcome.cut = True
 
 
@@ -135,7 +142,10 @@ class _Armed:
     a reset) disarms it, so that it cannot fire on the connection while urllib3 pauses
     before its next try (which arms a deadline of its own)."""
 
+    _meter_owner: int | None = None  # the thread whose request went out last
+
     def request(self, *args: Any, **kwargs: Any) -> Any:
+        self._meter_owner = threading.get_ident()
         _arm(self)
         try:
             return super().request(*args, **kwargs)  # type: ignore[misc]

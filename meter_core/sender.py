@@ -103,10 +103,12 @@ SPILL_LOCK_WAIT = 1.0
 # them: this is for a thread that died mid-request).
 RESEND_LEASE_SECONDS = 600.0
 # With a failure store (not in durable mode): the sender resends the store's due events
-# that it or another process gave up on, once fresh events go through, at most this
-# often and this many at a time (the retry command does the rest: an idle app, a backlog).
+# that it or another process gave up on, when fresh events go through again after a
+# spell of failures, and at most this often otherwise (the first time this long after it
+# starts), this many at a time (the retry command does the rest: an idle app, a backlog).
 STORE_RESEND_SECONDS = 30.0
 STORE_RESEND_EVENTS = 2_000
+STORE_RESEND_THREAD_NAME = "meter-store-resend"
 # Every event of the in-memory list to resend is due: the resend's own schedule, on the
 # monotonic clock, says when (a wall clock stepping back would hold them up otherwise).
 _ANY_TIME = sys.float_info.max
@@ -179,7 +181,10 @@ class Sender:
         self._failing_since: float | None = None  # (see _note_health)
         self._last_failure_at = 0.0
         self._fresh_ok = False  # the last attempt at fresh events delivered some
-        self._store_resend_at = 0.0  # monotonic time of the next resend from the store
+        # monotonic time of the next resend from the store (see _resend_stored), on its
+        # own thread (a store locked elsewhere must not hold up delivery)
+        self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
+        self._store_resending = False
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -719,9 +724,20 @@ class Sender:
             and self._store is not None
             and not self._config.durable
             and not self._closing
+            and not self._store_resending
             and time.monotonic() >= max(self._store_resend_at, self._backend_not_before)
         ):
-            self._resend_stored()
+            self._start_store_resend()
+
+    def _start_store_resend(self) -> None:
+        self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
+        self._store_resending = True
+        try:
+            threading.Thread(
+                target=self._resend_stored, name=STORE_RESEND_THREAD_NAME, daemon=True
+            ).start()
+        except RuntimeError:  # no new thread at interpreter exit: the retry command will
+            self._store_resending = False
 
     def _resend_stored(self) -> None:
         """Resend the failure store's due events that were given up on (their retries
@@ -732,8 +748,15 @@ class Sender:
         leased, settled as the retry command settles them (a failure is due again after
         its backoff); stops at a batch that delivers none, and once close() begins.
         Spilled events (never tried) are left to the sender's own claims."""
+        try:
+            self._resend_stored_pass()
+        except BaseException:  # (a bug of ours: the next pass comes as usual)
+            logger.exception("resending from the failure store failed unexpectedly")
+        finally:
+            self._store_resending = False
+
+    def _resend_stored_pass(self) -> None:
         assert self._store is not None
-        self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
         report = RedeliveryReport()
         attempt = self._config.attempt_seconds
         given_up_from = self._policy.max_retries + 1
@@ -957,6 +980,8 @@ class Sender:
         if delivered or failed:
             self._fresh_ok = delivered
         if delivered:
+            if self._failing_since is not None:  # back after a spell: resend the store's
+                self._store_resend_at = now
             began, last = self._failing_since, self._last_failure_at
             self._failing_since = None
             if began is not None and last - began >= _SPELL_WORTH_A_LINE:

@@ -358,6 +358,7 @@ class HTTPTransport:
                 )
                 with response:
                     body = _read_capped(response, MAX_LOOKUP_ANSWER)
+                    deadline.end()  # (before the connection goes back to the pool)
             except _AnswerTooLarge as exc:
                 raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
             except requests.Timeout as exc:
@@ -391,6 +392,7 @@ class HTTPTransport:
                 response = session.send(request, timeout=self._timeout, **settings)
                 with response:
                     answer = _read_capped(response, MAX_PRODUCE_ANSWER)
+                    deadline.end()  # (before the connection goes back to the pool)
             except _AnswerTooLarge as exc:
                 raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
             except requests.Timeout as exc:

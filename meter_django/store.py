@@ -72,9 +72,11 @@ MAX_ERROR_LENGTH = 2000
 
 #: The name meter_core gives the client's sender thread (``meter_core.sender``).
 SENDER_THREAD_NAME = "meter-sender"
-#: ...and the short-lived thread that offers the events it keeps in memory to the store:
-#: its connection is closed after each call (it would be left open when the thread ends).
+#: ...and its short-lived threads that use the store: the one that offers the events it
+#: keeps in memory to the store, and the one that resends the store's given-up events.
+#: Their connection is closed after each call (it would be left open when they end).
 OFFER_THREAD_NAME = "meter-fallback"
+SHORT_LIVED_THREAD_NAMES = frozenset({OFFER_THREAD_NAME, "meter-store-resend"})
 
 # A sender connection idle for longer is checked (one round trip) before its next use.
 _IDLE_CHECK_SECONDS = 5.0
@@ -236,7 +238,7 @@ class DatabaseFailureStore:
         if not conn.in_atomic_block and _on_sender_thread():
             held = self._sender_connection(conn)
             held.lock.acquire()
-        short_lived = threading.current_thread().name == OFFER_THREAD_NAME
+        short_lived = threading.current_thread().name in SHORT_LIVED_THREAD_NAMES
         failed = False
         try:
             if held is not None:

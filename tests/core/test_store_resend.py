@@ -56,8 +56,10 @@ def test_events_stored_in_an_outage_are_resent_once_fresh_events_go_through(
 
 
 def test_another_process_events_and_only_due_given_up_ones_are_resent(
-    backend: DevServer, make_client: Any, tmp_path: Path
+    backend: DevServer, make_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (a pass comes STORE_RESEND_SECONDS after the sender starts, at a delivery)
+    monkeypatch.setattr(sender_module, "STORE_RESEND_SECONDS", 0.05)
     spool = SQLiteSpool(tmp_path / "s.db")
     theirs = _given_up(spool, 3)  # (a worker that exited during an outage)
     later = _given_up(spool, 2, next_attempt_at=time.time() + 3600)  # backing off
@@ -65,9 +67,13 @@ def test_another_process_events_and_only_due_given_up_ones_are_resent(
     spool.store([spilled])  # never tried (a full queue's spill): not a resend
     client: MeterClient = make_client(failure_store=spool)
     mine = client.record(**RECORD)
-    wait_until(lambda: len(backend.event_ids()) >= 4)
+    assert client.flush(timeout=10)
+    time.sleep(0.1)
+    client.record(**RECORD)  # (a delivery once the pass is due)
+    wait_until(lambda: len(backend.event_ids()) >= 5)
     time.sleep(0.2)
-    assert sorted(backend.event_ids()) == sorted([mine, *theirs])
+    assert set(theirs) | {mine} <= set(backend.event_ids())
+    assert len(backend.event_ids()) == 5
     left = _owed(tmp_path / "s.db")
     assert set(left) == {*later, spilled.event_id}
     assert all(leased < time.time() for _, _, leased in left.values())  # (given back)
@@ -104,3 +110,42 @@ def test_durable_mode_leaves_given_up_events_to_the_retry_command(
     time.sleep(0.2)
     assert backend.event_ids() == [mine]
     assert spool.pending_count() == len(theirs)
+
+
+def test_a_pass_waits_for_a_spell_of_failures_to_end_or_its_interval(
+    backend: DevServer, make_client: Any, tmp_path: Path
+) -> None:
+    # An event refused for good is stored as the batch around it is delivered: it is not
+    # resent at once (a pass comes after an outage, or every STORE_RESEND_SECONDS)
+    spool = SQLiteSpool(tmp_path / "s.db")
+    theirs = _given_up(spool, 2)
+    client: MeterClient = make_client(failure_store=spool)
+    client.record(**RECORD)
+    assert client.flush(timeout=10)
+    time.sleep(0.2)
+    assert not set(theirs) & set(backend.event_ids())
+    assert spool.pending_count() == 2
+
+
+def test_a_locked_store_does_not_hold_up_delivery_while_a_pass_waits_on_it(
+    backend: DevServer, make_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sender_module, "STORE_RESEND_SECONDS", 0.05)
+    path = tmp_path / "s.db"
+    spool = SQLiteSpool(path, busy_timeout=3.0)
+    _given_up(spool, 1)
+    client: MeterClient = make_client(failure_store=spool)
+    locker = sqlite3.connect(path, isolation_level=None)
+    try:
+        locker.execute("BEGIN EXCLUSIVE")  # (a backup, a long transaction elsewhere)
+        waits = []
+        for _ in range(10):  # passes come due meanwhile, each waiting on the lock
+            sent_at = time.monotonic()
+            event_id = client.record(**RECORD)
+            wait_until(lambda: event_id in backend.event_ids())  # noqa: B023
+            waits.append(time.monotonic() - sent_at)
+            time.sleep(0.05)
+        assert max(waits) < 2.0, waits  # never behind a 3 s wait on the lock
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()

@@ -340,3 +340,13 @@ def test_any_error_of_a_call_is_raised_as_a_store_error() -> None:
     with pytest.raises(StoreError, match="meter event table"):
         store.store([event], error="backend down", next_attempt_at=1e20)  # year out of range
     assert not FailedMeterEvent.objects.exists()
+
+
+def test_the_stores_short_lived_threads_are_those_meter_core_starts() -> None:
+    # (their connection is closed after each call: one left open by a thread that ended
+    # stays open until the database drops it)
+    from meter_core import sender
+    from meter_django import store
+
+    assert sender.STORE_RESEND_THREAD_NAME in store.SHORT_LIVED_THREAD_NAMES
+    assert store.SENDER_THREAD_NAME == "meter-sender"
