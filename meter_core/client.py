@@ -185,12 +185,15 @@ class MeterClient:
 
     def _lookup_backoff(self, failures: int) -> float:
         """Seconds before a tenant whose lookup failed ``failures`` times in a row is
-        looked up again: half the ceiling of the retry delay (its mean, with full
-        jitter), so that the sender's retries of many small groups of events do not
-        each look the tenant up."""
+        looked up again: none after one or two (a blip must not use up the retries of
+        its events without a lookup), then half the ceiling of the retry delay (its
+        mean, with full jitter), so that the sender's retries of many small groups of
+        events do not each look the tenant up while the lookup API fails."""
+        if failures <= _FREE_LOOKUP_FAILURES:
+            return 0.0
         base: float = self._options["backoff_base"]
         cap: float = self._options["backoff_cap"]
-        return min(cap, base * 2.0 ** min(62, failures - 1)) / 2
+        return min(cap, base * 2.0 ** min(62, failures - _FREE_LOOKUP_FAILURES - 1)) / 2
 
     @staticmethod
     def _make_transport(opts: Mapping[str, Any]) -> Transport:
@@ -700,10 +703,29 @@ def _register_pool_worker_exit() -> None:
                 logger.debug("could not register with %s", name, exc_info=True)
 
 
+# Failed lookups of a tenant in a row that are not backed off (see _lookup_backoff).
+_FREE_LOOKUP_FAILURES = 2
+
+#: Seconds a client's close() takes at most at process exit: its last chance to deliver
+#: what it holds in memory...
+EXIT_TIMEOUT = 5.0
+#: ...or, with a failure store to keep it, only a moment for a send on the wire: the rest
+#: is stored and resent later under the same event ids. A slow or failing backend must
+#: not hold up a worker's exit (gunicorn starts its replacement only then: workers
+#: recycled together during an outage stopped the service for as long).
+EXIT_TIMEOUT_WITH_STORE = 1.5
+
+
+def _exit_timeout(store: object) -> float:
+    if store is None or isinstance(store, MemoryFailureStore):
+        return EXIT_TIMEOUT
+    return EXIT_TIMEOUT_WITH_STORE
+
+
 def _close_all_at_exit() -> None:
     for client in list(_clients):
         try:
-            client.close(timeout=5.0)
+            client.close(timeout=_exit_timeout(client.failure_store))
         except Exception:
             logger.exception("closing the meter client at exit failed")
     # A client nothing refers to any more is gone, but its sender thread (which holds
@@ -711,7 +733,7 @@ def _close_all_at_exit() -> None:
     for sender in list(_senders):
         if sender.pid == os.getpid():
             try:
-                sender.close(timeout=5.0)
+                sender.close(timeout=_exit_timeout(sender.failure_store))
             except Exception:
                 logger.exception("closing a meter sender at exit failed")
 

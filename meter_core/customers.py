@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from meter_core.errors import BackendUnavailable, CustomerNotFound, DeliveryError
+from meter_core.errors import BackendUnavailable, CustomerNotFound, DeliveryError, RateLimited
 
 __all__ = ["CustomerCache"]
 
@@ -149,8 +149,8 @@ class CustomerCache:
     def _note_failure(self, tenant_id: str, error: DeliveryError, flight: _Flight) -> None:
         """With ``failure_backoff``: no lookup of ``tenant_id`` before the delay of its
         consecutive failures so far (an answer, "no account" too, ends the count)."""
-        if self._failure_backoff is None:
-            return
+        if self._failure_backoff is None or isinstance(error, RateLimited):
+            return  # (a 429 says when to come back itself: the sender honours it)
         with self._lock:
             if flight.stale:
                 return

@@ -16,6 +16,7 @@ also tells whether the watchdog cut it.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -29,6 +30,8 @@ from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 __all__ = ["DeadlineAdapter", "deadline_for"]
+
+logger = logging.getLogger("meter.transport")
 
 
 class _Cut:
@@ -47,51 +50,68 @@ class _Cut:
 
 class _Watchdog:
     """Shuts the socket of each armed request whose deadline has passed. One per
-    process: its thread is started at the first request, and again in a forked child."""
+    process: its thread is started at the first armed request (again in a forked child,
+    whose state is made anew by the fork hook)."""
 
     def __init__(self) -> None:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # thread ident -> (deadline, connection, the block's outcome)
         self._armed: dict[int, tuple[float, Any, _Cut]] = {}
         self._thread: threading.Thread | None = None
 
-    def arm(self, conn: Any, seconds: float, outcome: _Cut) -> None:
-        if self._pid != os.getpid():
-            self._reset()  # (a forked child: the parent's thread and lock are not its own)
+    def own(self, conn: Any, seconds: float | None, outcome: _Cut | None) -> None:
+        """A request of the current thread goes out on ``conn``: the thread owns it from
+        now on (a deadline of another thread's that comes due can no longer cut it), and
+        its own deadline, when given, is armed."""
+        ident = threading.get_ident()
         with self._lock:
-            self._armed[threading.get_ident()] = (time.monotonic() + seconds, conn, outcome)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="meter-request-deadlines", daemon=True
-                )
-                self._thread.start()
+            conn._meter_owner = ident
+            if seconds is None or outcome is None:
+                return
+            outcome.cut = False  # (says whether the last try was cut: urllib3 may retry)
+            self._armed[ident] = (time.monotonic() + seconds, conn, outcome)
+            if self._thread is None and not self._start():
+                del self._armed[ident]  # (no watchdog: the request goes on without one)
+                return
             self._changed.notify()
 
+    def _start(self) -> bool:
+        thread = threading.Thread(target=self._run, name="meter-request-deadlines", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no new thread at interpreter exit (3.12+): none this time
+            return False
+        self._thread = thread
+        return True
+
     def disarm(self) -> None:
-        if self._pid != os.getpid():
-            return
         with self._lock:
             self._armed.pop(threading.get_ident(), None)
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                now = time.monotonic()
-                due = [(ident, armed) for ident, armed in self._armed.items() if armed[0] <= now]
-                for ident, _ in due:
-                    del self._armed[ident]
-                if not due:
-                    soonest = min((armed[0] for armed in self._armed.values()), default=None)
-                    self._changed.wait(None if soonest is None else soonest - now)
-                    continue
+            try:
+                self._cut_due()
+            except Exception:  # (never expected: the watchdog must outlive a bug)
+                logger.exception("the request deadline watchdog failed; it goes on")
+                time.sleep(0.1)
+
+    def _cut_due(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            due = [(ident, armed) for ident, armed in self._armed.items() if armed[0] <= now]
+            if not due:
+                soonest = min((armed[0] for armed in self._armed.values()), default=None)
+                self._changed.wait(None if soonest is None else soonest - now)
+                return
             for ident, (_, conn, outcome) in due:
-                # (a connection another thread took since, from the pool, is not ours
-                # to cut: its owner is the thread that sent the last request on it)
+                del self._armed[ident]
+                # Under the lock, as a request's own() is: a connection another thread
+                # took since, from the pool, is its own, not ours to cut.
                 if getattr(conn, "_meter_owner", None) == ident and _shut(conn):
                     outcome.cut = True
 
@@ -100,12 +120,18 @@ def _shut(conn: Any) -> bool:
     """End every wait on ``conn``'s socket: a read blocked in another thread returns at
     once (the base socket's shutdown, also under TLS: the SSL object stays in place for
     the reader to fail cleanly). False when it has no open socket (a try that failed
-    and closed it, urllib3 retrying after a pause)."""
+    and closed it, urllib3 retrying after a pause) or it cannot be shut."""
     sock = getattr(conn, "sock", None)
     if sock is None:
         return False
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        if isinstance(sock, socket.socket):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        else:  # (TLS in TLS through an HTTPS proxy: urllib3's SSLTransport wraps one)
+            inner = getattr(sock, "socket", None)
+            if not isinstance(inner, socket.socket):
+                return False
+            socket.socket.shutdown(inner, socket.SHUT_RDWR)
     except OSError:  # (closed meanwhile: nothing waits on it)
         return False
     return True
@@ -132,9 +158,11 @@ def deadline_for(seconds: float) -> Iterator[_Cut]:
 
 
 def _arm(conn: Any) -> None:
-    seconds = getattr(_current, "seconds", None)
-    if seconds is not None:
-        _WATCHDOG.arm(conn, seconds, _current.outcome)
+    _WATCHDOG.own(conn, getattr(_current, "seconds", None), getattr(_current, "outcome", None))
+
+
+if hasattr(os, "register_at_fork"):  # a forked child: the parent's thread and lock are gone
+    os.register_at_fork(after_in_child=_WATCHDOG._reset)
 
 
 class _Armed:
@@ -145,7 +173,6 @@ class _Armed:
     _meter_owner: int | None = None  # the thread whose request went out last
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
-        self._meter_owner = threading.get_ident()
         _arm(self)
         try:
             return super().request(*args, **kwargs)  # type: ignore[misc]

@@ -85,11 +85,11 @@ def resend_claimed(
     deadline: float,
     policy: RetryPolicy = RESEND_POLICY,
     stop: Callable[[], bool] | None = None,
-) -> None:
+) -> list[StoredEvent]:
     """Send ``claimed`` (leased from ``store``), starting no request after ``deadline``
     (monotonic) nor once ``stop()`` says so, and settle each event in the store:
     delivered, failed (due again after ``policy``'s delay, the attempt counted), or, not
-    tried, released at once. Counts go to ``report``."""
+    tried, released at once. Counts go to ``report``; returns the events delivered."""
     outcome = deliver_once(
         claimed,
         lambda s: s.event,
@@ -120,3 +120,4 @@ def resend_claimed(
             error=str(error),
             next_attempt_at=time.time() + policy.backoff(attempts, rng=lambda: 1.0),
         )
+    return outcome.delivered

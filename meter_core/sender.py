@@ -446,6 +446,11 @@ class Sender:
                 self._store_log.log(logging.ERROR, "could not read the failure store")
         return True
 
+    @property
+    def failure_store(self) -> FailureStore | None:
+        """The store events go to when they cannot be delivered (None: memory only)."""
+        return self._store
+
     def close(self, timeout: float | None = 5.0) -> None:
         """Deliver what can be delivered within ``timeout`` seconds, then store everything
         still undelivered (queue, retries, in flight) and stop the thread. Idempotent.
@@ -758,6 +763,7 @@ class Sender:
     def _resend_stored_pass(self) -> None:
         assert self._store is not None
         report = RedeliveryReport()
+        resent = 0  # (of those delivered: given up on, and so counted failed before)
         attempt = self._config.attempt_seconds
         given_up_from = self._policy.max_retries + 1
         while report.claimed < STORE_RESEND_EVENTS and not self._closing:
@@ -765,15 +771,14 @@ class Sender:
                 claimed = self._store.claim(
                     self._config.batch_size, lease_seconds=self._config.lease_seconds
                 )
-                spilled = [c.event.event_id for c in claimed if c.attempts < given_up_from]
+                spilled = [c.event.event_id for c in claimed if not c.attempts]
                 if spilled:
                     self._store.release(spilled)
-                claimed = [c for c in claimed if c.attempts >= given_up_from]
+                claimed = [c for c in claimed if c.attempts]
                 if not claimed:
                     break
                 report.claimed += len(claimed)
-                delivered = report.delivered
-                resend_claimed(
+                delivered = resend_claimed(
                     claimed,
                     self._store,
                     report,
@@ -792,11 +797,14 @@ class Sender:
                     exc,
                 )
                 break
-            if report.delivered == delivered:
+            resent += sum(1 for s in delivered if s.attempts >= given_up_from)
+            if not delivered:
                 break  # (refused, or failing again: the next pass, or the retry command)
+        # Given-up events were counted failed: sent and resent, as from the in-memory list.
+        # Spilled ones tried once (left by the sender's claims, which take untried ones
+        # only) were not: sent alone.
+        self._stats.add(sent=report.delivered, resent=resent, batches=report.batches)
         if report.delivered:
-            # (counted failed when given up on: sent and resent, as from the in-memory list)
-            self._stats.add(sent=report.delivered, resent=report.delivered)
             logger.info(
                 "resent %s from the failure store",
                 counted(report.delivered, "usage events"),

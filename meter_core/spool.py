@@ -397,7 +397,8 @@ class SQLiteSpool:
             conn.executemany(
                 "UPDATE meter_events SET status = 'failed', attempts = attempts + 1,"
                 " last_error = ?, next_attempt_at = ?, claimed_until = 0, claim_token = NULL,"
-                " updated_at = ? WHERE event_id = ?",
+                " updated_at = ? WHERE event_id = ? AND status IN ('queued', 'failed')",
+                # (a row discarded meanwhile, its lease over, stays discarded)
                 [(error, next_attempt_at, now, i) for i in event_ids],
             )
 

@@ -71,7 +71,7 @@ def _read_capped(response: requests.Response, limit: int) -> bytes:
     """The body of a streamed ``response``, read up to ``limit`` bytes; a longer one
     (by its Content-Length, or as read) raises _AnswerTooLarge without reading on."""
     length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isascii() and length.isdigit() and int(length) > limit:
         raise _AnswerTooLarge(f"an answer of {int(length):,} bytes")
     chunks: list[bytes] = []
     size = 0
@@ -359,12 +359,14 @@ class HTTPTransport:
                 with response:
                     body = _read_capped(response, MAX_LOOKUP_ANSWER)
                     deadline.end()  # (before the connection goes back to the pool)
+                if deadline.cut:  # (cut in its headers: http.client read an empty answer)
+                    raise self._failure(what, None, cut=True)
             except _AnswerTooLarge as exc:
                 raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
             except requests.Timeout as exc:
                 raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
             except requests.RequestException as exc:
-                raise self._failure(what, exc, deadline.cut) from exc
+                raise self._failure(what, exc, cut=deadline.cut) from exc
         if self._auth is not None and not 200 <= response.status_code < 300:
             # (an error answer may quote the key it was sent; a 2xx is read as it is:
             # scrubbing a short key out of it would change the customer id read)
@@ -393,12 +395,14 @@ class HTTPTransport:
                 with response:
                     answer = _read_capped(response, MAX_PRODUCE_ANSWER)
                     deadline.end()  # (before the connection goes back to the pool)
+                if deadline.cut:  # (cut in its headers: http.client read an empty answer)
+                    raise self._failure(what, None, cut=True)
             except _AnswerTooLarge as exc:
                 raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
             except requests.Timeout as exc:
                 raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
             except requests.RequestException as exc:
-                raise self._failure(what, exc, deadline.cut) from exc
+                raise self._failure(what, exc, cut=deadline.cut) from exc
         if response.history and response.request.method != "POST":
             # a 301, 302 or 303 on the way turned the POST into a GET: nothing was written
             moved = response.history[0]
@@ -415,12 +419,13 @@ class HTTPTransport:
         read timeout (the sum the lease of stored events counts on)."""
         return 2 * self._timeout
 
-    def _failure(self, what: str, exc: BaseException, cut: bool) -> BackendUnavailable:
+    def _failure(self, what: str, exc: BaseException | None, *, cut: bool) -> BackendUnavailable:
         if cut:
             return BackendUnavailable(
                 f"{what} gave no whole answer within {self._try_seconds:g}s "
                 "(it answered too slowly): cut off"
             )
+        assert exc is not None
         return BackendUnavailable(f"{what} failed: {_describe(exc)}")
 
     def _prepare_produce(

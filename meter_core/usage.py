@@ -146,7 +146,7 @@ class LogThrottle:
                 message % args,
                 since,
                 f"{self._interval:g}s" if elapsed < 2 * self._interval else _span(elapsed),
-                f", {total:,} events in all" if total > events else "",
+                f", {total:,} event{'s' if total != 1 else ''} in all" if total > events else "",
                 ", this and other kinds" if key is _OTHER_KINDS else "",
                 exc_info=exc_info,
             )
@@ -173,7 +173,8 @@ class LogThrottle:
                 message % args,
                 count,
                 "time" if count == 1 else "times",
-                f", {events:,} events in all" if events else "",
+                # (not when each occurrence stood for one event: the count says it)
+                f", {events:,} events in all" if events > count else "",
                 ", this and other kinds" if key is _OTHER_KINDS else "",
                 note,
             )

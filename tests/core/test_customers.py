@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from meter_core import BackendUnavailable, CustomerNotFound, MeterClient
+from meter_core import BackendUnavailable, CustomerNotFound, MeterClient, RateLimited
 from meter_core.customers import CustomerCache
 from meter_core.devserver import DevServer
 
@@ -421,11 +421,34 @@ def test_a_lookup_api_failing_fast_is_not_stampeded_and_events_go_once_it_is_bac
             tenants = tenants[10:] + tenants[:10]
             time.sleep(0.05)
         lookups = client.customer_cache.lookups
-        # each tenant's lookups back off 0.25, 0.5, 1, 2 s (half the retry delays)
-        assert lookups <= 5 * 50, (lookups, len(ids))
+        # each tenant's lookups: two at once, then backing off 0.25, 0.5, 1, 2 s (half the
+        # retry delays)
+        assert lookups <= 7 * 50, (lookups, len(ids))
         backend.clear_fault()
         client.close(timeout=2)  # (events past their retries are resent from memory, their
         # tenants looked up again at once: the lookups of the outage backed off for seconds)
         assert sorted(backend.event_ids()) == sorted(ids)
     finally:
         client.close()
+
+
+def test_a_lookup_blip_is_not_backed_off_nor_a_429() -> None:
+    client = MeterClient("http://127.0.0.1:9", device_id="d", backoff_base=0.5, backoff_cap=30)
+    try:
+        # (two failures in a row are looked up again at once: a blip must not use up its
+        # events' retries without a lookup; then half the retry ceiling)
+        assert [client._lookup_backoff(n) for n in range(1, 6)] == [0, 0, 0.25, 0.5, 1.0]
+        assert client._lookup_backoff(40) == 15.0
+    finally:
+        client.close()
+    calls: list[str] = []
+
+    def lookup(tenant: str) -> str:
+        calls.append(tenant)
+        raise RateLimited("slow down", retry_after=5)
+
+    cache = CustomerCache(lookup, failure_backoff=lambda n: 60.0)
+    for _ in range(3):  # the Retry-After says when: the sender waits for it
+        with pytest.raises(RateLimited):
+            cache.get("a")
+    assert calls == ["a"] * 3

@@ -162,3 +162,41 @@ def test_a_multiprocessing_worker_that_returns_delivers_its_queue(
     worker.join(30)
     assert worker.exitcode == 0
     assert len(set(backend.event_ids())) == 100
+
+
+def test_an_exit_with_a_store_does_not_wait_out_a_slow_send(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # gunicorn starts a worker's replacement once it has exited: workers recycled
+    # together while the backend answered in 8 s stopped the service for 5 s (the exit's
+    # close() waited for the send on the wire). With a store, the send's events are
+    # stored at once (resent later under the same ids) and the exit is quick.
+    script = textwrap.dedent(f"""
+        import sys, time
+        from meter_core import MeterClient
+        client = MeterClient({backend.url!r}, internal_url={backend.url!r}, device_id="d",
+                             spool_path={str(tmp_path / "s.db")!r}, timeout=20)
+        client.lookup_customer("acme")
+        print("ready", flush=True)
+        sys.stdin.readline()  # (the backend turns slow)
+        print(client.record(tenant_id="acme", meter_id="page.processed.basic",
+                            total_usage=1), flush=True)
+        time.sleep(0.5)  # the send is on the wire
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as child:  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip() == "ready"
+            backend.set_fault("slow", delay=8.0)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            event_id = child.stdout.readline().strip()
+            started = time.monotonic()
+            assert child.wait(60) == 0
+            took = time.monotonic() - started
+        finally:
+            child.kill()
+            backend.clear_fault()
+    assert took < 3.5, took  # (5 s of close() at exit before)
+    assert [s.event.event_id for s in SQLiteSpool(tmp_path / "s.db").claim(10)] == [event_id]

@@ -469,3 +469,17 @@ def test_memory_store_of_zero_keeps_nothing_and_counts_it(
     assert "dropped 2 undelivered events" in caplog.text
     client = MeterClient(transport="memory", device_id="d", max_failed_in_memory=0)
     client.close()
+
+
+def test_a_row_discarded_once_its_lease_ended_stays_discarded(tmp_path: Path) -> None:
+    # A sender's late mark_failed() put a row an operator had discarded back to
+    # "failed": claimed and sent again
+    spool = SQLiteSpool(tmp_path / "s.db")
+    event = UsageEvent("ghost", "d", "page.processed.basic", 1)
+    spool.store([event], error="no customer account")
+    assert len(spool.claim(1, lease_seconds=0.01)) == 1
+    time.sleep(0.02)  # the lease is over
+    assert spool.discard_owed(tenant_id="ghost") == 1
+    spool.mark_failed([event.event_id], error="late", next_attempt_at=0)
+    assert spool.claim(10) == []
+    assert spool.counts()["by_status"] == {"discarded": 1}

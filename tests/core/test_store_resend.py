@@ -64,16 +64,20 @@ def test_another_process_events_and_only_due_given_up_ones_are_resent(
     theirs = _given_up(spool, 3)  # (a worker that exited during an outage)
     later = _given_up(spool, 2, next_attempt_at=time.time() + 3600)  # backing off
     spilled = UsageEvent("acme", "d", "page.processed.basic", 1)
-    spool.store([spilled])  # never tried (a full queue's spill): not a resend
+    spool.store([spilled])  # never tried (a full queue's spill): the sender's own claims
+    tried_once = UsageEvent("acme", "d", "page.processed.basic", 1)
+    spool.store([tried_once], error="down", attempts=1)  # (a spill tried once: stranded)
     client: MeterClient = make_client(failure_store=spool)
     mine = client.record(**RECORD)
     assert client.flush(timeout=10)
     time.sleep(0.1)
     client.record(**RECORD)  # (a delivery once the pass is due)
-    wait_until(lambda: len(backend.event_ids()) >= 5)
+    wait_until(lambda: len(backend.event_ids()) >= 6)
     time.sleep(0.2)
-    assert set(theirs) | {mine} <= set(backend.event_ids())
-    assert len(backend.event_ids()) == 5
+    assert set(theirs) | {mine, tried_once.event_id} <= set(backend.event_ids())
+    assert len(backend.event_ids()) == 6
+    stats = client.stats()  # (resent: those given up on, counted failed by whoever did)
+    assert (stats["sent"], stats["resent"]) == (6, 3)
     left = _owed(tmp_path / "s.db")
     assert set(left) == {*later, spilled.event_id}
     assert all(leased < time.time() for _, _, leased in left.values())  # (given back)

@@ -105,6 +105,14 @@ def test_discard_asks_first(meter_settings: MeterSettings, monkeypatch: pytest.M
     with pytest.raises(CommandError, match="--tenant"):
         call_command("discard_meter_events")
 
+    def no_terminal(prompt: str) -> str:
+        raise EOFError
+
+    _stored("ghost", 1)
+    monkeypatch.setattr("builtins.input", no_terminal)
+    with pytest.raises(CommandError, match="pass --noinput"):
+        call_command("discard_meter_events", "--tenant", "ghost")
+
 
 @pytest.mark.parametrize(
     ("command", "args"),

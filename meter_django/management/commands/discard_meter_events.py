@@ -61,10 +61,16 @@ class Command(BaseCommand):
                 self.stdout.write(f"would discard {_owed(owed)} of {which}")
                 return
             if options["interactive"]:
-                answer = input(
-                    f"Discard {_owed(owed)} of {which}? They will never be sent nor "
-                    "billed. Type 'yes' to continue: "
-                )
+                try:
+                    answer = input(
+                        f"Discard {_owed(owed)} of {which}? They will never be sent nor "
+                        "billed. Type 'yes' to continue: "
+                    )
+                except EOFError:  # (no terminal: cron, a pipe)
+                    raise CommandError(
+                        "discarding asks for confirmation: pass --noinput to run it "
+                        "without a terminal"
+                    ) from None
                 if answer.strip().lower() != "yes":
                     self.stdout.write("nothing discarded")
                     return
