@@ -70,11 +70,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    dev = sub.add_parser("devserver", help="run the local metering backend")
-    dev.add_argument("--host", default="127.0.0.1")
-    dev.add_argument("--port", type=int, default=8787)
-    dev.add_argument("--topic", default="usage-events")
+    dev = sub.add_parser(
+        "devserver",
+        help="run the local metering backend",
+        description="Run the local metering backend: the customer lookup API (both modes) "
+        "and a Kafka REST Proxy v2 that keeps the records it is sent. Every tenant has an "
+        "account (cust-<tenant>) unless --no-account names it.",
+        epilog="While it runs, other processes control it over HTTP: GET /_records "
+        "(what it was sent), DELETE /_records, GET /_stats, POST /_customers "
+        '{"tenant_id": "t", "customer_id": "c"}, POST /_faults {"mode": "down"} (modes: '
+        "down, html502, rate_limit, slow, record_errors, unknown_tenant, malformed, "
+        "partial_500, reject; see meter_core.devserver), DELETE /_faults.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    dev.add_argument("--port", type=int, default=8787, help="port to listen on (default 8787)")
+    dev.add_argument("--topic", default="usage-events", help="the topic it accepts")
     dev.add_argument("--quiet", action="store_true", help="do not print each record")
+    dev.add_argument(
+        "--no-account", action="append", default=[], metavar="TENANT",
+        help="a tenant whose lookup answers [] (no customer account); repeatable",
+    )  # fmt: skip
 
     retry = sub.add_parser("retry", help="resend the events stored in a spool")
     retry.add_argument("--spool", required=True, help="path of the SQLite spool")
@@ -191,7 +206,11 @@ def _devserver(args: argparse.Namespace) -> int:
         print(json.dumps(record.get("value")), flush=True)
 
     server = DevServer(
-        args.host, args.port, topic=args.topic, on_record=None if args.quiet else show
+        args.host,
+        args.port,
+        topic=args.topic,
+        on_record=None if args.quiet else show,
+        unknown_tenants=args.no_account,
     )
     try:
         server.start()  # binds here, so the banner below is only shown once it listens

@@ -296,7 +296,8 @@ def free_port() -> int:
 def test_devserver_command_serves_both_protocols(tmp_path: Path) -> None:
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "meter_core", "devserver", "--port", str(port)],
+        [sys.executable, "-m", "meter_core.devserver", "--port", str(port),
+         "--no-account", "ghost"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )  # fmt: skip
     try:
@@ -320,6 +321,12 @@ def test_devserver_command_serves_both_protocols(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{url}/_records", timeout=2) as response:
             records = json.load(response)["records"]
         assert records[0]["value"]["total_usage"] == 4
+        # --no-account: that tenant's lookup answers [] (to try how an app copes)
+        lookup = f"{url}/v1alpha1/customer-accounts/tenant/"
+        with urllib.request.urlopen(f"{lookup}ghost", timeout=2) as response:
+            assert json.load(response) == []
+        with urllib.request.urlopen(f"{lookup}acme", timeout=2) as response:
+            assert json.load(response)["id"] == "cust-acme"
     finally:
         server.terminate()
         output, _ = server.communicate(timeout=10)
