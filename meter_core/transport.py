@@ -351,22 +351,13 @@ class HTTPTransport:
         url = self._lookup_base + quote(tenant_id, safe="")
         headers = {"x-tenant-id": _header_value(tenant_id)} if self._auth else None
         what = f"customer lookup of {tenant_id!r} at {redact_url(url)}"
-        with deadline_for(self._try_seconds) as deadline:
-            try:
-                response = self.session.get(
-                    url, headers=headers, auth=self._auth, timeout=self._timeout, stream=True
-                )
-                with response:
-                    body = _read_capped(response, MAX_LOOKUP_ANSWER)
-                    deadline.end()  # (before the connection goes back to the pool)
-                if deadline.cut:  # (cut in its headers: http.client read an empty answer)
-                    raise self._failure(what, None, cut=True)
-            except _AnswerTooLarge as exc:
-                raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
-            except requests.Timeout as exc:
-                raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
-            except requests.RequestException as exc:
-                raise self._failure(what, exc, cut=deadline.cut) from exc
+        response, body = self._exchange(
+            what,
+            lambda: self.session.get(
+                url, headers=headers, auth=self._auth, timeout=self._timeout, stream=True
+            ),
+            MAX_LOOKUP_ANSWER,
+        )
         if self._auth is not None and not 200 <= response.status_code < 300:
             # (an error answer may quote the key it was sent; a 2xx is read as it is:
             # scrubbing a short key out of it would change the customer id read)
@@ -382,27 +373,18 @@ class HTTPTransport:
 
     def _post_records(self, body: bytes, count: int) -> ProduceResult:
         what = f"produce to {redact_url(self._produce_url)}"
-        with deadline_for(self._try_seconds) as deadline:
-            try:
-                session = self.session
-                base = self._produce_base
-                if base is None:
-                    base = self._produce_base = self._prepare_produce(session)
-                template, settings = base
-                request = template.copy()
-                request.prepare_body(body, None)
-                response = session.send(request, timeout=self._timeout, **settings)
-                with response:
-                    answer = _read_capped(response, MAX_PRODUCE_ANSWER)
-                    deadline.end()  # (before the connection goes back to the pool)
-                if deadline.cut:  # (cut in its headers: http.client read an empty answer)
-                    raise self._failure(what, None, cut=True)
-            except _AnswerTooLarge as exc:
-                raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
-            except requests.Timeout as exc:
-                raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
-            except requests.RequestException as exc:
-                raise self._failure(what, exc, cut=deadline.cut) from exc
+
+        def send() -> requests.Response:
+            session = self.session
+            base = self._produce_base
+            if base is None:
+                base = self._produce_base = self._prepare_produce(session)
+            template, settings = base
+            request = template.copy()
+            request.prepare_body(body, None)
+            return session.send(request, timeout=self._timeout, **settings)
+
+        response, answer = self._exchange(what, send, MAX_PRODUCE_ANSWER)
         if response.history and response.request.method != "POST":
             # a 301, 302 or 303 on the way turned the POST into a GET: nothing was written
             moved = response.history[0]
@@ -412,6 +394,28 @@ class HTTPTransport:
                 "into a GET: set the Kafka URL to where it redirects"
             )
         return parse_produce_response(response.status_code, response.headers, answer, count)
+
+    def _exchange(
+        self, what: str, send: Callable[[], requests.Response], limit: int
+    ) -> tuple[requests.Response, bytes]:
+        """The answer to ``send()`` (a streamed request, tried by urllib3 as its retries
+        say) and its body, read up to ``limit`` bytes, each try within the whole-try
+        deadline; every failure as BackendUnavailable."""
+        with deadline_for(self._try_seconds) as deadline:
+            try:
+                response = send()
+                with response:
+                    body = _read_capped(response, limit)
+                    deadline.end()  # (before the connection goes back to the pool)
+                if deadline.cut:  # (cut in its headers: http.client read an empty answer)
+                    raise self._failure(what, None, cut=True)
+            except _AnswerTooLarge as exc:
+                raise BackendUnavailable(f"{what} gave a malformed reply: {exc}") from None
+            except requests.Timeout as exc:
+                raise BackendUnavailable(f"{what} timed out after {self._timeout:g}s") from exc
+            except requests.RequestException as exc:
+                raise self._failure(what, exc, cut=deadline.cut) from exc
+        return response, body
 
     @property
     def _try_seconds(self) -> float:
