@@ -33,7 +33,7 @@ from typing import cast
 
 from meter_core.customers import CustomerCache
 from meter_core.delivery import OUT_OF_TIME, Outcome, deliver_once
-from meter_core.errors import DeliveryError, RateLimited, StoreError
+from meter_core.errors import CustomerNotFound, DeliveryError, RateLimited, StoreError
 from meter_core.events import UsageEvent
 from meter_core.resend import RedeliveryReport, resend_claimed
 from meter_core.retry import RetryPolicy
@@ -185,6 +185,7 @@ class Sender:
         # own thread (a store locked elsewhere must not hold up delivery)
         self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
         self._store_resending = False
+        self._store_make_due = False  # the next pass first makes the store's rows due
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -407,8 +408,8 @@ class Sender:
             while True:
                 if self._settled(store):
                     return True
-                if stop_at_retry and self._retrying:
-                    return False
+                if stop_at_retry and self._retrying and not self._retry_due():
+                    return False  # (a retry due now is sent first: see flush_for_close)
                 if self._worth_waking():
                     self._wake.set()
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -419,6 +420,10 @@ class Sender:
         finally:
             with self._state_lock:
                 self._flush_waiters -= 1
+
+    def _retry_due(self) -> bool:
+        retries = self._retries
+        return bool(retries) and retries[0][0] <= time.monotonic()
 
     def _worth_waking(self) -> bool:
         """Whether a flush waiting for the sender has something for it to do now (the
@@ -595,6 +600,10 @@ class Sender:
         # worker restarting during an outage, whose replacement the server starts only
         # once it has exited). A store that refuses them leaves the wait as it was.
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._fresh_ok:
+            # The backend takes events: those waiting for a retry (the tail of an
+            # outage) go now rather than to the store, within the timeout.
+            self._retry_now()
 
         def left() -> float | None:
             return None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -607,8 +616,9 @@ class Sender:
                 return
 
     def _retry_now(self) -> None:
-        """close() without a store: make the events waiting in memory for a retry due now
-        (not while the backend's Retry-After runs)."""
+        """Make the events waiting in memory for a retry due now (not while the backend's
+        Retry-After runs): at close() without a store, or with a backend that takes
+        events, and when the backend takes events again after a spell of failures."""
         now = time.monotonic()
         if now < self._backend_not_before:
             return
@@ -766,7 +776,24 @@ class Sender:
         resent = 0  # (of those delivered: given up on, and so counted failed before)
         attempt = self._config.attempt_seconds
         given_up_from = self._policy.max_retries + 1
-        while report.claimed < STORE_RESEND_EVENTS and not self._closing:
+        make_due = getattr(self._store, "make_due", None)
+        if self._store_make_due and callable(make_due):
+            self._store_make_due = False
+            try:
+                make_due()
+            except Exception as exc:  # (the pass below tries the store again)
+                self._claim_log.log(
+                    logging.ERROR, "could not read the failure store: %s: %s",
+                    type(exc).__name__, exc,
+                )  # fmt: skip
+        # Rows refused for good (no customer account) cost a lookup at most, and are due
+        # again only after their backoff: they neither end a pass nor count in its share
+        # (a backlog of them ahead of real events held these back pass after pass).
+        while (
+            report.claimed - report.refused < STORE_RESEND_EVENTS
+            and report.claimed < 10 * STORE_RESEND_EVENTS
+            and not self._closing
+        ):
             try:
                 claimed = self._store.claim(
                     self._config.batch_size, lease_seconds=self._config.lease_seconds
@@ -778,6 +805,7 @@ class Sender:
                 if not claimed:
                     break
                 report.claimed += len(claimed)
+                refused = report.refused
                 delivered = resend_claimed(
                     claimed,
                     self._store,
@@ -798,8 +826,8 @@ class Sender:
                 )
                 break
             resent += sum(1 for s in delivered if s.attempts >= given_up_from)
-            if not delivered:
-                break  # (refused, or failing again: the next pass, or the retry command)
+            if not delivered and report.refused - refused < len(claimed):
+                break  # (failing again: the next pass, or the retry command)
         # Given-up events were counted failed: sent and resent, as from the in-memory list.
         # Spilled ones tried once (left by the sender's claims, which take untried ones
         # only) were not: sent alone.
@@ -988,8 +1016,13 @@ class Sender:
         if delivered or failed:
             self._fresh_ok = delivered
         if delivered:
-            if self._failing_since is not None:  # back after a spell: resend the store's
+            if self._failing_since is not None:
+                # Back after a spell of failures: what waits for a retry goes now (its
+                # backoff grew with the outage), and so do the store's rows (see
+                # _resend_stored), those a retry worker pushed back during it too.
+                self._retry_now()
                 self._store_resend_at = now
+                self._store_make_due = True
             began, last = self._failing_since, self._last_failure_at
             self._failing_since = None
             if began is not None and last - began >= _SPELL_WORTH_A_LINE:
@@ -1390,5 +1423,8 @@ class Sender:
 
 def _kind(error: DeliveryError) -> tuple[str, int | None]:
     """The kind of a delivery failure, for the log throttles: its class and HTTP status
-    (a tenant without an account, a rate limit and an outage are throttled apart)."""
+    (a tenant without an account, a rate limit and an outage are throttled apart; "no
+    account" answered or cached is one kind)."""
+    if isinstance(error, CustomerNotFound):
+        return type(error).__name__, None
     return type(error).__name__, error.status

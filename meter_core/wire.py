@@ -338,9 +338,10 @@ def parse_customer_account(
         or not isinstance(customer_id, (str, int))
         or (isinstance(customer_id, str) and not customer_id.strip())
     ):
+        shown = body[:200].decode("utf-8", "replace") + ("…" if len(body) > 200 else "")
         raise BackendUnavailable(
             f"customer lookup of {tenant!r} gave a malformed reply: an account without a "
-            f"usable 'id' ({_describe_body(headers.get('Content-Type', ''), body)})",
+            f"usable 'id': {shown!r}",
             status=status,
         )
     return customer_id
