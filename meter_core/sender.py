@@ -755,14 +755,16 @@ class Sender:
             self._store_resending = False
 
     def _resend_stored(self) -> None:
-        """Resend the failure store's due events that were given up on (their retries
-        used, or refused for good), by this process or another sharing the store, now
-        that the backend takes fresh events again: without it they waited for the retry
-        command (a sidecar, a cron job), and a spool configured without one made an
-        outage cost more than no store at all. Up to STORE_RESEND_EVENTS, each batch
-        leased, settled as the retry command settles them (a failure is due again after
-        its backoff); stops at a batch that delivers none, and once close() begins.
-        Spilled events (never tried) are left to the sender's own claims."""
+        """Resend the failure store's due events that were tried (their retries used,
+        refused for good, or spilled and tried once), by this process or another sharing
+        the store, now that the backend takes fresh events: without it they waited for
+        the retry command (a sidecar, a cron job), and a spool configured without one
+        made an outage cost more than no store at all. After a spell of failures, the
+        store's rows are made due first. Up to STORE_RESEND_EVENTS (rows refused for good
+        aside), each batch leased and settled as the retry command settles it (a failure
+        is due again after its backoff); stops at a batch that delivers none for a
+        retriable reason, and once close() begins. Spilled events never tried are left
+        to the sender's own claims."""
         try:
             self._resend_stored_pass()
         except BaseException:  # (a bug of ours: the next pass comes as usual)
