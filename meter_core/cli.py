@@ -275,16 +275,29 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
     spool: SQLiteSpool | None = None
     ok = True
     runs = 0
+    outage = False  # the last run met a backend failing
     stop_on_sigterm = threading.current_thread() is threading.main_thread()
     if stop_on_sigterm:  # (a container's stop, systemd's): stop as on Ctrl-C
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
+            back = False
             if spool is None and os.path.exists(args.spool):  # (made at the first failure)
                 spool = _open_spool(args)
             if spool is not None:
                 try:
-                    ok = _retry_once(args, client, spool).ok
+                    report = _retry_once(args, client, spool)
+                    ok = report.ok
+                    # The backend is back: what failed runs pushed back goes now, not a
+                    # backoff later (the app's sender does the same with its retries).
+                    back = outage and report.delivered > 0 and not args.dry_run
+                    outage = report.outage
+                    if back:
+                        made_due = spool.make_due(tenant_id=args.tenant, meter_id=args.meter)
+                        back = made_due > 0
+                        if back:
+                            print(f"the backend takes events again: {made_due} events waiting "
+                                  "for their next attempt made due now", flush=True)  # fmt: skip
                 except StoreError as exc:
                     ok = False
                     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed: {exc}; "
@@ -292,7 +305,8 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
             runs += 1
             if args.runs is not None and runs >= args.runs:
                 return 0 if ok else 1
-            time.sleep(args.interval)
+            if not back:  # (else at once)
+                time.sleep(args.interval)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the normal ways to stop the worker
         # events claimed by an interrupted run are due again when their lease ends
         print("stopped", file=sys.stderr)

@@ -49,6 +49,12 @@ class RedeliveryReport:
         """True when no event failed in this run."""
         return self.failed == 0
 
+    @property
+    def outage(self) -> bool:
+        """True when events failed for a reason that may pass (the backend down, slow,
+        limiting): a worker's next run that delivers says it is back."""
+        return self.failed > self.refused
+
     def summary(self) -> str:
         verb = "would resend" if self.dry_run else "resent"
         text = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -18,6 +20,7 @@ import pytest
 from meter_core import SQLiteSpool, UsageEvent, group_reasons
 from meter_core.cli import main
 from meter_core.devserver import DevServer
+from tests.core.conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -618,3 +621,35 @@ def test_retry_says_what_a_worker_holds(
         r"one\): due again when the lease ends, in (89|90)s",
         out,
     ), out
+
+
+def test_retry_loop_resends_at_once_what_its_failed_runs_pushed_back_once_the_backend_is_back(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each run during an outage put the events 2 minutes out: the spool emptied 2
+    # minutes after the backend was back, where the app's sender took 0.5 s.
+    path = tmp_path / "s.db"
+    pushed = fill(path, 2)
+    backend.set_fault("down")
+    fresh: list[str] = []
+
+    def recover() -> None:
+        def tried_once() -> bool:
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                return db.execute("SELECT min(attempts) FROM meter_events").fetchone()[0] == 7
+
+        wait_until(tried_once, timeout=10)  # (the first run failed them)
+        backend.clear_fault()
+        fresh.extend(fill(path, 1))
+
+    helper = threading.Thread(target=recover)
+    helper.start()
+    code = main(retry_args(backend.url, path, "--loop", "--interval", "1", "--runs", "3"))
+    helper.join()
+    assert code == 0
+    assert sorted(backend.event_ids()) == sorted(pushed + fresh)
+    out = capsys.readouterr().out
+    assert (
+        "the backend takes events again: 2 events waiting for their next attempt made "
+        "due now" in out
+    )

@@ -484,3 +484,27 @@ def test_a_durable_write_that_fails_inside_the_callers_transaction_is_not_held_i
 
 class _RolledBack(Exception):
     pass
+
+
+def test_loop_resends_at_once_what_its_failed_runs_pushed_back_once_the_backend_is_back(
+    meter_settings: MeterSettings, backend: DevServer
+) -> None:
+    # Each run during an outage put the events 2 minutes out: a worker left them there
+    # 2 minutes after the backend was back.
+    meter_settings()
+    pushed = _stored(2)
+    backend.set_fault("down")
+    fresh: list[str] = []
+
+    def on_out(text: str) -> None:
+        if _is_summary(text) and not fresh:  # the first run failed them: recovery
+            backend.clear_fault()
+            fresh.extend(_stored(1))
+
+    out = _Hooked(on_out)
+    call_command("retry_meter_events", "--loop", "--interval", "0.5", "--runs", "3", stdout=out)
+    assert sorted(backend.event_ids()) == sorted(pushed + fresh)
+    assert (
+        "the backend takes events again: 2 events waiting for their next attempt made "
+        "due now" in out.getvalue()
+    )

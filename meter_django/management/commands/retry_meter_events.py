@@ -87,13 +87,32 @@ class Command(BaseCommand):
             return
         runs = 0
         report: RedeliveryReport | None = None
+        outage = False  # the last run met a backend failing
         while True:
+            back = False
             try:
                 # a unit of work, as Django makes of a request: no broken or expired
                 # connection is carried into a run, nor kept idle through the sleep
                 close_old_connections()
                 try:
                     report = self._run_once(options)
+                    # The backend is back: what failed runs pushed back goes now, not a
+                    # backoff later (the app's sender does the same with its retries).
+                    back = outage and report.delivered > 0 and not options["dry_run"]
+                    outage = report.outage
+                    if back:
+                        try:
+                            made_due = DatabaseFailureStore(conf.database).make_due(
+                                tenant_id=options["tenant"], meter_id=options["meter"]
+                            )
+                        except StoreError as exc:  # (they are due after their backoff)
+                            raise CommandError(f"database error: {exc}") from exc
+                        back = made_due > 0
+                        if back:
+                            self.stdout.write(
+                                f"the backend takes events again: {_events(made_due)} waiting "
+                                "for their next attempt made due now"
+                            )
                 except CommandError as exc:
                     if not isinstance(exc.__cause__, (StoreError, DBError)):
                         raise  # misconfiguration: every run would fail alike
@@ -104,7 +123,8 @@ class Command(BaseCommand):
                 runs += 1
                 if options["runs"] is not None and runs >= options["runs"]:
                     break
-                time.sleep(options["interval"])
+                if not back:  # (else at once)
+                    time.sleep(options["interval"])
             except KeyboardInterrupt:  # Ctrl-C: a normal way to stop the loop
                 # events claimed by an interrupted run are due again when their lease ends
                 self.stdout.write("stopped")
