@@ -734,6 +734,7 @@ def _close_all_at_exit() -> None:
         if sender.pid == os.getpid():
             try:
                 sender.close(timeout=_exit_timeout(sender.failure_store))
+                sender.release_at_exit()
             except Exception:
                 logger.exception("closing a meter sender at exit failed")
 

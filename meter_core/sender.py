@@ -186,6 +186,7 @@ class Sender:
         self._store_resend_at = time.monotonic() + STORE_RESEND_SECONDS
         self._store_resending = False
         self._store_make_due = False  # the next pass first makes the store's rows due
+        self._leased_at_close: list[str] = []  # (see release_at_exit)
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -451,6 +452,15 @@ class Sender:
                 self._store_log.log(logging.ERROR, "could not read the failure store")
         return True
 
+    def release_at_exit(self) -> None:
+        """At process exit, after close(): give back the store rows of a send that was
+        still on the wire at close (it dies with the process), so that other workers
+        send them at once rather than after their lease (95 s by default). Should the
+        proxy have written them, the resend is dropped by event id."""
+        leased, self._leased_at_close = self._leased_at_close, []
+        if leased and self._store is not None:
+            self._release(leased)
+
     @property
     def failure_store(self) -> FailureStore | None:
         """The store events go to when they cannot be delivered (None: memory only)."""
@@ -517,6 +527,10 @@ class Sender:
             self._retrying = 0
         if leased and not still_sending and self._store is not None:
             self._release(leased)
+        elif leased:
+            # The send may still succeed: no other worker may send them meanwhile. At
+            # process exit it dies with the process: see release_at_exit().
+            self._leased_at_close = leased
         # a store that failed earlier may work again now (an offer already trying it, on
         # a store slow to fail, is not waited for past the timeout); not asked again when
         # it refused events moments ago, in flush_for_close

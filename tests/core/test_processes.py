@@ -200,3 +200,37 @@ def test_an_exit_with_a_store_does_not_wait_out_a_slow_send(
             backend.clear_fault()
     assert took < 3.5, took  # (5 s of close() at exit before)
     assert [s.event.event_id for s in SQLiteSpool(tmp_path / "s.db").claim(10)] == [event_id]
+
+
+def test_rows_on_the_wire_at_exit_are_given_back_not_left_leased(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # Durable mode, an exit during a slow send: its rows kept their lease (9 timeouts
+    # and 5 s, 95 s by default), so no other worker sent them meanwhile.
+    script = textwrap.dedent(f"""
+        import sys, time
+        from meter_core import MeterClient
+        client = MeterClient({backend.url!r}, internal_url={backend.url!r}, device_id="d",
+                             spool_path={str(tmp_path / "s.db")!r}, durable=True, timeout=20)
+        client.lookup_customer("acme")
+        print("ready", flush=True)
+        sys.stdin.readline()  # (the backend turns slow)
+        print(client.record(tenant_id="acme", meter_id="page.processed.basic",
+                            total_usage=1), flush=True)
+        time.sleep(0.5)  # the send is on the wire
+    """)
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as child:  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            assert child.stdout.readline().strip() == "ready"
+            backend.set_fault("slow", delay=8.0)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            event_id = child.stdout.readline().strip()
+            assert child.wait(60) == 0
+        finally:
+            child.kill()
+            backend.clear_fault()
+    # another worker takes it at once
+    assert [s.event.event_id for s in SQLiteSpool(tmp_path / "s.db").claim(10)] == [event_id]
