@@ -789,7 +789,6 @@ class Sender:
     def _resend_stored_pass(self) -> None:
         assert self._store is not None
         report = RedeliveryReport()
-        resent = 0  # (of those delivered: given up on, and so counted failed before)
         attempt = self._config.attempt_seconds
         given_up_from = self._policy.max_retries + 1
         make_due = getattr(self._store, "make_due", None)
@@ -821,7 +820,7 @@ class Sender:
                 if not claimed:
                     break
                 report.claimed += len(claimed)
-                refused = report.refused
+                refused, batches = report.refused, report.batches
                 delivered = resend_claimed(
                     claimed,
                     self._store,
@@ -841,13 +840,17 @@ class Sender:
                     exc,
                 )
                 break
-            resent += sum(1 for s in delivered if s.attempts >= given_up_from)
+            # Given-up events were counted failed: sent and resent, as from the in-memory
+            # list. Spilled ones tried once (left by the sender's claims, which take
+            # untried ones only) were not: sent alone. (Counted batch by batch: stats()
+            # follows the pass.)
+            self._stats.add(
+                sent=len(delivered),
+                resent=sum(1 for s in delivered if s.attempts >= given_up_from),
+                batches=report.batches - batches,
+            )
             if not delivered and report.refused - refused < len(claimed):
                 break  # (failing again: the next pass, or the retry command)
-        # Given-up events were counted failed: sent and resent, as from the in-memory list.
-        # Spilled ones tried once (left by the sender's claims, which take untried ones
-        # only) were not: sent alone.
-        self._stats.add(sent=report.delivered, resent=resent, batches=report.batches)
         if report.delivered:
             logger.info(
                 "resent %s from the failure store",
