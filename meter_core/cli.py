@@ -290,14 +290,20 @@ def _retry_loop(args: argparse.Namespace, client: MeterClient | None) -> int:
                     ok = report.ok
                     # The backend is back: what failed runs pushed back goes now, not a
                     # backoff later (the app's sender does the same with its retries).
-                    back = outage and report.delivered > 0 and not args.dry_run
-                    outage = report.outage
+                    # (a run with deliveries and no failure that may pass: a 429, one
+                    # tenant's lookup failing, are no return)
+                    back = outage and report.delivered > 0 and not report.outage
+                    back = back and not args.dry_run
+                    # (an outage: failures that may pass, and nothing delivered; not one
+                    # event failing among others)
+                    outage = report.outage and not report.delivered
                     if back:
                         made_due = spool.make_due(tenant_id=args.tenant, meter_id=args.meter)
                         back = made_due > 0
                         if back:
-                            print(f"the backend takes events again: {made_due} events waiting "
-                                  "for their next attempt made due now", flush=True)  # fmt: skip
+                            waiting = counted(made_due, "events")
+                            print(f"the backend takes events again: {waiting} waiting for "
+                                  "their next attempt made due now", flush=True)  # fmt: skip
                 except StoreError as exc:
                     ok = False
                     print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} run failed: {exc}; "

@@ -60,6 +60,9 @@ _RESENT_FROM_MEMORY = (
 
 # A spell of failed deliveries this long (the log throttles' interval) ends with a line.
 _SPELL_WORTH_A_LINE = 10.0
+# ... and the least spell after which the sender acts on the backend's return (sends what
+# waits for a retry, makes the store's rows due): not after a blip.
+_SPELL_WORTH_A_RECOVERY = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,10 @@ class Sender:
         self._store_resending = False
         self._store_make_due = False  # the next pass first makes the store's rows due
         self._leased_at_close: list[str] = []  # (see release_at_exit)
+        self._closed_at = 0.0  # monotonic time of close()
+        self._pass_leased: list[str] = []  # rows a store resend has on the wire
+        self._spell_failures = 0  # attempts failed one after another (see _note_health)
+        self._recovered_at = -math.inf  # the last recovery after an outage
         self._failure_log = LogThrottle(logger, interval=10.0)
         self._store_log = LogThrottle(logger, interval=10.0)
         self._overflow_log = LogThrottle(logger, interval=10.0)
@@ -458,6 +465,10 @@ class Sender:
         send them at once rather than after their lease (95 s by default). Should the
         proxy have written them, the resend is dropped by event id."""
         leased, self._leased_at_close = self._leased_at_close, []
+        if self._store_resending:
+            leased += self._pass_leased  # (a store resend's send dies with the process too)
+        if time.monotonic() - self._closed_at > self._config.lease_seconds:
+            return  # (their lease is over: another worker may hold them now)
         if leased and self._store is not None:
             self._release(leased)
 
@@ -531,6 +542,7 @@ class Sender:
             # The send may still succeed: no other worker may send them meanwhile. At
             # process exit it dies with the process: see release_at_exit().
             self._leased_at_close = leased
+        self._closed_at = time.monotonic()
         # a store that failed earlier may work again now (an offer already trying it, on
         # a store slow to fail, is not waited for past the timeout); not asked again when
         # it refused events moments ago, in flush_for_close
@@ -617,6 +629,7 @@ class Sender:
         if self._fresh_ok:
             # The backend takes events: those waiting for a retry (the tail of an
             # outage) go now rather than to the store, within the timeout.
+            self._customers.forget_failures()
             self._retry_now()
 
         def left() -> float | None:
@@ -710,8 +723,9 @@ class Sender:
 
     def _next_wait(self) -> float:
         wait = self._config.flush_interval
-        if self._retries:
-            wait = min(wait, max(0.0, self._retries[0][0] - time.monotonic()))
+        retries = self._retries  # (one read: close() may swap the list meanwhile)
+        if retries:
+            wait = min(wait, max(0.0, retries[0][0] - time.monotonic()))
         if self._resend_pending and not self._closing and not self._resend_running():
             due = max(self._resend_at, self._backend_not_before)
             wait = min(wait, max(0.0, due - time.monotonic()))
@@ -769,16 +783,15 @@ class Sender:
             self._store_resending = False
 
     def _resend_stored(self) -> None:
-        """Resend the failure store's due events that were tried (their retries used,
-        refused for good, or spilled and tried once), by this process or another sharing
-        the store, now that the backend takes fresh events: without it they waited for
-        the retry command (a sidecar, a cron job), and a spool configured without one
-        made an outage cost more than no store at all. After a spell of failures, the
-        store's rows are made due first. Up to STORE_RESEND_EVENTS (rows refused for good
-        aside), each batch leased and settled as the retry command settles it (a failure
-        is due again after its backoff); stops at a batch that delivers none for a
-        retriable reason, and once close() begins. Spilled events never tried are left
-        to the sender's own claims."""
+        """Resend the failure store's due events (given up on, refused for good, or
+        spilled from a full queue), by this process or another sharing the store, now
+        that the backend takes fresh events: without it they waited for the retry
+        command (a sidecar, a cron job), and a spool configured without one made an
+        outage cost more than no store at all. After an outage, the store's rows are
+        made due first. Up to STORE_RESEND_EVENTS (rows refused for good aside), each
+        batch leased and settled as the retry command settles it (a failure is due
+        again after its backoff); stops at a batch that delivers none for a retriable
+        reason, and once close() begins."""
         try:
             self._resend_stored_pass()
         except BaseException:  # (a bug of ours: the next pass comes as usual)
@@ -813,13 +826,10 @@ class Sender:
                 claimed = self._store.claim(
                     self._config.batch_size, lease_seconds=self._config.lease_seconds
                 )
-                spilled = [c.event.event_id for c in claimed if not c.attempts]
-                if spilled:
-                    self._store.release(spilled)
-                claimed = [c for c in claimed if c.attempts]
                 if not claimed:
                     break
                 report.claimed += len(claimed)
+                self._pass_leased = [c.event.event_id for c in claimed]
                 refused, batches = report.refused, report.batches
                 delivered = resend_claimed(
                     claimed,
@@ -841,9 +851,10 @@ class Sender:
                 )
                 break
             # Given-up events were counted failed: sent and resent, as from the in-memory
-            # list. Spilled ones tried once (left by the sender's claims, which take
-            # untried ones only) were not: sent alone. (Counted batch by batch: stats()
-            # follows the pass.)
+            # list; spilled ones were not: sent alone. (Counted batch by batch: stats()
+            # follows the pass. Rows of other processes sharing the store count here
+            # too, which the identity of stats() does not foresee.)
+            self._pass_leased = []
             self._stats.add(
                 sent=len(delivered),
                 resent=sum(1 for s in delivered if s.attempts >= given_up_from),
@@ -1035,13 +1046,22 @@ class Sender:
         if delivered or failed:
             self._fresh_ok = delivered
         if delivered:
-            if self._failing_since is not None:
-                # Back after a spell of failures: what waits for a retry goes now (its
-                # backoff grew with the outage), and so do the store's rows (see
-                # _resend_stored), those a retry worker pushed back during it too.
+            if (
+                self._failing_since is not None
+                and self._spell_failures >= 2
+                and now - self._failing_since >= _SPELL_WORTH_A_RECOVERY
+                and now >= self._recovered_at + STORE_RESEND_SECONDS
+            ):
+                # Back after an outage (attempts failing one after another for a while,
+                # not one tenant's or one event's failures between others' deliveries):
+                # what waits for a retry goes now (its backoff grew with the outage), and
+                # so do the store's rows (see _resend_stored), those a retry worker pushed
+                # back during it too. At most once per STORE_RESEND_SECONDS.
+                self._recovered_at = now
                 self._retry_now()
                 self._store_resend_at = now
                 self._store_make_due = True
+            self._spell_failures = 0
             began, last = self._failing_since, self._last_failure_at
             self._failing_since = None
             if began is not None and last - began >= _SPELL_WORTH_A_LINE:
@@ -1055,6 +1075,7 @@ class Sender:
             if self._failing_since is None:
                 self._failing_since = now
             self._last_failure_at = now
+            self._spell_failures += 1
 
     def _took_over(self, items: list[_Item]) -> bool:
         """Settle who owns the outcome of the batch just sent, in one step: close() (it

@@ -653,3 +653,27 @@ def test_retry_loop_resends_at_once_what_its_failed_runs_pushed_back_once_the_ba
         "the backend takes events again: 2 events waiting for their next attempt made "
         "due now" in out
     )
+
+
+def test_retry_loop_keeps_the_backoff_of_one_event_failing_among_others(
+    backend: DevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One row failing while the others went made every later run "the backend is back":
+    # that row was resent every other run, its backoff lost.
+    path = tmp_path / "s.db"
+    [bad] = fill(path, 1)
+    fill(path, 1)  # (a run that delivers some while one fails is no outage)
+    backend.set_fault("record_errors", error_code=50003, event_ids=[bad])
+
+    def more() -> None:
+        for _ in range(4):
+            time.sleep(0.25)
+            fill(path, 1)
+
+    helper = threading.Thread(target=more)
+    helper.start()
+    main(retry_args(backend.url, path, "--loop", "--interval", "0.3", "--runs", "5"))
+    helper.join()
+    out = capsys.readouterr().out
+    assert "the backend takes events again" not in out
+    assert sum(bad in body.decode() for body in backend.raw_bodies) == 1  # (then its backoff)

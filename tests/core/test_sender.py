@@ -193,6 +193,7 @@ def test_full_queue_spills_to_the_store_and_the_sender_drains_it(tmp_path: Path)
         client.close()
 
 
+@pytest.mark.usefixtures("quick_recovery")
 def test_events_waiting_for_a_retry_count_against_max_queue(tmp_path: Path) -> None:
     transport = DownTransport()
     spool = SQLiteSpool(tmp_path / "spool.db")
@@ -210,6 +211,10 @@ def test_events_waiting_for_a_retry_count_against_max_queue(tmp_path: Path) -> N
         stats = client.stats()
         # memory holds no more than max_queue: every new event went to the store
         assert stats["stored"] == 15 and stats["dropped"] == 0
+        deadline = time.monotonic() + 5  # (the store's events failed too: an outage)
+        while client.stats()["retried"] <= 10 and time.monotonic() < deadline:
+            client.flush(0.05)  # (wakes the sender: it takes the store's events)
+        assert client.stats()["retried"] > 10
         transport.up.set()
         # the backend is back: the retries go at once, and the store's events follow
         deadline = time.monotonic() + 10

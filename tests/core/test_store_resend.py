@@ -38,6 +38,7 @@ def _given_up(spool: SQLiteSpool, n: int, tenant: str = "acme", **kwargs: Any) -
     return [e.event_id for e in events]
 
 
+@pytest.mark.usefixtures("quick_recovery")
 def test_events_stored_in_an_outage_are_resent_once_fresh_events_go_through(
     backend: DevServer, make_client: Any, tmp_path: Path
 ) -> None:
@@ -56,7 +57,7 @@ def test_events_stored_in_an_outage_are_resent_once_fresh_events_go_through(
     assert (stats["sent"], stats["resent"], stats["failed"]) == (6, 5, 5)
 
 
-def test_another_process_events_and_only_due_given_up_ones_are_resent(
+def test_another_process_events_and_only_due_ones_are_resent(
     backend: DevServer, make_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # (a pass comes STORE_RESEND_SECONDS after the sender starts, at a delivery)
@@ -65,7 +66,7 @@ def test_another_process_events_and_only_due_given_up_ones_are_resent(
     theirs = _given_up(spool, 3)  # (a worker that exited during an outage)
     later = _given_up(spool, 2, next_attempt_at=time.time() + 3600)  # backing off
     spilled = UsageEvent("acme", "d", "page.processed.basic", 1)
-    spool.store([spilled])  # never tried (a full queue's spill): the sender's own claims
+    spool.store([spilled])  # never tried (a full queue's spill, of a process now gone)
     tried_once = UsageEvent("acme", "d", "page.processed.basic", 1)
     spool.store([tried_once], error="down", attempts=1)  # (a spill tried once: stranded)
     client: MeterClient = make_client(failure_store=spool)
@@ -73,15 +74,15 @@ def test_another_process_events_and_only_due_given_up_ones_are_resent(
     assert client.flush(timeout=10)
     time.sleep(0.1)
     client.record(**RECORD)  # (a delivery once the pass is due)
-    wait_until(lambda: len(backend.event_ids()) >= 6)
+    wait_until(lambda: len(backend.event_ids()) >= 7)
     time.sleep(0.2)
-    assert set(theirs) | {mine, tried_once.event_id} <= set(backend.event_ids())
-    assert len(backend.event_ids()) == 6
-    wait_until(lambda: client.stats()["sent"] == 6)  # (counted once marked delivered)
+    assert set(theirs) | {mine, tried_once.event_id, spilled.event_id} <= set(backend.event_ids())
+    assert len(backend.event_ids()) == 7
+    wait_until(lambda: client.stats()["sent"] == 7)  # (counted once marked delivered)
     stats = client.stats()  # (resent: those given up on, counted failed by whoever did)
-    assert (stats["sent"], stats["resent"]) == (6, 3)
+    assert (stats["sent"], stats["resent"]) == (7, 3)
     left = _owed(tmp_path / "s.db")
-    assert set(left) == {*later, spilled.event_id}
+    assert set(left) == set(later)
     assert all(leased < time.time() for _, _, leased in left.values())  # (given back)
 
 
@@ -174,6 +175,7 @@ def test_a_backlog_of_rows_refused_for_good_does_not_hold_back_the_others(
     assert len(_owed(tmp_path / "s.db")) == 1200
 
 
+@pytest.mark.usefixtures("quick_recovery")
 def test_rows_a_retry_worker_pushed_back_in_an_outage_go_once_it_ends(
     backend: DevServer, make_client: Any, tmp_path: Path
 ) -> None:
@@ -183,8 +185,9 @@ def test_rows_a_retry_worker_pushed_back_in_an_outage_go_once_it_ends(
     pushed = _given_up(spool, 4, next_attempt_at=time.time() + 120)
     client: MeterClient = make_client(failure_store=spool, max_retries=0)
     backend.set_fault("down")
-    client.record(**RECORD)
-    wait_until(lambda: client.stats()["failed"] == 1)  # a spell of failures
+    for n in (1, 2):  # attempts failing one after another: an outage
+        client.record(**RECORD)
+        wait_until(lambda: client.stats()["failed"] == n)  # noqa: B023
     backend.clear_fault()
     client.record(**RECORD)  # the backend takes events again
     wait_until(lambda: set(pushed) <= set(backend.event_ids()))
@@ -209,3 +212,24 @@ def test_close_with_a_backend_that_takes_events_sends_what_waits_for_a_retry(
     client.close(timeout=3)
     assert sorted(backend.event_ids()) == sorted([first, waiting])
     assert spool.pending_count() == 0
+
+
+def test_one_event_failing_between_others_deliveries_keeps_its_backoff(
+    backend: DevServer, make_client: Any, tmp_path: Path
+) -> None:
+    # Each delivery of another tenant after that event's failed retry counted as "the
+    # backend is back": its retries went at once, again and again, its backoff lost.
+    spool = SQLiteSpool(tmp_path / "s.db")
+    client: MeterClient = make_client(
+        failure_store=spool, backoff_base=2.0, backoff_cap=2.0, max_retries=5
+    )
+    client.lookup_customer("acme")
+    bad = UsageEvent("acme", "d", "page.processed.basic", 1)
+    backend.set_fault("record_errors", error_code=50003, event_ids=[bad.event_id])
+    client.enqueue(bad)
+    started = time.monotonic()
+    while time.monotonic() - started < 3:
+        client.record(**RECORD)
+        time.sleep(0.1)
+    tries = sum(bad.event_id in body.decode() for body in backend.raw_bodies)
+    assert tries <= 3, tries  # the first try and retries at most 2 s apart (it was ~30)

@@ -98,8 +98,13 @@ class Command(BaseCommand):
                     report = self._run_once(options)
                     # The backend is back: what failed runs pushed back goes now, not a
                     # backoff later (the app's sender does the same with its retries).
-                    back = outage and report.delivered > 0 and not options["dry_run"]
-                    outage = report.outage
+                    # (a run with deliveries and no failure that may pass: a 429, one
+                    # tenant's lookup failing, are no return)
+                    back = outage and report.delivered > 0 and not report.outage
+                    back = back and not options["dry_run"]
+                    # (an outage: failures that may pass, and nothing delivered; not one
+                    # event failing among others)
+                    outage = report.outage and not report.delivered
                     if back:
                         try:
                             made_due = DatabaseFailureStore(conf.database).make_due(
