@@ -24,3 +24,12 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def quick_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sender acts on the backend's return after a spell of failures of any length
+    (a second in production: not after a blip), so that a test's short outage counts."""
+    from meter_core import sender
+
+    monkeypatch.setattr(sender, "_SPELL_WORTH_A_RECOVERY", 0.0)

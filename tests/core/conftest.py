@@ -51,12 +51,3 @@ def wait_until(condition: Callable[[], object], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.01)
-
-
-@pytest.fixture
-def quick_recovery(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The sender acts on the backend's return after a spell of failures of any length
-    (a second in production: not after a blip), so that a test's short outage counts."""
-    from meter_core import sender
-
-    monkeypatch.setattr(sender, "_SPELL_WORTH_A_RECOVERY", 0.0)

@@ -216,9 +216,10 @@ def test_events_waiting_for_a_retry_count_against_max_queue(tmp_path: Path) -> N
             client.flush(0.05)  # (wakes the sender: it takes the store's events)
         assert client.stats()["retried"] > 10
         transport.up.set()
+        later.append(client.record(**RECORD))  # (its delivery says the backend is back)
         # the backend is back: the retries go at once, and the store's events follow
         deadline = time.monotonic() + 10
-        while len(transport.records) < 25 and time.monotonic() < deadline:
+        while len(transport.records) < 26 and time.monotonic() < deadline:
             client.flush(0.05)
         assert {v["event_id"] for v in transport.values()} == set(first) | set(later)
     finally:

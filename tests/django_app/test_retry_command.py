@@ -168,6 +168,7 @@ def test_a_transport_object_from_code_is_used_to_resend(settings: Any) -> None:
     assert set(FailedMeterEvent.objects.values_list("status", flat=True)) == {"delivered"}
 
 
+@pytest.mark.usefixtures("quick_recovery")
 def test_rows_of_an_outage_are_resent_by_the_app_once_its_fresh_events_go_through(
     meter_settings: MeterSettings, backend: DevServer
 ) -> None:
