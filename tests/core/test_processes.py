@@ -164,18 +164,14 @@ def test_a_multiprocessing_worker_that_returns_delivers_its_queue(
     assert len(set(backend.event_ids())) == 100
 
 
-def test_an_exit_with_a_store_does_not_wait_out_a_slow_send(
-    backend: DevServer, tmp_path: Path
-) -> None:
-    # gunicorn starts a worker's replacement once it has exited: workers recycled
-    # together while the backend answered in 8 s stopped the service for 5 s (the exit's
-    # close() waited for the send on the wire). With a store, the send's events are
-    # stored at once (resent later under the same ids) and the exit is quick.
+def _exit_during_a_slow_send(backend: DevServer, spool: Path, durable: bool) -> tuple[str, float]:
+    """A process records an event, and exits while its send waits on a backend answering
+    in 8 s: the event's id, and how long the exit took."""
     script = textwrap.dedent(f"""
         import sys, time
         from meter_core import MeterClient
         client = MeterClient({backend.url!r}, internal_url={backend.url!r}, device_id="d",
-                             spool_path={str(tmp_path / "s.db")!r}, timeout=20)
+                             spool_path={str(spool)!r}, durable={durable}, timeout=20)
         client.lookup_customer("acme")
         print("ready", flush=True)
         sys.stdin.readline()  # (the backend turns slow)
@@ -194,10 +190,20 @@ def test_an_exit_with_a_store_does_not_wait_out_a_slow_send(
             event_id = child.stdout.readline().strip()
             started = time.monotonic()
             assert child.wait(60) == 0
-            took = time.monotonic() - started
+            return event_id, time.monotonic() - started
         finally:
             child.kill()
             backend.clear_fault()
+
+
+def test_an_exit_with_a_store_does_not_wait_out_a_slow_send(
+    backend: DevServer, tmp_path: Path
+) -> None:
+    # gunicorn starts a worker's replacement once it has exited: workers recycled
+    # together while the backend answered in 8 s stopped the service for 5 s (the exit's
+    # close() waited for the send on the wire). With a store, the send's events are
+    # stored at once (resent later under the same ids) and the exit is quick.
+    event_id, took = _exit_during_a_slow_send(backend, tmp_path / "s.db", durable=False)
     assert took < 3.5, took  # (5 s of close() at exit before)
     assert [s.event.event_id for s in SQLiteSpool(tmp_path / "s.db").claim(10)] == [event_id]
 
@@ -207,30 +213,6 @@ def test_rows_on_the_wire_at_exit_are_given_back_not_left_leased(
 ) -> None:
     # Durable mode, an exit during a slow send: its rows kept their lease (9 timeouts
     # and 5 s, 95 s by default), so no other worker sent them meanwhile.
-    script = textwrap.dedent(f"""
-        import sys, time
-        from meter_core import MeterClient
-        client = MeterClient({backend.url!r}, internal_url={backend.url!r}, device_id="d",
-                             spool_path={str(tmp_path / "s.db")!r}, durable=True, timeout=20)
-        client.lookup_customer("acme")
-        print("ready", flush=True)
-        sys.stdin.readline()  # (the backend turns slow)
-        print(client.record(tenant_id="acme", meter_id="page.processed.basic",
-                            total_usage=1), flush=True)
-        time.sleep(0.5)  # the send is on the wire
-    """)
-    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as child:  # fmt: skip
-        try:
-            assert child.stdout is not None and child.stdin is not None
-            assert child.stdout.readline().strip() == "ready"
-            backend.set_fault("slow", delay=8.0)
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            event_id = child.stdout.readline().strip()
-            assert child.wait(60) == 0
-        finally:
-            child.kill()
-            backend.clear_fault()
+    event_id, _ = _exit_during_a_slow_send(backend, tmp_path / "s.db", durable=True)
     # another worker takes it at once
     assert [s.event.event_id for s in SQLiteSpool(tmp_path / "s.db").claim(10)] == [event_id]
